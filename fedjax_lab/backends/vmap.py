@@ -1,0 +1,285 @@
+"""The single-device simulation backend: a whole round is one compiled program.
+
+Execution plans compute the same numbers in different program shapes (DESIGN.md "Backends"):
+
+* ``vmap``: ``vmap`` over clients of a ``lax.scan`` over local steps, then aggregate and server
+  update, all in one jit. Best for dense models and for accelerators. With ``chunk_size`` the
+  clients are processed ``chunk_size`` at a time by a scan over chunks that accumulates the
+  additive aggregate, so peak memory is bounded by the chunk, not the cohort.
+* ``unrolled``: one jit in which the clients are a Python loop and the local steps are fully
+  unrolled, so there is no while loop at all. XLA:CPU runs convolutions ~10x slower inside while
+  loops and vmap over per-client conv weights costs another 2-5x (FEMNIST CNN, jax 0.10.2), so
+  this is the fast plan for small conv cohorts on CPU; its compile time grows with C x S.
+* ``loop``: a jitted single-client update (steps unrolled) called once per client from Python,
+  then one jitted aggregate + server update. Same speed class as ``unrolled`` with a compile
+  time that does not grow with the cohort.
+* ``auto``: ``vmap`` unless the platform is CPU and the model has conv kernels (4-D leaves), then
+  ``unrolled`` for small cohorts (C x S <= ``unroll_limit``) and ``loop`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lab.core import plan as plan_lib
+from fedjax_lab.core.rng import client_keys
+from fedjax_lab.core.types import Aggregate, Algorithm, Batches, Cohort, ServerState
+
+Plan = Literal["auto", "vmap", "unrolled", "loop"]
+PLANS = ("auto", "vmap", "unrolled", "loop")
+
+
+def client_batches(table: Any, per_client: Any, mask: jax.Array, weight: jax.Array) -> Batches:
+    """One client's ``Batches``; with a device ``table``, ``per_client`` is its ``[S, B]`` index."""
+    if table is not None:
+        return Batches(None, mask, weight, index=per_client, table=table)
+    return Batches(per_client, mask, weight)
+
+
+def device_table(cohort: Cohort) -> Any:
+    """The device-resident example table of an indexed cohort, else None."""
+    return cohort.arrays if cohort.index is not None else None
+
+
+def per_client_inputs(cohort: Cohort) -> Any:
+    """The part of the cohort that carries a leading client axis (index or example arrays)."""
+    return cohort.index if cohort.index is not None else cohort.arrays
+
+
+def has_conv(params: Any) -> bool:
+    """Whether any leaf is a conv kernel (rank-4, HWIO), which changes the best CPU plan."""
+    return any(getattr(x, "ndim", 0) == 4 for x in jax.tree.leaves(params))
+
+
+def add_aggregates(a: Aggregate, b: Aggregate) -> Aggregate:
+    """Sum of two partial aggregates (the additivity contract)."""
+    return jax.tree.map(jnp.add, a, b)
+
+
+def validate_round_inputs(algorithm: Algorithm, cohort: Cohort, chunk_size: int | None) -> None:
+    """Shape checks that must fail before compilation, with a message naming the fix."""
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"algorithm must be a fedjax_lab Algorithm, got {type(algorithm)}")
+    if cohort.mask.ndim != 3:
+        raise ValueError(f"cohort.mask must be [C, S, B], got shape {cohort.mask.shape}")
+    c = cohort.mask.shape[0]
+    if c == 0:
+        raise ValueError("the cohort has 0 client slots; sample at least one client")
+    if cohort.weight.shape != (c,):
+        raise ValueError(f"cohort.weight must be [C]={c}, got {cohort.weight.shape}")
+    if chunk_size is not None:
+        if not algorithm.additive:
+            raise ValueError(
+                f"chunk_size needs an additive aggregate; {algorithm.name} is not additive "
+                "(robust aggregators gather all clients). Use chunk_size=None."
+            )
+        if c % chunk_size:
+            raise ValueError(
+                f"cohort size {c} is not a multiple of chunk_size={chunk_size}; build the cohort "
+                "with padded_cohort_size(clients_per_round, chunk_size)"
+            )
+
+
+class VmapBackend:
+    """Simulates a round of many clients on one device (DESIGN.md ``Backend`` protocol).
+
+    Args:
+      plan: one of ``PLANS`` (see module docstring).
+      chunk_size: process clients in chunks of this many (``vmap`` plan only); bounds memory.
+      unroll_limit: ``auto`` uses ``unrolled`` for conv models on CPU up to C x S unrolled steps.
+    """
+
+    name = "vmap"
+
+    def __init__(
+        self, plan: Plan = "auto", chunk_size: int | None = None, unroll_limit: int = 128
+    ) -> None:
+        if plan not in PLANS:
+            raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None and plan not in ("auto", "vmap"):
+            raise ValueError(f"chunk_size only applies to the 'vmap' plan, not {plan!r}")
+        self.plan = plan
+        self.chunk_size = chunk_size
+        self.unroll_limit = unroll_limit
+        self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
+
+    # ------------------------------------------------------------------------------ planning
+    def resolve_plan(self, algorithm: Algorithm, server_state: ServerState, cohort: Cohort) -> str:
+        """The concrete plan ``auto`` stands for on this platform, model and cohort."""
+        del algorithm
+        if self.plan != "auto":
+            return self.plan
+        if self.chunk_size is not None:
+            return "vmap"
+        if jax.default_backend() == "cpu" and has_conv(server_state.params):
+            c, s = cohort.mask.shape[:2]
+            return "unrolled" if c * s <= self.unroll_limit else "loop"
+        return "vmap"
+
+    # ------------------------------------------------------------------------------- running
+    def run_round(
+        self,
+        algorithm: Algorithm,
+        server_state: ServerState,
+        client_states: Any,
+        cohort: Cohort,
+        key: jax.Array,
+    ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
+        """Runs one round. ``key`` is the round key; client keys are split from it."""
+        validate_round_inputs(algorithm, cohort, self.chunk_size)
+        plan = self.resolve_plan(algorithm, server_state, cohort)
+        fn = self._compiled(algorithm, plan)
+        return fn(server_state, client_states, cohort, key)
+
+    def _compiled(self, algorithm: Algorithm, plan: str):
+        cache_key = (id(algorithm), plan)
+        hit = self._cache.get(cache_key)
+        if hit is not None and hit[0] is algorithm:
+            return hit[1]
+        builder = {"vmap": self._vmap_round, "unrolled": self._unrolled_round,
+                   "loop": self._loop_round}[plan]
+        fn = builder(algorithm)
+        self._cache[cache_key] = (algorithm, fn)
+        return fn
+
+    def client_outputs(self, algorithm: Algorithm, server_state, client_states, cohort, keys):
+        """vmapped client updates of a whole cohort (or chunk): ``(ClientOutput, states)``."""
+
+        def one(state, per_client, mask, weight, key):
+            batches = client_batches(table, per_client, mask, weight)
+            return algorithm.client_update(server_state, state, batches, key=key)
+
+        table = device_table(cohort)
+        return jax.vmap(one)(
+            client_states, per_client_inputs(cohort), cohort.mask, cohort.weight, keys
+        )
+
+    def _vmap_round(self, algorithm: Algorithm):
+        chunk = self.chunk_size
+
+        def round_fn(server_state, client_states, cohort, key):
+            c = cohort.mask.shape[0]
+            keys = client_keys(key, c)
+            if chunk is None or chunk >= c:
+                outputs, new_states = self.client_outputs(
+                    algorithm, server_state, client_states, cohort, keys
+                )
+                agg = algorithm.aggregate(outputs)
+            else:
+                agg, new_states = self._chunked(
+                    algorithm, server_state, client_states, cohort, keys, chunk
+                )
+            new_server, metrics = algorithm.server_update(server_state, agg)
+            return new_server, new_states, metrics
+
+        return jax.jit(round_fn)
+
+    def _chunked(self, algorithm, server_state, client_states, cohort, keys, chunk):
+        c = cohort.mask.shape[0]
+        n = c // chunk
+
+        def split(x):
+            return x.reshape((n, chunk, *x.shape[1:]))
+
+        per_chunk = (
+            jax.tree.map(split, client_states),
+            jax.tree.map(split, per_client_inputs(cohort)),
+            split(cohort.mask),
+            split(cohort.weight),
+            split(keys),
+        )
+
+        def chunk_aggregate(xs):
+            states, per_client, mask, weight, ks = xs
+            sub = cohort._replace(
+                arrays=per_client if cohort.index is None else cohort.arrays,
+                index=per_client if cohort.index is not None else None,
+                mask=mask,
+                weight=weight,
+            )
+            outputs, new_states = self.client_outputs(algorithm, server_state, states, sub, ks)
+            return algorithm.aggregate(outputs), new_states
+
+        first = jax.tree.map(lambda x: x[0], per_chunk)
+        agg_shape = jax.eval_shape(lambda xs: chunk_aggregate(xs)[0], first)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), agg_shape)
+
+        def body(acc, xs):
+            agg, new_states = chunk_aggregate(xs)
+            return add_aggregates(acc, agg), new_states
+
+        agg, new_states = jax.lax.scan(body, zero, per_chunk)
+        new_states = jax.tree.map(lambda x: x.reshape((c, *x.shape[2:])), new_states)
+        return agg, new_states
+
+    def _unrolled_round(self, algorithm: Algorithm):
+        def round_fn(server_state, client_states, cohort, key):
+            c = cohort.mask.shape[0]
+            keys = client_keys(key, c)
+            per_client = per_client_inputs(cohort)
+            outs, states = [], []
+            with plan_lib.unrolled_local_steps(True):
+                for i in range(c):
+                    batches = client_batches(
+                        device_table(cohort), jax.tree.map(lambda x, i=i: x[i], per_client),
+                        cohort.mask[i], cohort.weight[i],
+                    )
+                    out, st = algorithm.client_update(
+                        server_state, jax.tree.map(lambda x, i=i: x[i], client_states),
+                        batches, key=keys[i],
+                    )
+                    outs.append(out)
+                    states.append(st)
+            outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+            new_states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+            agg = algorithm.aggregate(outputs)
+            new_server, metrics = algorithm.server_update(server_state, agg)
+            return new_server, new_states, metrics
+
+        return jax.jit(round_fn)
+
+    def _loop_round(self, algorithm: Algorithm):
+        def one_client(server_state, state, per_client, mask, weight, key, table):
+            batches = client_batches(table, per_client, mask, weight)
+            with plan_lib.unrolled_local_steps(True):
+                return algorithm.client_update(server_state, state, batches, key=key)
+
+        client_fn = jax.jit(one_client)
+
+        @jax.jit
+        def finish(server_state, outputs):
+            agg = algorithm.aggregate(outputs)
+            return algorithm.server_update(server_state, agg)
+
+        def round_fn(server_state, client_states, cohort, key):
+            c = cohort.mask.shape[0]
+            keys = client_keys(key, c)
+            per_client = per_client_inputs(cohort)
+            table = device_table(cohort)
+            outs, states = [], []
+            for i in range(c):
+                out, st = client_fn(
+                    server_state,
+                    jax.tree.map(lambda x, i=i: x[i], client_states),
+                    jax.tree.map(lambda x, i=i: x[i], per_client),
+                    cohort.mask[i], cohort.weight[i], keys[i], table,
+                )
+                outs.append(out)
+                states.append(st)
+            outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+            new_states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+            new_server, metrics = finish(server_state, outputs)
+            return new_server, new_states, metrics
+
+        return round_fn
+
+
+def to_host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """One device->host transfer of a round's scalar metrics."""
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+

@@ -1,0 +1,36 @@
+"""Explicit randomness (DESIGN.md "Randomness").
+
+Round key = ``fold_in(root, round)``; client keys = ``split(round_key, C)`` BEFORE any sharding,
+so results do not depend on how many devices or ranks run them. Host-side randomness (client
+sampling, shuffling) uses numpy Generators seeded from ``(seed, stream, round, ...)`` so that any
+round can be rebuilt without replaying the previous ones (needed for MPI ranks and resume).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+# Distinct streams for host-side randomness so sampling and shuffling never share draws.
+SAMPLING_STREAM = 1
+SHUFFLE_STREAM = 2
+PARTITION_STREAM = 3
+SYSTEM_STREAM = 4
+
+
+def round_key(root: jax.Array, round_idx: int | jax.Array) -> jax.Array:
+    """Key of one round: ``fold_in(root, round_idx)``."""
+    return jax.random.fold_in(root, round_idx)
+
+
+def client_keys(rkey: jax.Array, num_clients: int) -> jax.Array:
+    """``[num_clients]`` keys of one round's client slots, split before any sharding."""
+    return jax.random.split(rkey, num_clients)
+
+
+def host_rng(seed: int, stream: int, *path: int) -> np.random.Generator:
+    """A numpy Generator for ``(seed, stream, *path)``, independent of call order."""
+    for value in (seed, stream, *path):
+        if int(value) < 0:
+            raise ValueError(f"host_rng: seed/stream/path entries must be >= 0, got {value}")
+    return np.random.default_rng([int(seed), int(stream), *(int(p) for p in path)])

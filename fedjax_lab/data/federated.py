@@ -1,0 +1,155 @@
+"""Host-side federated datasets (DESIGN.md "Data for vmap").
+
+Client datasets live on the host as numpy. Examples of all clients are stored contiguously, client
+``i`` owning rows ``offsets[i]:offsets[i+1]`` of every array; this lets the same storage serve as a
+device-resident table that a round gathers from by index (no per-round host->device copy of
+examples), or be materialised on the host chunk by chunk when it does not fit on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A federated dataset: an ordered population of clients, each a dict of arrays.
+
+    Attributes:
+      client_ids: population ids (strings), position ``i`` is client index ``i``.
+      arrays: dict name -> array ``[N, ...]`` with the examples of all clients, grouped by client.
+      offsets: ``[num_clients + 1]`` int64; client ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+    """
+
+    client_ids: tuple[str, ...]
+    arrays: dict[str, np.ndarray]
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not self.arrays:
+            raise ValueError("FederatedData: `arrays` is empty; pass e.g. {'x': ..., 'y': ...}")
+        lengths = {k: len(v) for k, v in self.arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(
+                f"FederatedData: arrays must share their leading (example) axis, got {lengths}"
+            )
+        offsets = np.asarray(self.offsets)
+        if offsets.ndim != 1 or len(offsets) != len(self.client_ids) + 1:
+            raise ValueError("FederatedData: `offsets` must have num_clients + 1 entries")
+        if offsets[0] != 0 or offsets[-1] != next(iter(lengths.values())):
+            raise ValueError("FederatedData: `offsets` must start at 0 and end at the example count")
+        sizes = np.diff(offsets)
+        if np.any(sizes < 0):
+            raise ValueError("FederatedData: `offsets` must be non-decreasing")
+        empty = [self.client_ids[i] for i in np.flatnonzero(sizes == 0)[:5]]
+        if empty:
+            raise ValueError(
+                f"FederatedData: clients {empty} have 0 examples. Remove them from the population "
+                "explicitly, or use a partitioner with a min_size (nothing is dropped silently)."
+            )
+        if len(set(self.client_ids)) != len(self.client_ids):
+            raise ValueError("FederatedData: `client_ids` must be unique")
+
+    # ----------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_clients(cls, clients: Mapping[str, Mapping[str, np.ndarray]]) -> FederatedData:
+        """Build from ``{client_id: {"x": array, "y": array}}`` (insertion order is kept)."""
+        if not clients:
+            raise ValueError("FederatedData.from_clients: `clients` is empty")
+        ids = tuple(str(c) for c in clients)
+        names = None
+        for cid, arrays in clients.items():
+            if names is None:
+                names = tuple(arrays)
+            elif tuple(arrays) != names:
+                raise ValueError(
+                    f"FederatedData.from_clients: client {cid!r} has arrays {tuple(arrays)}, "
+                    f"expected {names} like the first client"
+                )
+        per_name = {n: [np.asarray(clients[c][n]) for c in clients] for n in names}
+        for n, parts in per_name.items():
+            shapes = {p.shape[1:] for p in parts}
+            if len(shapes) != 1:
+                raise ValueError(
+                    f"FederatedData.from_clients: array {n!r} has mismatched feature shapes "
+                    f"{sorted(shapes)} across clients; reshape them to one shape"
+                )
+        sizes = [len(clients[c][names[0]]) for c in clients]
+        for cid in clients:
+            lens = {len(np.asarray(clients[cid][n])) for n in names}
+            if len(lens) != 1:
+                raise ValueError(
+                    f"FederatedData.from_clients: client {cid!r} arrays have different lengths {lens}"
+                )
+        arrays = {n: np.concatenate(parts, axis=0) for n, parts in per_name.items()}
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return cls(ids, arrays, offsets)
+
+    @classmethod
+    def from_partition(
+        cls,
+        arrays: Mapping[str, np.ndarray],
+        partition: Sequence[np.ndarray],
+        client_ids: Sequence[str] | None = None,
+    ) -> FederatedData:
+        """Build from centralized ``arrays`` and a list of per-client example-index arrays."""
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        if client_ids is None:
+            client_ids = [str(i) for i in range(len(partition))]
+        if len(client_ids) != len(partition):
+            raise ValueError("FederatedData.from_partition: len(client_ids) != len(partition)")
+        order = (
+            np.concatenate([np.asarray(p, np.int64) for p in partition])
+            if partition
+            else np.zeros(0, np.int64)
+        )
+        sizes = [len(p) for p in partition]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return cls(tuple(client_ids), {k: v[order] for k, v in arrays.items()}, offsets)
+
+    # ------------------------------------------------------------------------------- accessors
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.offsets[-1])
+
+    def client(self, i: int) -> dict[str, np.ndarray]:
+        """The arrays of client index ``i``."""
+        if not 0 <= i < self.num_clients:
+            raise IndexError(f"client index {i} out of range [0, {self.num_clients})")
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return {k: v[lo:hi] for k, v in self.arrays.items()}
+
+    def subset(self, indices: Sequence[int]) -> FederatedData:
+        """A population made of the given client indices (e.g. one MPI rank's clients)."""
+        return FederatedData.from_clients(
+            {self.client_ids[i]: self.client(int(i)) for i in indices}
+        )
+
+    def feature_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """name -> (per-example shape, dtype)."""
+        return {k: (v.shape[1:], v.dtype) for k, v in self.arrays.items()}
+
+
+def sample_clients(
+    num_clients: int, clients_per_round: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Uniform sampling of client indices without replacement (sorted for reproducible layout)."""
+    if clients_per_round <= 0:
+        raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
+    if clients_per_round > num_clients:
+        raise ValueError(
+            f"clients_per_round={clients_per_round} > num_clients={num_clients}; lower "
+            "--clients-per-round or use more clients"
+        )
+    return np.sort(rng.choice(num_clients, size=clients_per_round, replace=False))

@@ -1,0 +1,292 @@
+"""Config-driven experiments: typed config, CLI flags, building blocks, outputs.
+
+Experiment scripts in ``experiments/`` only declare a config and call :func:`main`; everything
+that builds datasets, models, algorithms and backends lives here so it is tested and shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import optax
+
+from fedjax_lab.io.writers import JsonlWriter, plot_curves, write_json
+
+BACKENDS = ("vmap",)
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+
+
+@dataclass
+class FedAvgConfig:
+    """Configuration of a FedAvg-family run; every field is a ``--flag-name`` CLI flag."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    partition: str = "dirichlet_per_class"
+    alpha: float = 0.5
+    num_clients: int = 50
+    clients_per_round: int = 10
+    rounds: int = 100
+    local_epochs: int = 2
+    batch_size: int = 20
+    client_lr: float = 0.2
+    client_momentum: float = 0.0
+    server_lr: float = 1.0
+    server_optimizer: str = "sgd"
+    model: str = "mlp"
+    seed: int = 0
+    backend: str = "vmap"
+    plan: str = "auto"
+    chunk_size: int | None = None
+    eval_every: int = 5
+    out: str = "runs/fedavg"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
+        positive = ("num_clients", "clients_per_round", "local_epochs", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.rounds < 0:
+            raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"--clients-per-round={self.clients_per_round} > --num-clients="
+                f"{self.num_clients}; lower --clients-per-round"
+            )
+        if self.client_lr <= 0 or self.server_lr <= 0:
+            raise ValueError("--client-lr and --server-lr must be > 0")
+        if self.alpha <= 0:
+            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"--server-optimizer must be one of {SERVER_OPTIMIZERS}, "
+                f"got {self.server_optimizer!r}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        from fedjax_lab.backends.vmap import PLANS
+
+        if self.plan not in PLANS:
+            raise ValueError(f"--plan must be one of {PLANS}, got {self.plan!r}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_parser(tp: Any) -> Callable[[str], Any]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = _field_parser(inner[0])
+
+        def optional(text: str) -> Any:
+            return None if text.lower() == "none" else base(text)
+
+        return optional
+    if tp is bool:
+        return _parse_bool
+    if tp in (int, float, str):
+        return tp
+    raise TypeError(f"unsupported config field type {tp}")
+
+
+def parse_config(cls: type, argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
+    """Builds a config dataclass from ``--flag-name value`` arguments.
+
+    Unknown flags and unparsable values exit with status 2 and argparse's message; values
+    that parse but are invalid raise ValueError from ``cfg.validate()`` (callers exit 2).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        parser.add_argument(
+            f"--{_flag(f.name)}", dest=f.name, type=_field_parser(hints[f.name]),
+            default=f.default, help=f"(default: {f.default})",
+        )
+    cfg = cls(**vars(parser.parse_args(argv)))
+    cfg.validate()
+    return cfg
+
+
+def server_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    """Server optimizers of Reddi et al. 2021 (FedOpt) by name."""
+    table = {
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.sgd(lr, momentum=0.9),
+        "adam": lambda: optax.adam(lr, b1=0.9, b2=0.99, eps=1e-3),
+        "yogi": lambda: optax.yogi(lr, b1=0.9, b2=0.99, eps=1e-3),
+        "adagrad": lambda: optax.adagrad(lr, eps=1e-3),
+    }
+    if name not in table:
+        raise ValueError(f"server optimizer must be one of {sorted(table)}, got {name!r}")
+    return table[name]()
+
+
+def client_optimizer(lr: float, momentum: float = 0.0) -> optax.GradientTransformation:
+    return optax.sgd(lr, momentum=momentum or None)
+
+
+def build_problem(cfg: FedAvgConfig):
+    """Dataset, federated train split, model, evaluator and initial params for a config."""
+    from fedjax_lab.data.datasets import federate, load_dataset
+    from fedjax_lab.metrics.evaluation import make_evaluator
+    from fedjax_lab.models import get_model
+
+    kwargs = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
+    dataset = load_dataset(cfg.dataset, **kwargs)
+    model = get_model(cfg.model, dataset.input_shape, dataset.num_classes)
+    train = federate(
+        dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
+    )
+    evaluate = make_evaluator(model.apply, dataset.test)
+    params = model.init(jax.random.key(cfg.seed))
+    return dataset, train, model, evaluate, params
+
+
+def build_backend(cfg: FedAvgConfig):
+    from fedjax_lab.backends.vmap import VmapBackend
+
+    return VmapBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
+
+
+class ProgressBar:
+    """A tqdm bar over rounds showing the latest loss/accuracy (stderr; off with --progress false)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="round", file=sys.stderr)
+        self._last: dict[str, float] = {}
+
+    def __call__(self, round_idx: int, record: dict[str, float]) -> None:
+        del round_idx
+        self._last.update({k: record[k] for k in ("train_loss", "test_accuracy") if k in record})
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4f}" for k, v in self._last.items()})
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary.json content of a run."""
+    evals = [h for h in result.history if "test_accuracy" in h]
+    last = evals[-1] if evals else {}
+    summary = {
+        "final_test_accuracy": last.get("test_accuracy"),
+        "final_test_loss": last.get("test_loss"),
+        "rounds": len(result.history),
+        "wall_seconds": result.wall_seconds,
+        "train_seconds": result.train_seconds,
+        "examples_per_second": result.train_examples / max(result.train_seconds, 1e-9),
+        "uplink_bits": sum(h.get("upload_bits", 0.0) for h in result.history),
+        "config": dataclasses.asdict(cfg),
+        "jax_backend": jax.default_backend(),
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out: str) -> None:
+    acc = summary["final_test_accuracy"]
+    lines = [
+        "",
+        "=" * 60,
+        f" {summary['config'].get('dataset')} / {summary['config'].get('model')}"
+        f" / {summary.get('algorithm', 'fedavg')}",
+        f" final test accuracy : {acc:.4f}" if acc is not None else " final test accuracy : n/a",
+        f" final test loss     : {summary['final_test_loss']:.4f}"
+        if summary["final_test_loss"] is not None else " final test loss     : n/a",
+        f" rounds              : {summary['rounds']}",
+        f" wall time           : {summary['wall_seconds']:.1f} s",
+        f" examples / second   : {summary['examples_per_second']:.0f}",
+        f" outputs             : {out}/metrics.jsonl, summary.json, accuracy.png",
+        "=" * 60,
+    ]
+    print("\n".join(lines))
+
+
+def run_fedavg_experiment(cfg: FedAvgConfig) -> dict[str, Any]:
+    """Builds everything from ``cfg``, trains, writes metrics.jsonl/summary.json/accuracy.png."""
+    from fedjax_lab.algorithms.fedavg import make_fedavg_family, validate_data_spec
+    from fedjax_lab.runner import run
+
+    start = time.perf_counter()
+    _, train, model, evaluate, params = build_problem(cfg)
+    algorithm = make_fedavg_family(
+        model,
+        client_optimizer(cfg.client_lr, cfg.client_momentum),
+        server_optimizer=server_optimizer(cfg.server_optimizer, cfg.server_lr),
+        data_spec=validate_data_spec(cfg.batch_size, cfg.local_epochs, None),
+        name="fedavg" if cfg.server_optimizer == "sgd" else f"fed{cfg.server_optimizer}",
+    )
+    backend = build_backend(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    writer = JsonlWriter(os.path.join(cfg.out, "metrics.jsonl"))
+    bar = ProgressBar(cfg.rounds, cfg.progress, algorithm.name)
+    try:
+        result = run(
+            algorithm, backend, train, params,
+            rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, seed=cfg.seed,
+            evaluate=evaluate, eval_every=cfg.eval_every, chunk_size=cfg.chunk_size,
+            callbacks=[lambda r, rec: writer.write(rec), bar],
+        )
+    finally:
+        bar.close()
+        writer.close()
+    result.wall_seconds = time.perf_counter() - start
+    evals = [h for h in result.history if "test_accuracy" in h]
+    plot_curves(
+        os.path.join(cfg.out, "accuracy.png"),
+        {algorithm.name: ([h["round"] for h in evals], [h["test_accuracy"] for h in evals])},
+        xlabel="round", ylabel="test accuracy", title=f"{cfg.dataset} / {cfg.model}",
+    )
+    summary = summarize(cfg, result, {"algorithm": algorithm.name,
+                                      "num_train_clients": train.num_clients})
+    write_json(os.path.join(cfg.out, "summary.json"), summary)
+    return summary
+
+
+def main(cls: type, runner: Callable[[Any], dict[str, Any]], argv=None, prog=None) -> int:
+    """CLI entry: parse, validate (exit 2 with a clear message), run, print the summary."""
+    try:
+        cfg = parse_config(cls, argv, prog)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = runner(cfg)
+    except ValueError as e:  # bad names (dataset/model/partition) found while building
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary, cfg.out)
+    return 0

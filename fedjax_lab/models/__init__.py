@@ -1,0 +1,20 @@
+"""Flax models exposed as pure ``Model(init, apply)`` pairs; see `Model` for the contract."""
+
+from fedjax_lab.models._base import Model, Params
+from fedjax_lab.models._registry import get_model
+from fedjax_lab.models.char_lstm import char_lstm
+from fedjax_lab.models.cnn import femnist_cnn
+from fedjax_lab.models.logistic_regression import logistic_regression
+from fedjax_lab.models.mlp import mlp
+from fedjax_lab.models.resnet import resnet18_gn
+
+__all__ = [
+    "Model",
+    "Params",
+    "char_lstm",
+    "femnist_cnn",
+    "get_model",
+    "logistic_regression",
+    "mlp",
+    "resnet18_gn",
+]

@@ -1,0 +1,60 @@
+"""Model lookup by name, for configs and command lines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fedjax_lab.models._base import Model, check_positive_int, check_shape
+from fedjax_lab.models.char_lstm import char_lstm
+from fedjax_lab.models.cnn import femnist_cnn
+from fedjax_lab.models.logistic_regression import logistic_regression
+from fedjax_lab.models.mlp import mlp
+from fedjax_lab.models.resnet import resnet18_gn
+
+
+def _char_lstm(input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> Model:
+    # For token models input_shape is (seq_len,) and the classes are the vocabulary.
+    for arg in ("seq_len", "vocab_size"):
+        if arg in kwargs:
+            raise TypeError(
+                f"get_model('char_lstm') takes {arg} from input_shape=(seq_len,) and "
+                f"num_classes=vocab_size; do not pass {arg} as well."
+            )
+    (seq_len,) = check_shape(input_shape, rank=1)
+    return char_lstm(vocab_size=num_classes, seq_len=seq_len, **kwargs)
+
+
+_FACTORIES: dict[str, Callable[..., Model]] = {
+    "logreg": logistic_regression,
+    "mlp": mlp,
+    "cnn": femnist_cnn,
+    "resnet18": resnet18_gn,
+    "char_lstm": _char_lstm,
+}
+
+
+def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> Model:
+    """Builds a model by name.
+
+    Args:
+      name: One of ``'logreg'``, ``'mlp'``, ``'cnn'`` (`femnist_cnn`), ``'resnet18'``
+        (`resnet18_gn`), ``'char_lstm'``.
+      input_shape: Per-example input shape; ``(seq_len,)`` for ``'char_lstm'``.
+      num_classes: Number of classes; the vocabulary size for ``'char_lstm'``.
+      **kwargs: Extra keyword arguments of the factory (e.g. ``hidden`` for ``'mlp'``,
+        ``groups`` for ``'resnet18'``).
+
+    Returns:
+      The `Model`.
+
+    Raises:
+      ValueError: On an unknown `name` (the message lists the valid names) or a bad
+        `input_shape`/`num_classes`.
+      TypeError: On keyword arguments the factory does not take.
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"Unknown model name {name!r}; valid names are {sorted(_FACTORIES)}.")
+    shape = check_shape(input_shape)
+    classes = check_positive_int(num_classes, "num_classes")
+    return _FACTORIES[name](shape, classes, **kwargs)

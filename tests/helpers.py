@@ -1,0 +1,51 @@
+"""Small shared fixtures for tests: a linear softmax model and its numpy reference."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab.data.federated import FederatedData
+
+
+class LinearModel(NamedTuple):
+    """Multinomial logistic regression with the ``apply`` of fedjax_lab models."""
+
+    dim: int
+    classes: int
+
+    def init(self, key: jax.Array) -> dict:
+        return {
+            "w": 0.1 * jax.random.normal(key, (self.dim, self.classes)),
+            "b": jnp.zeros(self.classes),
+        }
+
+    @staticmethod
+    def apply(params: dict, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0], -1) @ params["w"] + params["b"][None, :]
+
+
+def np_softmax_ce_grad(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray):
+    """Gradient of the mean softmax cross entropy of a linear model (float64 numpy)."""
+    logits = x @ w + b
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    return x.T @ p / len(y), p.sum(axis=0) / len(y)
+
+
+def make_population(
+    sizes: list[int], dim: int = 5, classes: int = 3, seed: int = 0
+) -> FederatedData:
+    """Clients with the given sizes and client-specific linear labelling (heterogeneous)."""
+    rng = np.random.default_rng(seed)
+    clients = {}
+    for i, n in enumerate(sizes):
+        x = rng.normal(size=(n, dim)).astype(np.float32)
+        w = rng.normal(size=(dim, classes))
+        clients[f"c{i}"] = {"x": x, "y": np.argmax(x @ w, axis=1).astype(np.int32)}
+    return FederatedData.from_clients(clients)
