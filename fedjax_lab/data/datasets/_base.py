@@ -1,0 +1,109 @@
+"""The common `Dataset` type of all loaders, and `federate` (dataset -> client population)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from fedjax_lab.core.rng import PARTITION_STREAM, host_rng
+from fedjax_lab.data.federated import FederatedData
+from fedjax_lab.data.partition import natural_client_ids
+from fedjax_lab.data.partition import partition as partition_by_name
+
+
+class Dataset(NamedTuple):
+    """A centralized dataset as host numpy arrays.
+
+    Attributes:
+      name: dataset name (e.g. ``"digits"``, ``"leaf/femnist"``).
+      train: ``{"x": float32 [N, *input_shape] (or int32 tokens), "y": int32 [N]}``.
+      test: same layout as `train`, the held-out examples.
+      num_classes: number of classes (the vocabulary size for next-token tasks).
+      input_shape: per-example shape of ``x``.
+      train_client_ids: natural client id (writer, user, device) of each train example, or
+        None when the dataset has no natural clients.
+    """
+
+    name: str
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_client_ids: np.ndarray | None
+
+
+def check_dataset(ds: Dataset) -> Dataset:
+    """Validates the layout of a `Dataset`; returns it unchanged."""
+    for split in ("train", "test"):
+        arrays = getattr(ds, split)
+        if set(arrays) != {"x", "y"}:
+            raise ValueError(f"{ds.name}: `{split}` must have keys x and y, got {sorted(arrays)}")
+        x, y = arrays["x"], arrays["y"]
+        if x.shape[1:] != tuple(ds.input_shape) or y.shape != (len(x),):
+            raise ValueError(
+                f"{ds.name}: `{split}` shapes x{x.shape} y{y.shape} do not match "
+                f"input_shape={ds.input_shape}"
+            )
+        if y.dtype != np.int32 or x.dtype not in (np.float32, np.int32):
+            raise ValueError(f"{ds.name}: `{split}` dtypes x {x.dtype} y {y.dtype}")
+        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):
+            raise ValueError(f"{ds.name}: `{split}` labels outside [0, {ds.num_classes})")
+    if ds.train_client_ids is not None and ds.train_client_ids.shape != ds.train["y"].shape:
+        raise ValueError(f"{ds.name}: `train_client_ids` must have one id per train example")
+    return ds
+
+
+def federate(
+    dataset: Dataset,
+    partition: str,
+    num_clients: int | None,
+    *,
+    seed: int,
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    min_size: int = 10,
+) -> FederatedData:
+    """Splits the train set of `dataset` into a client population.
+
+    The partition is drawn with ``host_rng(seed, PARTITION_STREAM)``, so it depends only on the
+    run seed and the arguments.
+
+    Args:
+      dataset: the centralized dataset.
+      partition: ``"iid"``, ``"dirichlet_label_mix"`` (uses `alpha`), ``"dirichlet_per_class"``
+        (uses `alpha`, `min_size`), ``"shards"`` (uses `shards_per_client`) or ``"natural"``
+        (uses ``dataset.train_client_ids``).
+      num_clients: number of clients; for ``"natural"`` None (all natural clients) or their
+        exact count.
+      seed: run seed (>= 0).
+      alpha: Dirichlet concentration of the two Dirichlet schemes.
+      shards_per_client: shards per client of ``"shards"``.
+      min_size: minimum client size of ``"dirichlet_per_class"``.
+
+    Returns:
+      `FederatedData` over ``dataset.train``; client ids are the natural ids for ``"natural"``,
+      else ``"0" ... "num_clients - 1"``.
+    """
+    labels = dataset.train["y"]
+    kwargs: dict[str, Any] = {}
+    client_ids = None
+    if partition == "natural":
+        if dataset.train_client_ids is None:
+            raise ValueError(
+                f"federate(partition='natural'): dataset {dataset.name!r} has no natural client "
+                "ids (train_client_ids is None); use iid, dirichlet_label_mix, "
+                "dirichlet_per_class or shards."
+            )
+        kwargs["client_of_example"] = dataset.train_client_ids
+        client_ids = natural_client_ids(dataset.train_client_ids)
+    elif partition in ("dirichlet_label_mix", "dirichlet_per_class"):
+        kwargs["alpha"] = alpha
+        if partition == "dirichlet_per_class":
+            kwargs["min_size"] = min_size
+    elif partition == "shards":
+        kwargs["shards_per_client"] = shards_per_client
+    parts = partition_by_name(
+        partition, labels, num_clients, host_rng(seed, PARTITION_STREAM), **kwargs
+    )
+    return FederatedData.from_partition(dataset.train, parts, client_ids)

@@ -1,0 +1,43 @@
+"""`load_dataset`: dataset loaders by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fedjax_lab.data.datasets import tfds_images
+from fedjax_lab.data.datasets._base import Dataset
+from fedjax_lab.data.datasets.digits import digits
+from fedjax_lab.data.datasets.leaf import leaf
+from fedjax_lab.data.datasets.synthetic import synthetic, synthetic_iid
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": digits,
+    "synthetic": synthetic,
+    "synthetic_iid": synthetic_iid,
+    "mnist": tfds_images.mnist,
+    "fashion_mnist": tfds_images.fashion_mnist,
+    "emnist": tfds_images.emnist,
+    "cifar10": tfds_images.cifar10,
+    "cifar100": tfds_images.cifar100,
+    "leaf": leaf,
+}
+
+DATASET_NAMES = tuple(_LOADERS)
+
+
+def load_dataset(name: str, **kwargs: Any) -> Dataset:
+    """Loads a dataset by name, forwarding `kwargs` to its loader.
+
+    Args:
+      name: one of `DATASET_NAMES`: ``digits``, ``synthetic`` (``alpha=, beta=``),
+        ``synthetic_iid``, ``mnist``, ``fashion_mnist``, ``emnist``, ``cifar10``, ``cifar100``
+        (``data_dir=, download=``), ``leaf`` (``root_dir=, task=``).
+      **kwargs: the loader's arguments.
+
+    Returns:
+      The loaded `Dataset`.
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return _LOADERS[name](**kwargs)
