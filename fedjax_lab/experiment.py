@@ -7,6 +7,7 @@ that builds datasets, models, algorithms and backends lives here so it is tested
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -22,7 +23,7 @@ import optax
 
 from fedjax_lab.io.writers import JsonlWriter, plot_curves, write_json
 
-BACKENDS = ("vmap",)
+BACKENDS = ("vmap", "edge", "sharded", "mpi")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 
 
@@ -51,6 +52,10 @@ class FedAvgConfig:
     eval_every: int = 5
     out: str = "runs/fedavg"
     progress: bool = True
+    edge_clients: int = 2  # --backend edge: client processes (population split over them)
+    edge_round_timeout: float = 60.0  # --backend edge: seconds a round waits for its clients
+    checkpoint_every: int = 0  # checkpoint to <out>/checkpoints every N rounds (0: off)
+    resume: bool = False  # continue from the newest checkpoint in <out>/checkpoints
 
     def validate(self) -> None:
         """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
@@ -84,6 +89,24 @@ class FedAvgConfig:
             raise ValueError(f"--plan must be one of {PLANS}, got {self.plan!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.backend == "sharded" and self.plan == "loop":
+            raise ValueError(
+                "--plan loop runs clients from a host loop and cannot be sharded over devices; "
+                "use --plan auto, vmap or unrolled with --backend sharded"
+            )
+        if self.backend == "mpi" and (self.checkpoint_every or self.resume):
+            raise ValueError(
+                "--checkpoint-every/--resume are not supported with --backend mpi (each rank "
+                "holds only its clients' states); run without them or with --backend vmap"
+            )
+        if self.edge_clients < 1:
+            raise ValueError(f"--edge-clients must be >= 1, got {self.edge_clients}")
+        if not self.edge_round_timeout > 0:
+            raise ValueError(f"--edge-round-timeout must be > 0, got {self.edge_round_timeout}")
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"--checkpoint-every must be >= 0 (0 disables), got {self.checkpoint_every}"
+            )
 
 
 def _flag(name: str) -> str:
@@ -168,14 +191,77 @@ def build_problem(cfg: FedAvgConfig):
     return dataset, train, model, evaluate, params
 
 
+def build_algorithm(cfg: FedAvgConfig, model: Any):
+    """The FedAvg-family algorithm of a config (FedAvg, or FedOpt with a server optimizer)."""
+    from fedjax_lab.algorithms.fedavg import make_fedavg_family, validate_data_spec
+
+    return make_fedavg_family(
+        model,
+        client_optimizer(cfg.client_lr, cfg.client_momentum),
+        server_optimizer=server_optimizer(cfg.server_optimizer, cfg.server_lr),
+        data_spec=validate_data_spec(cfg.batch_size, cfg.local_epochs, None),
+        name="fedavg" if cfg.server_optimizer == "sgd" else f"fed{cfg.server_optimizer}",
+    )
+
+
+def config_argv(cfg: Any) -> list[str]:
+    """The ``--flag value`` command line that :func:`parse_config` turns back into ``cfg``."""
+    argv = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            text = "none"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)  # str(float) round-trips exactly
+        argv += [f"--{_flag(f.name)}", text]
+    return argv
+
+
+def edge_problem(argv: Sequence[str]):
+    """Problem factory of edge client processes: the experiment of these FedAvg flags."""
+    from fedjax_lab.backends.edge import EdgeProblem
+
+    cfg = parse_config(FedAvgConfig, argv, prog="edge client")
+    _, train, model, _, params = build_problem(cfg)
+    return EdgeProblem(build_algorithm(cfg, model), None, train, params, cfg.seed)
+
+
+def build_edge_backend(cfg: FedAvgConfig):
+    """A loopback edge server that spawns and supervises ``--edge-clients`` CPU processes."""
+    import secrets
+
+    from fedjax_lab.backends.edge import EdgeBackend, WorkerLauncher
+
+    launcher = WorkerLauncher(
+        "fedjax_lab.experiment:edge_problem", config_argv(cfg),
+        log_dir=os.path.join(cfg.out, "edge_logs"),
+    )
+    return EdgeBackend(
+        num_workers=cfg.edge_clients, token=secrets.token_hex(32).encode(),
+        round_timeout=cfg.edge_round_timeout, launcher=launcher,
+    )
+
+
 def build_backend(cfg: FedAvgConfig):
+    if cfg.backend == "edge":
+        return build_edge_backend(cfg)
+    if cfg.backend == "sharded":
+        from fedjax_lab.backends.sharded import ShardedBackend
+
+        return ShardedBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
+    if cfg.backend == "mpi":  # imported only here: importing mpi4py initialises MPI
+        from fedjax_lab.backends.mpi import MpiBackend
+
+        return MpiBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
     from fedjax_lab.backends.vmap import VmapBackend
 
     return VmapBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
 
 
 class ProgressBar:
-    """A tqdm bar over rounds showing the latest loss/accuracy (stderr; off with --progress false)."""
+    """tqdm bar over rounds with the latest loss/accuracy (stderr; off with --progress false)."""
 
     def __init__(self, total: int, enabled: bool, desc: str) -> None:
         self._bar = None
@@ -235,34 +321,63 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     print("\n".join(lines))
 
 
-def run_fedavg_experiment(cfg: FedAvgConfig) -> dict[str, Any]:
-    """Builds everything from ``cfg``, trains, writes metrics.jsonl/summary.json/accuracy.png."""
-    from fedjax_lab.algorithms.fedavg import make_fedavg_family, validate_data_spec
-    from fedjax_lab.runner import run
+def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, Any]:
+    """Builds everything from ``cfg``, trains, writes metrics.jsonl/summary.json/accuracy.png.
+
+    ``backend`` overrides ``build_backend(cfg)`` (the caller then closes it). With
+    ``--checkpoint-every``/``--resume`` the run checkpoints to and resumes from
+    ``<out>/checkpoints`` (fedjax_lab.io.checkpoint); metrics.jsonl then holds the checkpointed
+    rounds followed by the resumed ones.
+    """
+    from fedjax_lab.io.checkpoint import RunCheckpointing
+    from fedjax_lab.runner import ClientStateStore, run
 
     start = time.perf_counter()
     _, train, model, evaluate, params = build_problem(cfg)
-    algorithm = make_fedavg_family(
-        model,
-        client_optimizer(cfg.client_lr, cfg.client_momentum),
-        server_optimizer=server_optimizer(cfg.server_optimizer, cfg.server_lr),
-        data_spec=validate_data_spec(cfg.batch_size, cfg.local_epochs, None),
-        name="fedavg" if cfg.server_optimizer == "sgd" else f"fed{cfg.server_optimizer}",
+    algorithm = build_algorithm(cfg, model)
+    ckpt = RunCheckpointing(
+        os.path.join(cfg.out, "checkpoints"), every=cfg.checkpoint_every, resume=cfg.resume,
+        config=dataclasses.asdict(cfg), total_rounds=cfg.rounds,
     )
-    backend = build_backend(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    writer = JsonlWriter(os.path.join(cfg.out, "metrics.jsonl"))
-    bar = ProgressBar(cfg.rounds, cfg.progress, algorithm.name)
+    owned = backend is None
     try:
-        result = run(
-            algorithm, backend, train, params,
-            rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, seed=cfg.seed,
-            evaluate=evaluate, eval_every=cfg.eval_every, chunk_size=cfg.chunk_size,
-            callbacks=[lambda r, rec: writer.write(rec), bar],
-        )
+        if owned:
+            backend = build_backend(cfg)
+        # MPI: each rank's store keeps the states of the clients it owns.
+        store = getattr(backend, "client_store", ClientStateStore)(algorithm.client_init(params))
+        server_state, start_round = ckpt.restore(algorithm.init(params), store)
+        if not getattr(backend, "is_primary", True):  # MPI ranks > 0: train, write nothing
+            with getattr(backend, "failure_guard", contextlib.nullcontext)():
+                run(algorithm, backend, train, params, rounds=cfg.rounds - start_round,
+                    clients_per_round=cfg.clients_per_round, seed=cfg.seed,
+                    chunk_size=cfg.chunk_size, server_state=server_state,
+                    start_round=start_round, client_store=store)
+            return {"primary_process": False}
+        os.makedirs(cfg.out, exist_ok=True)
+        writer = JsonlWriter(os.path.join(cfg.out, "metrics.jsonl"))
+        for record in ckpt.history:  # resumed: the rounds of the checkpoint, then the new ones
+            writer.write(record)
+        bar = ProgressBar(cfg.rounds - start_round, cfg.progress, algorithm.name)
+        guard = getattr(backend, "failure_guard", contextlib.nullcontext)
+        try:
+            with guard():  # MPI: a failing rank aborts every rank instead of hanging them
+                result = run(
+                    algorithm, backend, train, params,
+                    rounds=cfg.rounds - start_round, clients_per_round=cfg.clients_per_round,
+                    seed=cfg.seed, evaluate=evaluate, eval_every=cfg.eval_every,
+                    chunk_size=cfg.chunk_size, server_state=server_state,
+                    start_round=start_round, client_store=store,
+                    callbacks=[ckpt.record, lambda r, rec: writer.write(rec), bar],
+                    state_callbacks=[ckpt.save_state],
+                )
+        finally:
+            bar.close()
+            writer.close()
     finally:
-        bar.close()
-        writer.close()
+        ckpt.close()
+        if owned and backend is not None and hasattr(backend, "close"):
+            backend.close()
+    result.history = ckpt.history
     result.wall_seconds = time.perf_counter() - start
     evals = [h for h in result.history if "test_accuracy" in h]
     plot_curves(
@@ -270,8 +385,11 @@ def run_fedavg_experiment(cfg: FedAvgConfig) -> dict[str, Any]:
         {algorithm.name: ([h["round"] for h in evals], [h["test_accuracy"] for h in evals])},
         xlabel="round", ylabel="test accuracy", title=f"{cfg.dataset} / {cfg.model}",
     )
-    summary = summarize(cfg, result, {"algorithm": algorithm.name,
-                                      "num_train_clients": train.num_clients})
+    extra = {"algorithm": algorithm.name, "num_train_clients": train.num_clients}
+    for key in ("uplink_bytes", "uplink_message_bytes", "downlink_bytes", "dropped_clients"):
+        if any(key in h for h in result.history):  # measured by the edge backend
+            extra[key] = sum(h.get(key, 0.0) for h in result.history)
+    summary = summarize(cfg, result, extra)
     write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
 
@@ -288,5 +406,6 @@ def main(cls: type, runner: Callable[[Any], dict[str, Any]], argv=None, prog=Non
     except ValueError as e:  # bad names (dataset/model/partition) found while building
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(summary, cfg.out)
+    if summary.get("primary_process", True):  # MPI: only rank 0 reports
+        print_summary(summary, cfg.out)
     return 0

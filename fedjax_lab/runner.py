@@ -19,8 +19,12 @@ from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import Algorithm, ServerState
 from fedjax_lab.data.cohort import CohortBuilder, padded_cohort_size
 from fedjax_lab.data.federated import FederatedData, sample_clients
+from fedjax_lab.systems.availability import Availability
+from fedjax_lab.systems.time_model import SimulatedClock, TimeModel
 
 RoundCallback = Callable[[int, dict[str, float]], None]
+# (round index, server state after it, client state store) -> None
+StateCallback = Callable[[int, ServerState, "ClientStateStore"], None]
 
 
 class ClientStateStore:
@@ -63,6 +67,27 @@ class RunResult:
     train_examples: float = 0.0
 
 
+def owned_slots(backend: Any, cohort_size: int) -> np.ndarray:
+    """The client slots this process trains: ``backend.owned_slots(cohort_size)`` or all.
+
+    A backend that splits a cohort over processes (MPI ranks) owns a sorted subset; the runner
+    then builds the cohort, and gathers client states, for those slots only.
+    """
+    hook = getattr(backend, "owned_slots", None)
+    if hook is None:
+        return np.arange(cohort_size)
+    owned = np.asarray(hook(cohort_size))
+    if (
+        owned.ndim != 1 or not len(owned) or not np.issubdtype(owned.dtype, np.integer)
+        or owned[0] < 0 or owned[-1] >= cohort_size or np.any(np.diff(owned) <= 0)
+    ):
+        raise ValueError(
+            f"backend.owned_slots({cohort_size}) must return a non-empty, strictly increasing "
+            f"1-D integer array in [0, {cohort_size}), got {owned!r}"
+        )
+    return owned
+
+
 def validate_run_args(data: FederatedData, clients_per_round: int, rounds: int) -> None:
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
@@ -92,31 +117,59 @@ def run(
     server_state: ServerState | None = None,
     start_round: int = 0,
     client_store: ClientStateStore | None = None,
+    availability: Availability | None = None,
+    time_model: TimeModel | None = None,
+    state_callbacks: Sequence[StateCallback] = (),
 ) -> RunResult:
     """Runs ``rounds`` federated rounds and returns the final state and the history.
 
     Round ``r`` samples ``clients_per_round`` clients with ``host_rng(seed, SAMPLING, r)`` and
     uses the round key ``fold_in(PRNGKey(seed), r)``; nothing depends on earlier rounds' host
     randomness, so ``start_round`` + ``server_state`` resume a run exactly.
+    ``state_callbacks`` are called after each round with ``(r, server_state, client_store)``
+    (checkpointing).
+
+    Every round record has ``cum_uplink_bits`` (uplink bits so far). ``availability`` (a
+    ``fedjax_lab.systems.Availability``) drops clients / cuts stragglers' local steps and adds
+    ``dropped``/``stragglers`` counts; ``time_model`` (a ``fedjax_lab.systems.TimeModel``) adds
+    the cumulative simulated ``sim_time``, ``sim_comm_time`` and ``sim_comp_time``, and
+    ``wall_time`` (seconds since the call started; only with a time model, so that records
+    without one stay deterministic). Both draw from
+    ``host_rng(seed, SYSTEM_STREAM, round, ...)``; cumulative fields restart with each call.
     """
     validate_run_args(data, clients_per_round, rounds)
+    if availability is not None and not isinstance(availability, Availability):
+        raise TypeError(
+            f"availability must be a fedjax_lab.systems.Availability, got {availability!r}"
+        )
     spec = algorithm.data_spec
     multiple = getattr(backend, "cohort_multiple", 1)
     cohort_size = padded_cohort_size(clients_per_round, chunk_size, multiple)
+    owned = owned_slots(backend, cohort_size)
+    if len(owned) < cohort_size and (availability is not None or time_model is not None):
+        raise ValueError(
+            f"availability/time_model draw over all {cohort_size} client slots, but the "
+            f"{getattr(backend, 'name', 'given')} backend trains only {len(owned)} of them in "
+            "this process; run system simulations with --backend vmap or sharded"
+        )
     builder = CohortBuilder(
         data,
         batch_size=spec.batch_size,
         local_epochs=spec.local_epochs,
         num_steps=spec.num_steps,
-        cohort_size=cohort_size,
+        cohort_size=len(owned),
         seed=seed,
-        device_table=device_table,
+        device_table=device_table and getattr(backend, "device_table", True),
     )
     if server_state is None:
         server_state = algorithm.init(init_params)
-    store = client_store or ClientStateStore(algorithm.client_init(init_params))
+    store = client_store or getattr(backend, "client_store", ClientStateStore)(
+        algorithm.client_init(init_params)
+    )
     root = jax.random.key(seed)
     result = RunResult(server_state)
+    clock = SimulatedClock(time_model) if time_model is not None else None
+    uplink_bits = 0.0
     start = time.perf_counter()
     for r in range(start_round, start_round + rounds):
         t0 = time.perf_counter()
@@ -124,9 +177,13 @@ def run(
             data.num_clients, clients_per_round,
             rng_lib.host_rng(seed, rng_lib.SAMPLING_STREAM, r),
         )
-        cohort = builder.build(r, clients)
         ids = np.full(cohort_size, -1, np.int64)
         ids[: len(clients)] = clients
+        ids = ids[owned]  # this process's slots: all of them unless the backend shards them
+        cohort = builder.build(r, ids[ids >= 0])
+        system_record = {}
+        if availability is not None:
+            cohort, system_record = availability.apply(cohort, seed=seed, round_idx=r)
         states = store.gather(ids)
         server_state, states, metrics = backend.run_round(
             algorithm, server_state, states, cohort, rng_lib.round_key(root, r)
@@ -134,16 +191,27 @@ def run(
         store.scatter(ids, states)
         record = {k: float(v) for k, v in jax.device_get(metrics).items()}
         record["round"] = r + 1
+        record.update(system_record)
+        uplink_bits += record.get("upload_bits", 0.0)
+        record["cum_uplink_bits"] = uplink_bits
+        if clock is not None:
+            record.update(clock.tick(cohort, record.get("upload_bits", 0.0), seed=seed,
+                                     round_idx=r))
         record["round_seconds"] = time.perf_counter() - t0
         result.train_seconds += record["round_seconds"]
         result.train_examples += record.get("train_examples", 0.0)
         if evaluate is not None and eval_every > 0 and (
-            (r + 1 - start_round) % eval_every == 0 or r == start_round + rounds - 1
+            # Absolute rounds: a resumed run evaluates where an uninterrupted one does.
+            (r + 1) % eval_every == 0 or r == start_round + rounds - 1
         ):
             record.update(evaluate(server_state.params))
+        if clock is not None:  # wall time next to simulated time (non-deterministic field)
+            record["wall_time"] = time.perf_counter() - start
         result.history.append(record)
         for cb in callbacks:
             cb(r, record)
+        for state_cb in state_callbacks:  # e.g. checkpointing (fedjax_lab.io.checkpoint)
+            state_cb(r, server_state, store)
     result.server_state = server_state
     result.wall_seconds = time.perf_counter() - start
     return result

@@ -1,5 +1,53 @@
 """Federated algorithms as pure functions (DESIGN.md ``Algorithm``)."""
 
+from fedjax_lab.algorithms.dp_fedavg import dp_fedavg
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.algorithms.fednova import fednova
+from fedjax_lab.algorithms.fedopt import (
+    fedadagrad,
+    fedadam,
+    fedavgm,
+    fedopt,
+    fedyogi,
+    reddi_adaptive,
+)
+from fedjax_lab.algorithms.fedpaq import fedpaq, qsgd_baseline
+from fedjax_lab.algorithms.fedprox import fedprox
+from fedjax_lab.algorithms.robust import (
+    Aggregator,
+    Transform,
+    clip_norm,
+    krum,
+    mean,
+    median,
+    multi_krum,
+    trimmed_mean,
+    with_aggregator,
+)
+from fedjax_lab.algorithms.scaffold import ScaffoldClientState, scaffold
 
-__all__ = ["fedavg"]
+__all__ = [
+    "Aggregator",
+    "ScaffoldClientState",
+    "Transform",
+    "clip_norm",
+    "dp_fedavg",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fednova",
+    "fedopt",
+    "fedpaq",
+    "fedprox",
+    "fedyogi",
+    "krum",
+    "mean",
+    "median",
+    "multi_krum",
+    "qsgd_baseline",
+    "reddi_adaptive",
+    "scaffold",
+    "trimmed_mean",
+    "with_aggregator",
+]

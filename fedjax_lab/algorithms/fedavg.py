@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.algorithms import _local
+from fedjax_lab.algorithms import _local, _uplink
 from fedjax_lab.core.losses import softmax_cross_entropy
 from fedjax_lab.core.tree import tree_all_finite, tree_where
 from fedjax_lab.core.types import (
@@ -100,13 +100,9 @@ def make_fedavg_family(
         finite = tree_all_finite(delta)
         ok = jnp.logical_and(real, finite)
         delta = tree_where(finite, delta, jax.tree.map(jnp.zeros_like, delta))
-        if compressor is not None:
-            payload, new_state = compressor.encode(delta, client_state, key=key)
-            new_state = tree_where(ok, new_state, client_state)
-            bits = compressor.bits(payload).astype(jnp.float32)
-        else:
-            payload, new_state = delta, client_state
-            bits = jnp.asarray(32.0 * sum(x.size for x in jax.tree.leaves(delta)), jnp.float32)
+        payload, new_state, bits = _uplink.encode_uplink(
+            compressor, delta, client_state, ok, key=key
+        )
         weight = batches.weight if weighting == "examples" else jnp.ones_like(batches.weight)
         weight = jnp.where(ok, weight, 0.0)
         realf = real.astype(jnp.float32)
@@ -121,15 +117,8 @@ def make_fedavg_family(
         return ClientOutput(payload, weight, metrics), new_state
 
     def aggregate(outputs: ClientOutput) -> Aggregate:
-        decoded = (
-            jax.vmap(compressor.decode)(outputs.update) if compressor is not None
-            else outputs.update
-        )
-        update_sum = jax.tree.map(
-            lambda d: jnp.tensordot(outputs.weight, d, axes=(0, 0)).astype(d.dtype), decoded
-        )
         return Aggregate(
-            update_sum=update_sum,
+            update_sum=_uplink.decode_weighted_sum(compressor, outputs.update, outputs.weight),
             weight_sum=jnp.sum(outputs.weight),
             metric_sums={k: jnp.sum(v) for k, v in outputs.metrics.items()},
         )

@@ -19,7 +19,6 @@ from fedjax_lab.core.types import (
 )
 
 __all__ = [
-    "PRNGKey",
     "Aggregate",
     "Algorithm",
     "Batches",
@@ -27,6 +26,7 @@ __all__ = [
     "Cohort",
     "DataSpec",
     "Metrics",
+    "PRNGKey",
     "Params",
     "PyTree",
     "ServerState",

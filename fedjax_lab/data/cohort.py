@@ -34,7 +34,8 @@ class CohortBuilder:
         ``min(B, n)`` examples drawn from consecutive fresh permutations. Exclusive with
         ``local_epochs``.
       cohort_size: number of client slots ``C`` (>= clients sampled per round).
-      seed: run seed; shuffling of client ``i`` in round ``r`` uses ``host_rng(seed, SHUFFLE, r, i)``
+      seed: run seed; client ``i`` in round ``r`` is shuffled with
+        ``host_rng(seed, SHUFFLE, r, i)``
         so any rank or a resumed run rebuilds exactly the same cohort.
       device_table: keep all examples on the device once and send only ``[C, S, B]`` indices each
         round (fast, needs the dataset to fit in device memory); otherwise the examples of each

@@ -40,7 +40,9 @@ class FederatedData:
         if offsets.ndim != 1 or len(offsets) != len(self.client_ids) + 1:
             raise ValueError("FederatedData: `offsets` must have num_clients + 1 entries")
         if offsets[0] != 0 or offsets[-1] != next(iter(lengths.values())):
-            raise ValueError("FederatedData: `offsets` must start at 0 and end at the example count")
+            raise ValueError(
+                "FederatedData: `offsets` must start at 0 and end at the example count"
+            )
         sizes = np.diff(offsets)
         if np.any(sizes < 0):
             raise ValueError("FederatedData: `offsets` must be non-decreasing")
@@ -82,7 +84,8 @@ class FederatedData:
             lens = {len(np.asarray(clients[cid][n])) for n in names}
             if len(lens) != 1:
                 raise ValueError(
-                    f"FederatedData.from_clients: client {cid!r} arrays have different lengths {lens}"
+                    f"FederatedData.from_clients: client {cid!r} arrays have different "
+                    f"lengths {lens}"
                 )
         arrays = {n: np.concatenate(parts, axis=0) for n, parts in per_name.items()}
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

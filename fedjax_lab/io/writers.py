@@ -27,7 +27,7 @@ class JsonlWriter:
     def __init__(self, path: str, append: bool = False) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self._f = open(path, "a" if append else "w")  # noqa: SIM115 (closed in close())
+        self._f = open(path, "a" if append else "w")
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._f.write(json.dumps(_jsonable(dict(record)), sort_keys=True) + "\n")

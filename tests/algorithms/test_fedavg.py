@@ -119,7 +119,7 @@ def test_padded_client_slot_has_zero_weight_and_no_effect():
     padded_builder = CohortBuilder(data, batch_size=4, local_epochs=1, cohort_size=5, seed=0)
     be = VmapBackend("vmap")
     key = jax.random.key(9)
-    s1, _, m1 = be.run_round(alg, alg.init(params), (), builder.build(0, [0, 1, 2]), key)
+    s1, _, _ = be.run_round(alg, alg.init(params), (), builder.build(0, [0, 1, 2]), key)
     s2, _, m2 = be.run_round(alg, alg.init(params), (), padded_builder.build(0, [0, 1, 2]), key)
     chex.assert_trees_all_close(s1.params, s2.params, atol=1e-7, rtol=0)
     assert float(m2["clients"]) == 3.0

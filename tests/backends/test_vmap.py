@@ -80,9 +80,9 @@ def test_chunked_round_memory_does_not_grow_with_cohort():
 
 
 def test_thousand_clients_per_round_fit_in_two_gigabytes():
-    script = """
+    script = f"""
 import jax, numpy as np, optax, resource, sys
-sys.path.insert(0, %r)
+sys.path.insert(0, {ROOT!r})
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.runner import run
@@ -94,7 +94,7 @@ res = run(alg, VmapBackend('vmap', chunk_size=100), data, m.init(jax.random.key(
           clients_per_round=1000, seed=0, chunk_size=100)
 assert res.history[-1]['clients'] == 1000.0, res.history
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-""" % ROOT
+"""
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=300)
     peak_kib = int(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,167 @@
+"""Compressor throughput: jitted encode+decode and host wire codec, on 1M and 10M parameters.
+
+Usage::
+
+    python benchmarks/compressor_throughput.py --json OUT [--sizes 1M 10M] [--repeats 3]
+
+For every compressor and model size it reports
+
+* ``encode_decode_s``: median wall time of one jitted ``decode(encode(u))`` (``bits`` included)
+  after compilation, and ``encode_decode_gbps`` = float32 input bytes (4 d) / time;
+* ``to_bytes_s`` / ``from_bytes_s``: median host codec times, with the same GB/s-of-input
+  normalisation and the wire rate in MB/s;
+* ``wire_bytes``, ``bits_per_param`` and the compression ratio against float32.
+
+The pytrees look like a small CNN (two 3x3 conv kernels in HWIO layout, a dense layer and the
+biases) so that SSTC has conv kernels to select. Times are wall-clock on whatever else the
+machine is running; the load average is recorded next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab import compressors as C
+
+SIZES = {
+    # name: ((conv1 C, F), (conv2 C, F), (dense in, out))
+    "1M": ((64, 128), (128, 256), (625, 1000)),
+    "10M": ((256, 512), (512, 512), (6400, 1000)),
+}
+
+
+def make_tree(size: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    (c1, f1), (c2, f2), (din, dout) = SIZES[size]
+    shapes = {
+        "conv1": {"kernel": (3, 3, c1, f1), "bias": (f1,)},
+        "conv2": {"kernel": (3, 3, c2, f2), "bias": (f2,)},
+        "dense": {"kernel": (din, dout), "bias": (dout,)},
+    }
+    return jax.tree.map(
+        lambda s: (0.01 * rng.standard_normal(s)).astype(np.float32),
+        shapes,
+        is_leaf=lambda s: isinstance(s, tuple),
+    )
+
+
+def compressors() -> dict[str, C.Compressor]:
+    def not_bias(path, leaf):
+        del path
+        return leaf.ndim > 1
+
+    return {
+        "identity": C.identity(),
+        "qsgd_s4": C.qsgd(4),
+        "qsgd_s16_bucket512": C.qsgd(16, bucket_size=512),
+        "rand_k_1pct": C.rand_k(0.01),
+        "top_k_1pct": C.top_k(0.01),
+        "sign": C.sign(),
+        "scaled_sign": C.scaled_sign(),
+        "terngrad": C.terngrad(),
+        "stc_1pct": C.stc(0.01),
+        "sstc_1pct_kf0.1": C.sstc(0.01, 0.1),
+        "ef_stc_1pct": C.with_error_feedback(C.stc(0.01)),
+        "per_leaf_qsgd_s4_biases_raw": C.per_leaf(C.qsgd(4), not_bias),
+    }
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_one(c: C.Compressor, tree, repeats: int) -> dict:
+    d = sum(x.size for x in jax.tree.leaves(tree))
+    state = c.init(tree)
+    key = jax.random.key(0)
+
+    @jax.jit
+    def round_trip(updates, state, key):
+        payload, state = c.encode(updates, state, key=key)
+        return payload, state, c.decode(payload), c.bits(payload)
+
+    device_tree = jax.device_put(tree)
+    start = time.perf_counter()
+    jax.block_until_ready(round_trip(device_tree, state, key))
+    compile_s = time.perf_counter() - start
+    seconds = _median_time(
+        lambda: jax.block_until_ready(round_trip(device_tree, state, key)), repeats
+    )
+    payload, _, _, bits = jax.device_get(round_trip(device_tree, state, key))
+
+    data = c.to_bytes(payload)
+    assert 8 * len(data) == int(bits), "bits() disagrees with the wire size"
+    to_s = _median_time(lambda: c.to_bytes(payload), repeats)
+    template = jax.eval_shape(lambda: c.encode(tree, state, key=key)[0])
+    from_s = _median_time(lambda: c.from_bytes(data, template), repeats)
+
+    input_gb = 4 * d / 1e9
+    return {
+        "params": int(d),
+        "compile_s": round(compile_s, 3),
+        "encode_decode_s": round(seconds, 5),
+        "encode_decode_gbps": round(input_gb / seconds, 3),
+        "wire_bytes": len(data),
+        "bits_per_param": round(8 * len(data) / d, 4),
+        "compression_ratio": round(32 * d / (8 * len(data)), 2),
+        "to_bytes_s": round(to_s, 5),
+        "to_bytes_gbps_of_input": round(input_gb / to_s, 3),
+        "to_bytes_wire_mbps": round(len(data) / 1e6 / to_s, 2),
+        "from_bytes_s": round(from_s, 5),
+        "from_bytes_gbps_of_input": round(input_gb / from_s, 3),
+        "from_bytes_wire_mbps": round(len(data) / 1e6 / from_s, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="output JSON path")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None, help="subset of compressor names")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    results = {
+        "benchmark": "compressor_throughput",
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average_start": os.getloadavg(),
+        "repeats": args.repeats,
+        "results": [],
+    }
+    start = time.perf_counter()
+    for size in args.sizes:
+        tree = make_tree(size, rng)
+        for name, c in compressors().items():
+            if args.only and name not in args.only:
+                continue
+            row = {"size": size, "compressor": name, **bench_one(c, tree, args.repeats)}
+            results["results"].append(row)
+            print(json.dumps(row), flush=True)
+            jax.clear_caches()
+    results["load_average_end"] = os.getloadavg()
+    results["total_s"] = round(time.perf_counter() - start, 1)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.json} in {results['total_s']} s")
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialise the backend before timing anything
+    main()

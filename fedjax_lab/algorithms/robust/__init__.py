@@ -1,0 +1,32 @@
+"""Robust and clipped aggregation rules usable with any FedAvg-family algorithm.
+
+``with_aggregator(algorithm, median())`` replaces an algorithm's weighted mean by a robust rule;
+``transforms=(clip_norm(S),)`` clips each client's update first. Robust rules are not additive:
+they run on the ``vmap`` backend without chunking; chunked, sharded and MPI backends reject
+them (see :mod:`fedjax_lab.algorithms.robust._base`).
+"""
+
+from fedjax_lab.algorithms.robust._base import (
+    Aggregator,
+    Transform,
+    client_contributions,
+    with_aggregator,
+)
+from fedjax_lab.algorithms.robust.clip_norm import clip_norm
+from fedjax_lab.algorithms.robust.krum import krum, multi_krum
+from fedjax_lab.algorithms.robust.mean import mean
+from fedjax_lab.algorithms.robust.median import median
+from fedjax_lab.algorithms.robust.trimmed_mean import trimmed_mean
+
+__all__ = [
+    "Aggregator",
+    "Transform",
+    "client_contributions",
+    "clip_norm",
+    "krum",
+    "mean",
+    "median",
+    "multi_krum",
+    "trimmed_mean",
+    "with_aggregator",
+]

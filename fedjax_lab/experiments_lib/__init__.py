@@ -1,0 +1,1 @@
+"""Reusable pieces of the runnable experiments in ``experiments/`` (tested library code)."""

@@ -1,0 +1,526 @@
+"""Jit-accelerated hyperparameter sweeps: whole training runs vmapped over a grid.
+
+A sweep compiles ONE program that trains every (seed, grid point) pair: ``jax.vmap`` over seeds
+of ``jax.vmap`` over grid points of a ``lax.scan`` over rounds of the vmap backend's round
+(client updates vmapped over the cohort, aggregate, server update). Hyperparameters enter as
+traced float32 scalars: ``make_algorithm`` builds the algorithm inside the traced function, e.g.
+``lambda h: fedavg(model, optax.sgd(h["client_lr"]), batch_size=20,
+server_optimizer=optax.sgd(h["server_lr"]))``, so a factory that checks a swept value in Python
+(``if mu > 0``) cannot be swept and gets a clear error.
+
+Every run is the run ``fedjax_lab.runner.run`` would do with the same seed: the host draws
+each round's client sample and local batches exactly as the runner does (``sample_clients`` with
+``host_rng(seed, SAMPLING, r)``, ``CohortBuilder(seed=seed)``) for all rounds up front, the data
+stays on the device as one table indexed by ``[R, C, S, B]`` int32 indices, round keys are
+``fold_in(key(seed), r)``, and client states of stateful algorithms (error feedback) live in a
+device-side population table gathered/scattered by client id like ``ClientStateStore``. The
+tests check a grid point against ``runner.run`` to 1e-5.
+
+Scope: float hyperparameters only (integer ones change shapes), the vmap round without
+chunking, no availability/time model. Memory grows with seeds x points (every run's cohort
+computation is batched), which suits the small/medium models sweeps are used for.
+
+Speed (``benchmarks/sweep_speedup.py``, 16 learning rates, 2-core CPU, jax 0.10.2): the sweep
+always saves the N-1 extra compilations; once compiled, vmapping the points pays off when
+dispatch/loop overhead dominates (logistic regression: ~0.1x the sequential execution time) but
+not for compute-bound models: XLA:CPU runs a matmul batched over points x clients ~2.3x slower
+than the same matmuls batched over clients only (measured on the digits MLP), so there
+``points_per_batch=1`` (points looped inside the program) is the faster choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.core import rng as rng_lib
+from fedjax_lab.core.types import Algorithm, Cohort, Params
+from fedjax_lab.data.cohort import CohortBuilder
+from fedjax_lab.data.federated import FederatedData, sample_clients
+from fedjax_lab.io.writers import write_json
+
+MakeAlgorithm = Callable[[dict[str, jax.Array]], Algorithm]
+
+
+@dataclass
+class SweepResult:
+    """Outcome of a sweep over ``len(seeds)`` seeds x ``len(points)`` grid points.
+
+    Attributes:
+      names: swept hyperparameter names, in grid order.
+      points: the grid points (``{name: value}``), cartesian product in grid order.
+      seeds: run seeds.
+      history: round metric name -> ``[num_seeds, num_points, rounds]`` array.
+      final: evaluation metric name -> ``[num_seeds, num_points]`` (from ``evaluate``).
+      params: final parameters with leading ``[num_seeds, num_points]`` axes (or None).
+      prepare_seconds: host time to draw every round's cohort.
+      compile_seconds: tracing + XLA compilation of the sweep program.
+      run_seconds: execution of the compiled program.
+      eval_seconds: host evaluation of the final parameters.
+    """
+
+    names: tuple[str, ...]
+    points: list[dict[str, float]]
+    seeds: tuple[int, ...]
+    history: dict[str, np.ndarray]
+    final: dict[str, np.ndarray] = field(default_factory=dict)
+    params: Any = None
+    prepare_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def rows(self) -> list[dict[str, float]]:
+        """One row per (seed, grid point): hyperparameters, seed, final metrics."""
+        out = []
+        for s, seed in enumerate(self.seeds):
+            for g, point in enumerate(self.points):
+                row: dict[str, float] = {**point, "seed": seed}
+                for k, v in self.history.items():
+                    row[f"final_{k}"] = float(v[s, g, -1])
+                row.update({k: float(v[s, g]) for k, v in self.final.items()})
+                out.append(row)
+        return out
+
+    def summary_rows(self) -> list[dict[str, float]]:
+        """One row per grid point: mean and std over seeds of every final metric."""
+        rows = self.rows()
+        metrics = [k for k in rows[0] if k not in self.names and k != "seed"]
+        out = []
+        for g, point in enumerate(self.points):
+            mine = rows[g :: len(self.points)]
+            row: dict[str, float] = dict(point)
+            for k in metrics:
+                vals = np.asarray([r[k] for r in mine], np.float64)
+                row[f"{k}_mean"] = float(vals.mean())
+                row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            out.append(row)
+        return out
+
+    def grid_values(self, metric: str, x: str, y: str) -> tuple[list, list, np.ndarray]:
+        """``metric`` on an ``x`` by ``y`` grid (either may be ``"seed"``), averaged over the
+        remaining axes. Returns ``(x values, y values, [len(y), len(x)] array)``."""
+        rows = self.rows()
+        if metric not in rows[0]:
+            raise ValueError(f"unknown metric {metric!r}; available: {sorted(rows[0])}")
+        for axis in (x, y):
+            if axis != "seed" and axis not in self.names:
+                raise ValueError(f"axis {axis!r} must be 'seed' or one of {self.names}")
+        if x == y:
+            raise ValueError(f"x and y must differ, got {x!r} twice")
+        xs = sorted({r[x] for r in rows})
+        ys = sorted({r[y] for r in rows})
+        total = np.zeros((len(ys), len(xs)))
+        count = np.zeros((len(ys), len(xs)))
+        for r in rows:
+            i, j = ys.index(r[y]), xs.index(r[x])
+            total[i, j] += r[metric]
+            count[i, j] += 1
+        return xs, ys, total / np.maximum(count, 1)
+
+    def write_csv(self, path: str, summary: bool = False) -> None:
+        rows = self.summary_rows() if summary else self.rows()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def plot_heatmap(self, path: str, metric: str, x: str, y: str) -> None:
+        """Saves a heatmap PNG of ``metric`` over ``x`` (columns) and ``y`` (rows)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs, ys, values = self.grid_values(metric, x, y)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(xs) + 2), max(3.0, 0.5 * len(ys) + 2)))
+        image = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis")
+        ax.set_xticks(range(len(xs)), [f"{v:.3g}" for v in xs], rotation=60)
+        ax.set_yticks(range(len(ys)), [f"{v:.3g}" if y != "seed" else str(v) for v in ys])
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        middle = 0.5 * (np.nanmin(values) + np.nanmax(values))
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="k" if values[i, j] > middle else "w")
+        fig.colorbar(image, ax=ax, label=metric)
+        ax.set_title(f"{metric} (mean over the other axes)")
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _validate(grid: Mapping[str, Sequence[float]], seeds: Sequence[int], rounds: int,
+              clients_per_round: int, data: FederatedData) -> tuple[tuple[str, ...], list]:
+    if not isinstance(grid, Mapping) or not grid:
+        raise ValueError("grid must be a non-empty {name: [values]} mapping, e.g. "
+                         "{'client_lr': [0.01, 0.1]}")
+    names = tuple(grid)
+    for name, values in grid.items():
+        if not isinstance(name, str) or name == "seed":
+            raise ValueError(f"grid names must be strings other than 'seed', got {name!r}")
+        values = list(values) if isinstance(values, Sequence | np.ndarray) else None
+        if not values:
+            raise ValueError(f"grid[{name!r}] must be a non-empty list of numbers")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float | np.number) or not (
+                    math.isfinite(float(v))):
+                raise ValueError(f"grid[{name!r}] must hold finite numbers, got {v!r}")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds must be a non-empty list of run seeds, e.g. [0, 1, 2, 3]")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0:
+            raise ValueError(f"seeds must be integers >= 0, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if not 1 <= clients_per_round <= data.num_clients:
+        raise ValueError(
+            f"clients_per_round must be in [1, num_clients={data.num_clients}], got "
+            f"{clients_per_round}"
+        )
+    return names, [int(s) for s in seeds]
+
+
+def _build_algorithm(make_algorithm: MakeAlgorithm, hvals: dict[str, jax.Array]) -> Algorithm:
+    try:
+        algorithm = make_algorithm(hvals)
+    except (jax.errors.ConcretizationTypeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"make_algorithm must accept jax scalars for the swept hyperparameters "
+            f"{sorted(hvals)}; it raised {type(e).__name__}: {e}. Factories that validate a "
+            "value in Python (e.g. isinstance/`if mu > 0`) cannot be swept in one program."
+        ) from e
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"make_algorithm must return an Algorithm, got {type(algorithm)}")
+    return algorithm
+
+
+def prepare_cohorts(
+    data: FederatedData, spec: Any, seeds: Sequence[int], rounds: int, clients_per_round: int
+) -> tuple[dict[str, jax.Array], dict[str, np.ndarray]]:
+    """Every round's cohort of every seed, drawn exactly as ``runner.run`` draws them.
+
+    Returns the device table and ``{"index", "mask", "weight", "client_ids"}`` stacked as
+    ``[num_seeds, rounds, C, ...]``.
+    """
+    table = None
+    stacks: dict[str, list] = {"index": [], "mask": [], "weight": [], "client_ids": []}
+    for seed in seeds:
+        builder = CohortBuilder(
+            data, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
+            num_steps=spec.num_steps, cohort_size=clients_per_round, seed=seed,
+            device_table=True,
+        )
+        table = table if table is not None else builder.table
+        per_round: dict[str, list] = {k: [] for k in stacks}
+        for r in range(rounds):
+            clients = sample_clients(data.num_clients, clients_per_round,
+                                     rng_lib.host_rng(seed, rng_lib.SAMPLING_STREAM, r))
+            cohort = builder.build(r, clients)
+            for k in stacks:
+                per_round[k].append(np.asarray(getattr(cohort, k)))
+        for k in stacks:
+            stacks[k].append(np.stack(per_round[k]))
+    return table, {k: np.stack(v) for k, v in stacks.items()}
+
+
+def sweep(
+    make_algorithm: MakeAlgorithm,
+    grid: Mapping[str, Sequence[float]],
+    data: FederatedData,
+    init_params: Params | Callable[[int], Params],
+    *,
+    seeds: Sequence[int],
+    rounds: int,
+    clients_per_round: int,
+    evaluate: Callable[[Params], Mapping[str, float]] | None = None,
+    keep_params: bool = True,
+    points_per_batch: int | None = None,
+) -> SweepResult:
+    """Trains one run per (seed, grid point) in a single compiled program.
+
+    Args:
+      make_algorithm: ``{name: float32 scalar} -> Algorithm``; called with traced values.
+      grid: ``{name: [values]}``; the sweep covers the cartesian product.
+      data: the client population (its examples go to the device once).
+      init_params: initial parameters, or ``seed -> params`` (e.g. ``model.init(key(seed))``).
+      seeds: run seeds (client sampling, local shuffling, PRNG keys, and ``init_params(seed)``).
+      rounds: rounds per run.
+      clients_per_round: clients sampled per round.
+      evaluate: optional host evaluator ``params -> {metric: float}`` applied to every run's
+        final parameters (e.g. ``fedjax_lab.metrics.evaluation.make_evaluator``).
+      keep_params: keep the final parameters of every run in the result.
+      points_per_batch: vmap this many grid points at a time and loop over the groups inside
+        the program (``lax.map``); None vmaps all of them. Smaller groups keep the batched
+        working set in cache (see ``benchmarks/sweep_speedup.py``); every choice computes the
+        same numbers.
+
+    Returns:
+      A :class:`SweepResult` with per-round metrics ``[seeds, points, rounds]``.
+    """
+    names, seeds = _validate(grid, seeds, rounds, clients_per_round, data)
+    if points_per_batch is not None and (
+        isinstance(points_per_batch, bool) or not isinstance(points_per_batch, int)
+        or points_per_batch < 1
+    ):
+        raise ValueError(f"points_per_batch must be a positive integer or None, got "
+                         f"{points_per_batch!r}")
+    points = [dict(zip(names, (float(v) for v in combo), strict=True))
+              for combo in itertools.product(*(list(grid[n]) for n in names))]
+    hvals = {n: jnp.asarray([p[n] for p in points], jnp.float32) for n in names}
+    probe = _build_algorithm(make_algorithm, {n: v[0] for n, v in hvals.items()})
+    spec = probe.data_spec
+
+    t0 = time.perf_counter()
+    table, cohorts = prepare_cohorts(data, spec, seeds, rounds, clients_per_round)
+    if callable(init_params):
+        per_seed = [init_params(s) for s in seeds]
+        params0 = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *per_seed)
+    else:
+        params0 = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * len(seeds)), init_params)
+    roots = jnp.stack([jax.random.key(s) for s in seeds])
+    prepare_seconds = time.perf_counter() - t0
+
+    backend = VmapBackend("vmap")
+    num_clients = data.num_clients
+    slots = clients_per_round
+
+    def one_run(h, params, root, index, mask, weight, client_ids, table):
+        algorithm = _build_algorithm(make_algorithm, h)
+        if algorithm.data_spec != spec:
+            raise ValueError(
+                f"make_algorithm must not change the data layout across the grid: got "
+                f"{algorithm.data_spec}, expected {spec}"
+            )
+        initial = algorithm.client_init(params)
+        stateful = bool(jax.tree.leaves(initial))
+        population = (
+            jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), initial)
+            if stateful else ()
+        )
+
+        def round_body(carry, xs):
+            server_state, population = carry
+            r, idx, m, w, ids = xs
+            cohort = Cohort(arrays=table, index=idx, mask=m, weight=w, client_ids=ids)
+            keys = rng_lib.client_keys(rng_lib.round_key(root, r), slots)
+            states = (jax.tree.map(lambda p: p[jnp.where(ids >= 0, ids, 0)], population)
+                      if stateful else ())
+            outputs, new_states = backend.client_outputs(
+                algorithm, server_state, states, cohort, keys
+            )
+            server_state, metrics = algorithm.server_update(
+                server_state, algorithm.aggregate(outputs)
+            )
+            if stateful:  # padded slots (id -1) point past the table and are dropped
+                target = jnp.where(ids >= 0, ids, num_clients)
+                population = jax.tree.map(
+                    lambda p, s: p.at[target].set(s, mode="drop"), population, new_states
+                )
+            return (server_state, population), metrics
+
+        xs = (jnp.arange(rounds, dtype=jnp.int32), index, mask, weight, client_ids)
+        (final_state, _), metrics = jax.lax.scan(
+            round_body, (algorithm.init(params), population), xs
+        )
+        return metrics, final_state.params
+
+    def over_points(h, *shared):
+        if points_per_batch is None:
+            return jax.vmap(lambda hp: one_run(hp, *shared))(h)
+        # Groups of points vmapped, groups one after another: bounds the working set.
+        return jax.lax.map(lambda hp: one_run(hp, *shared), h, batch_size=points_per_batch)
+
+    over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None))
+    args = (
+        hvals, params0, roots,
+        jnp.asarray(cohorts["index"], jnp.int32), jnp.asarray(cohorts["mask"]),
+        jnp.asarray(cohorts["weight"]), jnp.asarray(cohorts["client_ids"]), table,
+    )
+    t0 = time.perf_counter()
+    try:
+        compiled = jax.jit(over_seeds).lower(*args).compile()
+    except jax.errors.ConcretizationTypeError as e:
+        raise ValueError(
+            f"the algorithm built by make_algorithm uses a swept hyperparameter {list(names)} "
+            f"in Python control flow, so it cannot be swept in one program: {e}"
+        ) from e
+    compile_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics, final_params = jax.block_until_ready(compiled(*args))
+    run_seconds = time.perf_counter() - t0
+
+    history = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    final: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    if evaluate is not None:
+        host_params = jax.device_get(final_params)
+        for s in range(len(seeds)):
+            for g in range(len(points)):
+                scores = evaluate(jax.tree.map(lambda x, s=s, g=g: x[s, g], host_params))
+                for k, v in scores.items():
+                    final.setdefault(k, np.zeros((len(seeds), len(points))))[s, g] = v
+    eval_seconds = time.perf_counter() - t0
+    return SweepResult(
+        names=names, points=points, seeds=tuple(seeds), history=history, final=final,
+        params=final_params if keep_params else None, prepare_seconds=prepare_seconds,
+        compile_seconds=compile_seconds, run_seconds=run_seconds, eval_seconds=eval_seconds,
+    )
+
+
+# ------------------------------------------------------------------------------ experiment
+def parse_values(text: str) -> list[float]:
+    """``"0.1,0.3,1"`` or ``"geom:LO:HI:N"`` (N log-spaced values from LO to HI inclusive)."""
+    text = text.strip()
+    if text.startswith("geom:"):
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"expected geom:LO:HI:N, got {text!r}")
+        lo, hi, n = float(parts[1]), float(parts[2]), int(parts[3])
+        if not (0 < lo <= hi and n >= 1):
+            raise ValueError(f"geom:LO:HI:N needs 0 < LO <= HI and N >= 1, got {text!r}")
+        return [float(v) for v in np.geomspace(lo, hi, n)] if n > 1 else [lo]
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"expected comma-separated numbers or geom:LO:HI:N, got {text!r}") from e
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"expected finite comma-separated numbers, got {text!r}")
+    return values
+
+
+@dataclass
+class SweepConfig:
+    """A FedAvg learning-rate sweep; every field is a ``--flag-name`` CLI flag.
+
+    ``client_lrs``/``server_lrs`` are comma lists or ``geom:LO:HI:N``; runs use seeds
+    ``seed, seed+1, ..., seed+seeds-1`` (the partition uses ``seed``). ``points_per_batch``:
+    see :func:`sweep` (``none`` vmaps every grid point).
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    partition: str = "dirichlet_per_class"
+    alpha: float = 0.5
+    num_clients: int = 50
+    clients_per_round: int = 10
+    rounds: int = 50
+    local_epochs: int = 1
+    batch_size: int = 20
+    model: str = "logreg"
+    client_lrs: str = "geom:0.01:10.0:16"
+    server_lrs: str = "1.0"
+    seeds: int = 4
+    seed: int = 0
+    points_per_batch: int | None = None
+    out: str = "runs/sweep"
+
+    def validate(self) -> None:
+        for name in ("num_clients", "clients_per_round", "rounds", "local_epochs",
+                     "batch_size", "seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"--clients-per-round={self.clients_per_round} > --num-clients="
+                             f"{self.num_clients}")
+        if self.points_per_batch is not None and self.points_per_batch < 1:
+            raise ValueError(f"--points-per-batch must be >= 1 or none, got "
+                             f"{self.points_per_batch}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.alpha <= 0:
+            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
+        for flag in ("client_lrs", "server_lrs"):
+            values = parse_values(getattr(self, flag))
+            if min(values) <= 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {values}")
+
+
+def run_sweep_experiment(cfg: SweepConfig) -> dict[str, Any]:
+    """Sweeps FedAvg's client x server learning rate over seeds; writes CSV/JSON/heatmap."""
+    import optax
+
+    from fedjax_lab.algorithms.fedavg import fedavg
+    from fedjax_lab.experiment import build_problem
+
+    start = time.perf_counter()
+    _, train, model, evaluate, _ = build_problem(cfg)
+    client_lrs, server_lrs = parse_values(cfg.client_lrs), parse_values(cfg.server_lrs)
+
+    def make_algorithm(h):
+        return fedavg(model, optax.sgd(h["client_lr"]), batch_size=cfg.batch_size,
+                      local_epochs=cfg.local_epochs, server_optimizer=optax.sgd(h["server_lr"]))
+
+    result = sweep(
+        make_algorithm, {"client_lr": client_lrs, "server_lr": server_lrs}, train,
+        lambda s: model.init(jax.random.key(s)),
+        seeds=[cfg.seed + i for i in range(cfg.seeds)], rounds=cfg.rounds,
+        clients_per_round=cfg.clients_per_round, evaluate=evaluate, keep_params=False,
+        points_per_batch=cfg.points_per_batch,
+    )
+    os.makedirs(cfg.out, exist_ok=True)
+    result.write_csv(os.path.join(cfg.out, "results.csv"))
+    result.write_csv(os.path.join(cfg.out, "summary.csv"), summary=True)
+    y_axis = "server_lr" if len(server_lrs) > 1 else "seed"
+    result.plot_heatmap(os.path.join(cfg.out, "heatmap.png"), "test_accuracy", "client_lr",
+                        y_axis)
+    summary_rows = result.summary_rows()
+    best = max(summary_rows, key=lambda r: r["test_accuracy_mean"])
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "runs": len(result.rows()),
+        "grid_points": len(result.points),
+        "seeds": list(result.seeds),
+        "best": best,
+        "prepare_seconds": result.prepare_seconds,
+        "compile_seconds": result.compile_seconds,
+        "run_seconds": result.run_seconds,
+        "eval_seconds": result.eval_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "jax_backend": jax.default_backend(),
+        "summary": summary_rows,
+    }
+    write_json(os.path.join(cfg.out, "results.json"), {**summary, "rows": result.rows()})
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: parse flags (exit 2 on bad ones), run the sweep, print the best point."""
+    from fedjax_lab.experiment import parse_config
+
+    try:
+        cfg = parse_config(SweepConfig, argv, prog="sweep.py")
+        summary = run_sweep_experiment(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    best = summary["best"]
+    print(
+        f"{summary['runs']} runs ({summary['grid_points']} points x {len(summary['seeds'])} "
+        f"seeds) in one program: compile {summary['compile_seconds']:.1f} s, run "
+        f"{summary['run_seconds']:.1f} s\nbest: client_lr={best['client_lr']:.4g} "
+        f"server_lr={best['server_lr']:.4g} test accuracy "
+        f"{best['test_accuracy_mean']:.4f} +- {best['test_accuracy_std']:.4f}\n"
+        f"outputs: {cfg.out}/results.csv, summary.csv, results.json, heatmap.png"
+    )
+    return 0

@@ -1,0 +1,96 @@
+"""An MPI job for tests/backends/test_mpi.py: ``mpirun -n K python mpi_job.py MODE OUT``.
+
+Modes:
+  stateful  error-feedback QSGD FedAvg (stochastic, stateful clients) and SCAFFOLD (control
+            variates) on a small population; every rank saves its view of each run to
+            OUT/rank<r>_<name>.npz.
+  uncaught  rank 1 raises after round 1 and nothing catches it (the excepthook must abort).
+  caught    rank 1 raises after round 1 inside ``backend.failure_guard()`` while the caller
+            catches the exception (as experiment.main does with ValueError): the guard must abort.
+  killed    rank 1 is SIGKILLed after round 1 (mpirun must tear the job down).
+In the failure modes rank 0 is then blocked in round 2's allreduce inside the compiled round.
+They use stateless FedAvg (cheaper to compile). Rank 0 writes OUT/finished when its run
+returns, which a failed job must never reach.
+"""
+
+import os
+import signal
+import sys
+
+import jax
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from fedjax_lab.algorithms.fedavg import fedavg  # noqa: E402
+from fedjax_lab.algorithms.scaffold import scaffold  # noqa: E402
+from fedjax_lab.backends.mpi import MpiBackend  # noqa: E402
+from fedjax_lab.compressors import qsgd, with_error_feedback  # noqa: E402
+from fedjax_lab.runner import run  # noqa: E402
+from tests.helpers import LinearModel, make_population  # noqa: E402
+
+SIZES = [4, 9, 2, 7, 5, 11, 3, 6]
+CPR = 5
+MODES = ("stateful", "uncaught", "caught", "killed")
+
+
+def stateful_algorithms(model):
+    """The stateful algorithms of the equivalence test, by name."""
+    return {
+        "ef_qsgd": fedavg(model, optax.sgd(0.3, momentum=0.5), batch_size=3, local_epochs=1,
+                          compressor=with_error_feedback(qsgd(num_levels=2))),
+        "scaffold": scaffold(model, 0.1, num_clients=len(SIZES), batch_size=3),
+    }
+
+
+def flat(tree) -> np.ndarray:
+    """All leaves of a pytree as one float64 vector (for saving and comparing)."""
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def main(mode: str, out: str) -> None:
+    if mode not in MODES:
+        raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
+    model = LinearModel(dim=5, classes=3)
+    backend = MpiBackend(plan="vmap")
+    rank = backend.rank
+
+    def inject(r, record):
+        del record
+        if rank == 1 and r == 0:
+            if mode == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if mode in ("uncaught", "caught"):
+                raise RuntimeError("injected failure on rank 1 after round 1")
+
+    params = model.init(jax.random.key(0))
+    data = make_population(SIZES, seed=2)
+    kwargs = dict(rounds=3, clients_per_round=CPR, seed=0, callbacks=[inject])
+    if mode == "stateful":
+        for name, alg in stateful_algorithms(model).items():
+            store = backend.client_store(alg.client_init(params))
+            result = run(alg, backend, data, params, client_store=store, **kwargs)
+            ids = sorted(store.states)
+            np.savez(os.path.join(out, f"rank{rank}_{name}.npz"),
+                     server_state=flat(result.server_state),
+                     train_loss=np.array([h["train_loss"] for h in result.history]),
+                     clients=np.array([h["clients"] for h in result.history]),
+                     store_ids=np.array(ids, dtype=np.int64),
+                     states=np.stack([flat(store.states[c]) for c in ids]))
+    elif mode == "caught":
+        alg = fedavg(model, optax.sgd(0.3), batch_size=3)
+        try:
+            with backend.failure_guard():
+                run(alg, backend, data, params, **kwargs)
+        except RuntimeError:
+            pass  # never reached: the guard aborts the job first
+    else:
+        run(fedavg(model, optax.sgd(0.3), batch_size=3), backend, data, params, **kwargs)
+    if rank == 0:
+        open(os.path.join(out, "finished"), "w").close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,223 @@
+"""The MPI backend: equals vmap under ``mpirun -n 2``, keeps client state on its owner rank,
+and aborts the whole job (never hangs) when a rank fails."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.backends.mpi import MpiBackend, allreduce_sum
+from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.experiment import FedAvgConfig, main, run_fedavg_experiment
+from fedjax_lab.io.writers import read_jsonl
+from fedjax_lab.runner import ClientStateStore, owned_slots, run
+from fedjax_lab.systems.availability import Availability
+from tests.backends import mpi_job
+from tests.helpers import LinearModel, make_population
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+MPIRUN = shutil.which("mpirun", path=BIN) or shutil.which("mpirun")
+TIMINGS = {"round_seconds", "wall_time"}
+# The CLI flags of the equivalence test: 3 of 8 clients per round -> 4 slots over 2 ranks, so
+# rank 1 trains one real client and one weight-0 padding slot.
+CLI = ["--rounds", "3", "--num-clients", "8", "--clients-per-round", "3", "--eval-every", "2",
+       "--model", "logreg", "--progress", "false", "--local-epochs", "1", "--seed", "3"]
+
+
+def _mpirun(args, cwd, timeout=100):
+    """Runs ``mpirun -n 2 python ARGS``; a hang fails the test (TimeoutExpired)."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    return subprocess.run([MPIRUN, "-n", "2", sys.executable, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def test_cli_two_ranks_equal_vmap_and_only_rank0_writes(tmp_path):
+    ref_out, mpi_out = tmp_path / "vmap", tmp_path / "mpi"
+    assert main(FedAvgConfig, run_fedavg_experiment, [*CLI, "--out", str(ref_out)]) == 0
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    # --plan loop: the per-client jits + jitted allreduce/finish plan (vmap and unrolled are
+    # covered by the stateful job below and the single-rank tests).
+    proc = _mpirun([os.path.join(ROOT, "experiments", "fedavg.py"), *CLI, "--backend", "mpi",
+                    "--plan", "loop", "--out", str(mpi_out)], cwd=cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ref, got = _strip(read_jsonl(str(ref_out / "metrics.jsonl"))), _strip(
+        read_jsonl(str(mpi_out / "metrics.jsonl")))
+    assert [r["round"] for r in got] == [1, 2, 3]
+    assert [sorted(r) for r in got] == [sorted(r) for r in ref]
+    for a, b in zip(ref, got, strict=True):
+        for k, v in a.items():
+            assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (a["round"], k)
+    # Rank 0 wrote the outputs once; rank 1 wrote and printed nothing.
+    assert sorted(os.listdir(mpi_out)) == ["accuracy.png", "metrics.jsonl", "summary.json"]
+    assert os.listdir(cwd) == []
+    assert proc.stdout.count("final test accuracy") == 1
+
+
+@pytest.fixture(scope="module")
+def vmap_reference():
+    """name -> (RunResult, ClientStateStore) of the stateful job's algorithms on vmap."""
+    model = LinearModel(dim=5, classes=3)
+    params = model.init(jax.random.key(0))
+    out = {}
+    for name, alg in mpi_job.stateful_algorithms(model).items():
+        store = ClientStateStore(alg.client_init(params))
+        result = run(alg, VmapBackend("vmap"), make_population(mpi_job.SIZES, seed=2), params,
+                     rounds=3, clients_per_round=mpi_job.CPR, seed=0, client_store=store)
+        out[name] = (result, store)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mpi_stateful_job(tmp_path_factory):
+    """One ``mpirun -n 2`` of the stateful algorithms (EF-QSGD FedAvg, SCAFFOLD)."""
+    out = tmp_path_factory.mktemp("mpi_stateful")
+    proc = _mpirun([os.path.join(ROOT, "tests", "backends", "mpi_job.py"), "stateful",
+                    str(out)], cwd=out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("name", ["ef_qsgd", "scaffold"])
+def test_stateful_clients_equal_vmap_and_stay_on_their_owner(mpi_stateful_job, vmap_reference,
+                                                             name):
+    ref, ref_store = vmap_reference[name]
+    owned = []
+    for rank in (0, 1):
+        got = np.load(mpi_stateful_job / f"rank{rank}_{name}.npz")
+        np.testing.assert_allclose(got["server_state"], mpi_job.flat(ref.server_state),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["train_loss"], [h["train_loss"] for h in ref.history],
+                                   rtol=1e-5)
+        np.testing.assert_array_equal(got["clients"], [mpi_job.CPR] * 3)
+        ids = got["store_ids"].tolist()
+        assert ids and all(c % 2 == rank for c in ids)  # the owner rank keeps the state
+        for cid, state in zip(ids, got["states"], strict=True):
+            np.testing.assert_allclose(state, mpi_job.flat(ref_store.states[cid]), rtol=1e-5,
+                                       atol=1e-5)
+        owned += ids
+    assert sorted(owned) == sorted(ref_store.states)
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [("uncaught", "rank 1/2 failed with RuntimeError: injected failure on rank 1 after round 1"),
+     ("caught", "rank 1/2 failed with RuntimeError: injected failure on rank 1 after round 1"),
+     ("killed", "rank 1 with PID")],
+    ids=["uncaught-exception", "exception-caught-by-caller", "rank-killed"],
+)
+def test_a_failing_rank_aborts_the_job_instead_of_hanging(tmp_path, mode, message):
+    proc = _mpirun([os.path.join(ROOT, "tests", "backends", "mpi_job.py"), mode,
+                    str(tmp_path)], cwd=tmp_path, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert message in output, output
+    assert not (tmp_path / "finished").exists()  # rank 0 never completed the run
+
+
+# ------------------------------------------------------------------ in-process (one rank)
+def test_single_rank_loop_plan_equals_vmap(vmap_reference):
+    from mpi4py import MPI
+
+    model = LinearModel(dim=5, classes=3)
+    alg = mpi_job.stateful_algorithms(model)["ef_qsgd"]
+    params = model.init(jax.random.key(0))
+    backend = MpiBackend(MPI.COMM_SELF, plan="loop", abort_on_error=False)
+    assert backend.is_primary and backend.cohort_multiple == 1
+    store = backend.client_store(alg.client_init(params))
+    got = run(alg, backend, make_population(mpi_job.SIZES, seed=2), params, rounds=3,
+              clients_per_round=mpi_job.CPR, seed=0, client_store=store)
+    ref, ref_store = vmap_reference["ef_qsgd"]
+    chex.assert_trees_all_close(got.server_state.params, ref.server_state.params, atol=1e-5)
+    assert sorted(store.states) == sorted(ref_store.states)
+
+
+def test_allreduce_sum_of_one_rank_is_the_identity_and_rejects_non_numeric_leaves():
+    from mpi4py import MPI
+
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros((0,)), "n": jnp.int32(7),
+            "s": jnp.float32(2.5)}
+    out = jax.jit(lambda t: allreduce_sum(t, MPI.COMM_SELF))(tree)
+    chex.assert_trees_all_equal(out, tree)
+    with pytest.raises(TypeError, match="dtype bool; only numeric leaves can be summed"):
+        jax.jit(lambda t: allreduce_sum(t, MPI.COMM_SELF))({"flag": jnp.array([True])})
+
+
+def test_owned_slots_and_bad_arguments():
+    from mpi4py import MPI
+
+    backend = MpiBackend(MPI.COMM_SELF, plan="vmap", chunk_size=2, abort_on_error=False)
+    np.testing.assert_array_equal(backend.owned_slots(4), np.arange(4))
+    with pytest.raises(ValueError, match=r"cohort_size 3 must be a positive multiple of 2 "
+                       r"\(1 ranks x chunk_size 2\)"):
+        backend.owned_slots(3)
+    with pytest.raises(ValueError, match=r"plan must be one of .* for the mpi backend"):
+        MpiBackend(MPI.COMM_SELF, plan="fastest", abort_on_error=False)
+    with pytest.raises(ValueError, match="chunk_size only applies to the 'vmap' plan"):
+        MpiBackend(MPI.COMM_SELF, plan="loop", chunk_size=2, abort_on_error=False)
+    with pytest.raises(TypeError, match="comm must be an mpi4py Intracomm"):
+        MpiBackend("world", abort_on_error=False)
+    model = LinearModel(dim=5, classes=3)
+    median = fedavg(model, optax.sgd(0.1), batch_size=3)._replace(additive=False, name="median")
+    with pytest.raises(ValueError, match=r"'median' has a non-additive aggregate"):
+        run(median, MpiBackend(MPI.COMM_SELF, abort_on_error=False), make_population([3, 4]),
+            model.init(jax.random.key(0)), rounds=1, clients_per_round=2, seed=0)
+
+
+class _Slots:
+    """A backend stand-in that owns the given slots (the runner's hook)."""
+
+    name = "fake"
+
+    def __init__(self, slots):
+        self.slots = slots
+
+    def owned_slots(self, cohort_size):
+        del cohort_size
+        return self.slots
+
+
+@pytest.mark.parametrize(
+    "slots", [np.array([], np.int64), np.array([1, 0]), np.array([0, 4]), np.array([0.0, 1.0]),
+              np.array([[0, 1]])],
+    ids=["empty", "unsorted", "out-of-range", "float", "2-d"],
+)
+def test_runner_rejects_bad_owned_slots(slots):
+    with pytest.raises(ValueError, match=r"backend.owned_slots\(4\) must return a non-empty, "
+                       "strictly increasing"):
+        owned_slots(_Slots(slots), 4)
+
+
+def test_runner_rejects_system_models_when_a_backend_owns_part_of_the_cohort():
+    model = LinearModel(dim=5, classes=3)
+    alg = fedavg(model, optax.sgd(0.1), batch_size=3)
+    with pytest.raises(ValueError, match="draw over all 4 client slots, but the fake backend "
+                       "trains only 2"):
+        run(alg, _Slots(np.array([0, 1])), make_population([3, 4, 5, 6]),
+            model.init(jax.random.key(0)), rounds=1, clients_per_round=4, seed=0,
+            availability=Availability(dropout=0.5))
+
+
+@pytest.mark.parametrize("flag", [["--checkpoint-every", "1"], ["--resume", "true"]],
+                         ids=["checkpoint", "resume"])
+def test_cli_rejects_checkpointing_with_mpi(capsys, tmp_path, flag):
+    code = main(FedAvgConfig, run_fedavg_experiment,
+                [*CLI, "--backend", "mpi", "--out", str(tmp_path), *flag])
+    assert code == 2
+    assert "--checkpoint-every/--resume are not supported with --backend mpi" in \
+        capsys.readouterr().err
