@@ -158,12 +158,16 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, prog: str | None 
 
 def server_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     """Server optimizers of Reddi et al. 2021 (FedOpt) by name."""
+    from fedjax_lab.algorithms.fedopt import reddi_adaptive
+
     table = {
         "sgd": lambda: optax.sgd(lr),
         "momentum": lambda: optax.sgd(lr, momentum=0.9),
-        "adam": lambda: optax.adam(lr, b1=0.9, b2=0.99, eps=1e-3),
-        "yogi": lambda: optax.yogi(lr, b1=0.9, b2=0.99, eps=1e-3),
-        "adagrad": lambda: optax.adagrad(lr, eps=1e-3),
+        # Reddi et al. 2021 Alg. 2 exactly (optax's adam/yogi/adagrad differ: bias correction,
+        # where tau enters, v_0), so --server-optimizer adam == algorithms.fedadam.
+        "adam": lambda: reddi_adaptive("adam", lr),
+        "yogi": lambda: reddi_adaptive("yogi", lr),
+        "adagrad": lambda: reddi_adaptive("adagrad", lr),
     }
     if name not in table:
         raise ValueError(f"server optimizer must be one of {sorted(table)}, got {name!r}")

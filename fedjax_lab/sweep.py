@@ -5,8 +5,9 @@ of ``jax.vmap`` over grid points of a ``lax.scan`` over rounds of the vmap backe
 (client updates vmapped over the cohort, aggregate, server update). Hyperparameters enter as
 traced float32 scalars: ``make_algorithm`` builds the algorithm inside the traced function, e.g.
 ``lambda h: fedavg(model, optax.sgd(h["client_lr"]), batch_size=20,
-server_optimizer=optax.sgd(h["server_lr"]))``, so a factory that checks a swept value in Python
-(``if mu > 0``) cannot be swept and gets a clear error.
+server_optimizer=optax.sgd(h["server_lr"]))`` or ``lambda h: fedprox(model, opt, mu=h["mu"],
+...)``; a factory that checks a swept value in Python (``if lr > 0``) cannot be swept and gets a
+clear error.
 
 Every run is the run ``fedjax_lab.runner.run`` would do with the same seed: the host draws
 each round's client sample and local batches exactly as the runner does (``sample_clients`` with

@@ -64,7 +64,9 @@ def make_fedavg_family(
     """
     if weighting not in ("examples", "uniform"):
         raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
-    if prox_mu < 0:
+    # A jax scalar mu (swept) always adds the proximal term; a Python 0 skips it entirely.
+    traced_mu = isinstance(prox_mu, jax.Array)
+    if not traced_mu and prox_mu < 0:
         raise ValueError(f"mu must be >= 0, got {prox_mu}")
     base_objective = _local.masked_mean_objective(model.apply, per_example_loss)
 
@@ -82,7 +84,7 @@ def make_fedavg_family(
         server_state: ServerState, client_state: PyTree, batches: Batches, *, key: jax.Array
     ) -> tuple[ClientOutput, PyTree]:
         global_params = server_state.params
-        if prox_mu > 0:
+        if traced_mu or prox_mu > 0:
             # FedProx (Li et al. 2020): proximal term keeps local models near the global one.
             def objective(p, arrays, mask):
                 prox = sum(

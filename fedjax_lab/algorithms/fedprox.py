@@ -56,10 +56,15 @@ def fedprox(
       weighting: ``"examples"`` or ``"uniform"``.
       per_example_loss: ``(logits, labels) -> [B]`` loss.
     """
-    if isinstance(mu, bool) or not isinstance(mu, int | float):
+    if isinstance(mu, jax.Array) and mu.shape == ():
+        # A traced scalar (a sweep over mu): its values are checked where the grid is built.
+        prox_mu = mu
+    elif isinstance(mu, bool) or not isinstance(mu, int | float):
         raise TypeError(f"mu must be a float >= 0, got {mu!r}")
-    if not 0 <= mu < math.inf:  # also rejects NaN
+    elif not 0 <= mu < math.inf:  # also rejects NaN
         raise ValueError(f"mu must be a finite float >= 0 (0 is FedAvg), got {mu}")
+    else:
+        prox_mu = float(mu)
     spec = validate_data_spec(batch_size, local_epochs, num_steps)
     return make_fedavg_family(
         model,
@@ -69,6 +74,6 @@ def fedprox(
         compressor=compressor,
         weighting=weighting,
         per_example_loss=per_example_loss,
-        prox_mu=float(mu),
+        prox_mu=prox_mu,
         name="fedprox",
     )

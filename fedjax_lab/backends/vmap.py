@@ -90,12 +90,17 @@ class VmapBackend:
       plan: one of ``PLANS`` (see module docstring).
       chunk_size: process clients in chunks of this many (``vmap`` plan only); bounds memory.
       unroll_limit: ``auto`` uses ``unrolled`` for conv models on CPU up to C x S unrolled steps.
+      step_unroll: ``lax.scan`` unroll factor of the local steps in the ``vmap`` plan.
     """
 
     name = "vmap"
 
     def __init__(
-        self, plan: Plan = "auto", chunk_size: int | None = None, unroll_limit: int = 128
+        self,
+        plan: Plan = "auto",
+        chunk_size: int | None = None,
+        unroll_limit: int = 128,
+        step_unroll: int = 2,
     ) -> None:
         if plan not in PLANS:
             raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
@@ -106,6 +111,9 @@ class VmapBackend:
         self.plan = plan
         self.chunk_size = chunk_size
         self.unroll_limit = unroll_limit
+        if not isinstance(step_unroll, int) or step_unroll < 1:
+            raise ValueError(f"step_unroll must be a positive integer, got {step_unroll!r}")
+        self.step_unroll = step_unroll
         self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
 
     # ------------------------------------------------------------------------------ planning
@@ -163,6 +171,12 @@ class VmapBackend:
         chunk = self.chunk_size
 
         def round_fn(server_state, client_states, cohort, key):
+            # Unrolling local steps by 2 halves the while-loop trips, whose per-iteration cost on
+            # XLA:CPU is significant for small dense models (W1: 4.0 -> 3.2-3.8 ms per round).
+            with plan_lib.unrolled_local_steps(self.step_unroll):
+                return inner(server_state, client_states, cohort, key)
+
+        def inner(server_state, client_states, cohort, key):
             c = cohort.mask.shape[0]
             keys = client_keys(key, c)
             if chunk is None or chunk >= c:
