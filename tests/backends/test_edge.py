@@ -82,7 +82,7 @@ def _raw_frame(header: dict, body: bytes) -> bytes:
     ("frame", "message"),
     [
         (b"FJE", "shorter than its prefix"),
-        (b"XXXX" + bytes(8), "bad magic"),
+        (b"ZZZZ" + bytes(8), "bad magic"),
         (protocol.MAGIC + (2**31).to_bytes(4, "little") + b"{}", "declared header length"),
         (protocol.MAGIC + (3).to_bytes(4, "little") + b"\xff\xfe{", "not UTF-8 JSON"),
         (_raw_frame([1, 2], b""), "JSON object"),
