@@ -47,12 +47,8 @@ from fedjax_lab.backends import _shard
 from fedjax_lab.backends._checks import require_additive
 from fedjax_lab.backends.vmap import (
     VmapBackend,
-    client_batches,
-    device_table,
-    per_client_inputs,
     validate_round_inputs,
 )
-from fedjax_lab.core import plan as plan_lib
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.core.types import Algorithm, Cohort, ServerState
 from fedjax_lab.runner import ClientStateStore
@@ -303,37 +299,8 @@ class MpiBackend:
     def _loop_round(self, algorithm: Algorithm):
         """``VmapBackend``'s ``loop`` plan on the shard, with the allreduce in the finish jit."""
         comm = self.comm
-
-        def one_client(server_state, state, per_client, mask, weight, key, table):
-            batches = client_batches(table, per_client, mask, weight)
-            with plan_lib.unrolled_local_steps(True):
-                return algorithm.client_update(server_state, state, batches, key=key)
-
-        client_fn = jax.jit(one_client)
-        keys_fn = jax.jit(self._shard_keys, static_argnums=1)
-
-        @jax.jit
-        def finish(server_state, outputs):
-            agg = allreduce_sum(algorithm.aggregate(outputs), comm)
-            return algorithm.server_update(server_state, agg)
-
-        def round_fn(server_state, client_states, cohort, key):
-            local = cohort.mask.shape[0]
-            keys = keys_fn(key, local)
-            per_client, table = per_client_inputs(cohort), device_table(cohort)
-            outs, states = [], []
-            for i in range(local):
-                out, st = client_fn(
-                    server_state,
-                    jax.tree.map(lambda x, i=i: x[i], client_states),
-                    jax.tree.map(lambda x, i=i: x[i], per_client),
-                    cohort.mask[i], cohort.weight[i], keys[i], table,
-                )
-                outs.append(out)
-                states.append(st)
-            outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-            new_states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-            new_server, metrics = finish(server_state, outputs)
-            return new_server, new_states, metrics
-
-        return round_fn
+        return self._vmap._loop_round(
+            algorithm,
+            keys_fn=jax.jit(self._shard_keys, static_argnums=1),
+            reduce=lambda agg: allreduce_sum(agg, comm),
+        )

@@ -257,7 +257,15 @@ class VmapBackend:
 
         return jax.jit(round_fn)
 
-    def _loop_round(self, algorithm: Algorithm):
+    def _loop_round(
+        self,
+        algorithm: Algorithm,
+        keys_fn: Any = client_keys,
+        reduce: Any = None,
+    ):
+        """The ``loop`` plan. ``keys_fn(round_key, c)`` gives this process's client keys and
+        ``reduce(aggregate)`` combines partial aggregates across processes (MPI reuses both)."""
+
         def one_client(server_state, state, per_client, mask, weight, key, table):
             batches = client_batches(table, per_client, mask, weight)
             with plan_lib.unrolled_local_steps(True):
@@ -268,11 +276,13 @@ class VmapBackend:
         @jax.jit
         def finish(server_state, outputs):
             agg = algorithm.aggregate(outputs)
+            if reduce is not None:
+                agg = reduce(agg)
             return algorithm.server_update(server_state, agg)
 
         def round_fn(server_state, client_states, cohort, key):
             c = cohort.mask.shape[0]
-            keys = client_keys(key, c)
+            keys = keys_fn(key, c)
             per_client = per_client_inputs(cohort)
             table = device_table(cohort)
             outs, states = [], []
