@@ -94,11 +94,6 @@ class FedAvgConfig:
                 "--plan loop runs clients from a host loop and cannot be sharded over devices; "
                 "use --plan auto, vmap or unrolled with --backend sharded"
             )
-        if self.backend == "mpi" and (self.checkpoint_every or self.resume):
-            raise ValueError(
-                "--checkpoint-every/--resume are not supported with --backend mpi (each rank "
-                "holds only its clients' states); run without them or with --backend vmap"
-            )
         if self.edge_clients < 1:
             raise ValueError(f"--edge-clients must be >= 1, got {self.edge_clients}")
         if not self.edge_round_timeout > 0:
@@ -339,14 +334,15 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
     start = time.perf_counter()
     _, train, model, evaluate, params = build_problem(cfg)
     algorithm = build_algorithm(cfg, model)
-    ckpt = RunCheckpointing(
-        os.path.join(cfg.out, "checkpoints"), every=cfg.checkpoint_every, resume=cfg.resume,
-        config=dataclasses.asdict(cfg), total_rounds=cfg.rounds,
-    )
     owned = backend is None
+    ckpt = None
     try:
         if owned:
             backend = build_backend(cfg)
+        ckpt = RunCheckpointing(
+            os.path.join(cfg.out, "checkpoints"), every=cfg.checkpoint_every, resume=cfg.resume,
+            config=dataclasses.asdict(cfg), total_rounds=cfg.rounds, process=backend,
+        )
         # MPI: each rank's store keeps the states of the clients it owns.
         store = getattr(backend, "client_store", ClientStateStore)(algorithm.client_init(params))
         server_state, start_round = ckpt.restore(algorithm.init(params), store)
@@ -355,7 +351,8 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
                 run(algorithm, backend, train, params, rounds=cfg.rounds - start_round,
                     clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                     chunk_size=cfg.chunk_size, server_state=server_state,
-                    start_round=start_round, client_store=store)
+                    start_round=start_round, client_store=store,
+                    state_callbacks=[ckpt.save_state])  # collective with rank 0's saves
             return {"primary_process": False}
         os.makedirs(cfg.out, exist_ok=True)
         writer = JsonlWriter(os.path.join(cfg.out, "metrics.jsonl"))
@@ -378,7 +375,8 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
             bar.close()
             writer.close()
     finally:
-        ckpt.close()
+        if ckpt is not None:
+            ckpt.close()
         if owned and backend is not None and hasattr(backend, "close"):
             backend.close()
     result.history = ckpt.history

@@ -55,6 +55,24 @@ class ClientStateStore:
             if cid >= 0:
                 self.states[int(cid)] = jax.tree.map(lambda x, s=slot: np.array(x[s]), host)
 
+    def snapshot(self) -> ClientStateStore | None:
+        """A store holding every client's state, on the process that writes checkpoints.
+
+        Single-process stores return themselves. Stores split over processes (MPI ranks) gather
+        to the primary and return None elsewhere; every process must call it (collective).
+        """
+        return self
+
+    def load(self, full: ClientStateStore | None) -> None:
+        """Replaces the states with those of ``full`` (a :meth:`snapshot`, e.g. restored).
+
+        Stores split over processes take ``full`` on the primary (None elsewhere) and keep the
+        states each process owns; every process must call it (collective).
+        """
+        if full is None:
+            raise ValueError("load() of a single-process store needs the full store, got None")
+        self.states = dict(full.states)
+
 
 @dataclass
 class RunResult:

@@ -49,3 +49,19 @@ def make_population(
         w = rng.normal(size=(dim, classes))
         clients[f"c{i}"] = {"x": x, "y": np.argmax(x @ w, axis=1).astype(np.int32)}
     return FederatedData.from_clients(clients)
+
+
+# Runs an experiment and hard-kills its process (os._exit: no cleanup, no finally blocks)
+# right after metrics.jsonl got the line of round $KILL_AFTER_ROUND.
+KILL_AFTER = r"""
+import os, sys
+from fedjax_lab.io import writers
+from fedjax_lab.experiment import FedAvgConfig, main, run_fedavg_experiment
+write = writers.JsonlWriter.write
+def write_then_die(self, record):
+    write(self, record)
+    if record["round"] == int(os.environ["KILL_AFTER_ROUND"]):
+        os._exit(17)
+writers.JsonlWriter.write = write_then_die
+sys.exit(main(FedAvgConfig, run_fedavg_experiment, sys.argv[1:]))
+"""

@@ -22,6 +22,13 @@ Stateful clients (error-feedback residuals, SCAFFOLD controls) are stored by the
 ``client_id % K`` (:class:`MpiClientStateStore`); a state travels to the rank that trains the
 client in a round and back, between trusted ranks of one MPI job, with mpi4py's collectives.
 
+Checkpoints (``--checkpoint-every``/``--resume``, fedjax_lab.io.checkpoint) are written by rank 0
+in the same format as every other backend: the client states are gathered to rank 0 for the
+save, and on resume rank 0 reads the checkpoint, broadcasts the server state and round, and
+sends each client state back to its owner. Rank 0 alone needs the checkpoint directory (no
+shared filesystem), and a checkpoint can be resumed with another backend or rank count (equal
+to 1e-5; bit-identical with the same backend and rank count).
+
 Failures never hang the job: an exception that leaves a rank (uncaught, or caught by
 ``failure_guard``) prints the error and calls ``MPI_Abort``, so ``mpirun`` terminates every
 rank and exits non-zero; a rank that dies is detected by ``mpirun``, which does the same.
@@ -157,6 +164,30 @@ class MpiClientStateStore(ClientStateStore):
         for part in self.comm.alltoall(outgoing):
             self.states.update(part)
 
+    def snapshot(self) -> ClientStateStore | None:
+        """Every rank's states gathered on rank 0 (None on the others); collective."""
+        parts = self.comm.gather(self.states, root=0)
+        if self.rank != 0:
+            return None
+        full = ClientStateStore(self.initial)
+        for part in parts:
+            full.states.update(part)
+        return full
+
+    def load(self, full: ClientStateStore | None) -> None:
+        """Rank 0 sends each state in ``full`` to its owner rank; collective.
+
+        ``full`` is read on rank 0 only (the other ranks pass None).
+        """
+        outgoing = None
+        if self.rank == 0:
+            if full is None:
+                raise ValueError("rank 0 must pass the full store to load(), got None")
+            outgoing = [{} for _ in range(self.size)]
+            for cid, state in full.states.items():
+                outgoing[self.owner(cid)][int(cid)] = state
+        self.states = dict(self.comm.scatter(outgoing, root=0))
+
 
 class MpiBackend:
     """Runs each rank's shard of a round and allreduces the aggregate (DESIGN.md ``Backend``).
@@ -229,6 +260,10 @@ class MpiBackend:
     def client_store(self, initial_state: Any) -> MpiClientStateStore:
         """The per-rank store of stateful clients (used by ``fedjax_lab.runner.run``)."""
         return MpiClientStateStore(initial_state, self.comm)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (checkpoint restore); collective."""
+        return self.comm.bcast(obj, root=0)
 
     @contextlib.contextmanager
     def failure_guard(self) -> Iterator[None]:

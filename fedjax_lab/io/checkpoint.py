@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from fedjax_lab.io.writers import _jsonable
+from fedjax_lab.runner import ClientStateStore
 
 FORMAT = 1
 # Runner record fields that accumulate within one run() call; a resumed run continues them.
@@ -229,10 +230,17 @@ class RunCheckpointing:
       resume: continue from the newest checkpoint if there is one.
       config: the run's configuration (saved; a resumed run must match it outside ``ignore``).
       total_rounds: the run's last round (always checkpointed when ``every > 0``).
+      process: the process group of a multi-process backend (``MpiBackend``: ``is_primary``
+        and a collective ``broadcast(obj)``); None for one process. Only the primary touches
+        ``directory``; the client states are gathered to it for a save
+        (``ClientStateStore.snapshot``) and sent back to their owners on restore
+        (``ClientStateStore.load``), so every process must call :meth:`restore` and
+        :meth:`save_state`.
     """
 
     def __init__(self, directory: str, *, every: int, resume: bool, config: Mapping[str, Any],
-                 total_rounds: int, ignore: Sequence[str] = OPERATIONAL_FIELDS) -> None:
+                 total_rounds: int, ignore: Sequence[str] = OPERATIONAL_FIELDS,
+                 process: Any = None) -> None:
         if every < 0:
             raise ValueError(f"checkpoint every must be >= 0 rounds, got {every}")
         self.directory = directory
@@ -243,19 +251,51 @@ class RunCheckpointing:
         self.ignore = tuple(ignore)
         self.history: list[dict[str, Any]] = []
         self._previous: dict[str, Any] | None = None
-        if every > 0 and not resume and os.path.isdir(directory):
-            shutil.rmtree(directory)
-        self._ckpt = Checkpointer(directory) if (every > 0 or resume) else None
+        self._primary = bool(getattr(process, "is_primary", True))
+        self._broadcast = getattr(process, "broadcast", lambda obj: obj)
+        self._ckpt = None
+        if self._primary:
+            if every > 0 and not resume and os.path.isdir(directory):
+                shutil.rmtree(directory)
+            if every > 0 or resume:
+                self._ckpt = Checkpointer(directory)
 
     def restore(self, server_template: Any, client_store: Any) -> tuple[Any, int]:
-        """``(server_state or None, start_round)``; fills ``client_store`` when resuming."""
+        """``(server_state or None, start_round)``; fills ``client_store`` when resuming.
+
+        With several processes the primary reads the checkpoint and every process gets the same
+        answer, including the same ValueError for a checkpoint that does not fit the run.
+        """
         if not self.resume:
             return None, 0
+        full = None
+        outcome: tuple[str, Any]
+        if self._primary:
+            full = ClientStateStore(client_store.initial)
+            try:
+                outcome = ("ok", self._read(server_template, full))
+            except ValueError as e:
+                outcome = ("error", str(e))
+        else:
+            outcome = ("pending", None)
+        kind, value = self._broadcast(outcome)
+        if kind == "error":
+            raise ValueError(value)
+        if value is None:  # no checkpoint yet: a fresh run
+            return None, 0
+        client_store.load(full)
+        rounds_done, server_state, history = value
+        self.history = list(history)
+        self._previous = dict(history[-1]) if history else None
+        return server_state, rounds_done
+
+    def _read(self, server_template: Any, full: Any) -> tuple[int, Any, list] | None:
+        """Reads and checks the newest checkpoint into ``full`` (None when there is none)."""
         if self._ckpt.latest_round() is None:
             print(f"--resume: no checkpoint in {self.directory}; starting from round 0",
                   file=sys.stderr)
-            return None, 0
-        ck = self._ckpt.restore(server_template, client_store)
+            return None
+        ck = self._ckpt.restore(server_template, full)
         diff = config_mismatch(ck.config, self.config, self.ignore)
         if diff:
             raise ValueError(
@@ -267,9 +307,7 @@ class RunCheckpointing:
                 f"--rounds={self.total_rounds} is below the {ck.rounds_done} rounds already "
                 "done in the checkpoint; pass --rounds >= that"
             )
-        self.history = list(ck.history)
-        self._previous = dict(ck.history[-1]) if ck.history else None
-        return ck.server_state, ck.rounds_done
+        return ck.rounds_done, ck.server_state, ck.history
 
     def record(self, round_idx: int, record: dict[str, Any]) -> None:
         del round_idx
@@ -280,7 +318,9 @@ class RunCheckpointing:
     def save_state(self, round_idx: int, server_state: Any, client_store: Any) -> None:
         done = round_idx + 1
         if self.every > 0 and (done % self.every == 0 or done == self.total_rounds):
-            self._ckpt.save(done, server_state, client_store, self.history, self.config)
+            full = client_store.snapshot()  # collective with several processes
+            if self._primary:
+                self._ckpt.save(done, server_state, full, self.history, self.config)
 
     def close(self) -> None:
         if self._ckpt is not None:

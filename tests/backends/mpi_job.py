@@ -1,4 +1,4 @@
-"""An MPI job for tests/backends/test_mpi.py: ``mpirun -n K python mpi_job.py MODE OUT``.
+"""An MPI job for tests/backends/test_mpi.py: ``mpirun -n K python mpi_job.py MODE OUT [ALGS]``.
 
 Modes:
   stateful  error-feedback QSGD FedAvg (stochastic, stateful clients) and SCAFFOLD (control
@@ -8,6 +8,11 @@ Modes:
   caught    rank 1 raises after round 1 inside ``backend.failure_guard()`` while the caller
             catches the exception (as experiment.main does with ValueError): the guard must abort.
   killed    rank 1 is SIGKILLed after round 1 (mpirun must tear the job down).
+  ckpt_full ALGS     the stateful algorithms (comma-separated names) for CKPT_ROUNDS rounds,
+                     uninterrupted; every rank saves OUT/<phase>_rank<r>_<name>.npz.
+  ckpt_killed ALGS   the same, checkpointing to OUT/ckpt_<name> every 2 rounds; rank 1 dies
+                     (os._exit, no cleanup) right after round 3.
+  ckpt_resume ALGS   resumes from OUT/ckpt_<name> and finishes the CKPT_ROUNDS rounds.
 In the failure modes rank 0 is then blocked in round 2's allreduce inside the compiled round.
 They use stateless FedAvg (cheaper to compile). Rank 0 writes OUT/finished when its run
 returns, which a failed job must never reach.
@@ -28,12 +33,14 @@ from fedjax_lab.algorithms.fedavg import fedavg  # noqa: E402
 from fedjax_lab.algorithms.scaffold import scaffold  # noqa: E402
 from fedjax_lab.backends.mpi import MpiBackend  # noqa: E402
 from fedjax_lab.compressors import qsgd, with_error_feedback  # noqa: E402
+from fedjax_lab.io.checkpoint import RunCheckpointing  # noqa: E402
 from fedjax_lab.runner import run  # noqa: E402
 from tests.helpers import LinearModel, make_population  # noqa: E402
 
 SIZES = [4, 9, 2, 7, 5, 11, 3, 6]
 CPR = 5
-MODES = ("stateful", "uncaught", "caught", "killed")
+CKPT_ROUNDS = 5
+MODES = ("stateful", "uncaught", "caught", "killed", "ckpt_full", "ckpt_killed", "ckpt_resume")
 
 
 def stateful_algorithms(model):
@@ -50,12 +57,54 @@ def flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
-def main(mode: str, out: str) -> None:
+def save_run(path: str, result, store) -> None:
+    """One rank's view of a run: server state, losses, and the client states it owns."""
+    ids = sorted(store.states)
+    np.savez(path, server_state=flat(result.server_state),
+             train_loss=np.array([h["train_loss"] for h in result.history]),
+             clients=np.array([h["clients"] for h in result.history]),
+             store_ids=np.array(ids, dtype=np.int64),
+             states=np.stack([flat(store.states[c]) for c in ids]))
+
+
+def checkpointed(phase: str, names: str, out: str, backend, model) -> None:
+    """The ckpt_* modes: run, die after round 3, or resume (see the module docstring)."""
+    params = model.init(jax.random.key(0))
+    data = make_population(SIZES, seed=2)
+    algorithms = stateful_algorithms(model)
+    for name in names.split(","):
+        alg = algorithms[name]
+        ckpt = RunCheckpointing(
+            os.path.join(out, f"ckpt_{name}"), every=0 if phase == "ckpt_full" else 2,
+            resume=phase == "ckpt_resume", config={"algorithm": name},
+            total_rounds=CKPT_ROUNDS, process=backend,
+        )
+
+        def die(r, record):
+            del record
+            if phase == "ckpt_killed" and backend.rank == 1 and r == 2:
+                os._exit(17)
+
+        store = backend.client_store(alg.client_init(params))
+        state, start = ckpt.restore(alg.init(params), store)
+        result = run(alg, backend, data, params, rounds=CKPT_ROUNDS - start,
+                     clients_per_round=CPR, seed=0, server_state=state, start_round=start,
+                     client_store=store, callbacks=[ckpt.record, die],
+                     state_callbacks=[ckpt.save_state])
+        ckpt.close()
+        result.history = ckpt.history
+        save_run(os.path.join(out, f"{phase}_rank{backend.rank}_{name}.npz"), result, store)
+
+
+def main(mode: str, out: str, algorithms: str = "") -> None:
     if mode not in MODES:
         raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
     model = LinearModel(dim=5, classes=3)
     backend = MpiBackend(plan="vmap")
     rank = backend.rank
+    if mode.startswith("ckpt_"):
+        checkpointed(mode, algorithms, out, backend, model)
+        return
 
     def inject(r, record):
         del record
@@ -72,13 +121,7 @@ def main(mode: str, out: str) -> None:
         for name, alg in stateful_algorithms(model).items():
             store = backend.client_store(alg.client_init(params))
             result = run(alg, backend, data, params, client_store=store, **kwargs)
-            ids = sorted(store.states)
-            np.savez(os.path.join(out, f"rank{rank}_{name}.npz"),
-                     server_state=flat(result.server_state),
-                     train_loss=np.array([h["train_loss"] for h in result.history]),
-                     clients=np.array([h["clients"] for h in result.history]),
-                     store_ids=np.array(ids, dtype=np.int64),
-                     states=np.stack([flat(store.states[c]) for c in ids]))
+            save_run(os.path.join(out, f"rank{rank}_{name}.npz"), result, store)
     elif mode == "caught":
         alg = fedavg(model, optax.sgd(0.3), batch_size=3)
         try:
@@ -93,4 +136,4 @@ def main(mode: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -16,12 +16,20 @@ import pytest
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.mpi import MpiBackend, allreduce_sum
 from fedjax_lab.backends.vmap import VmapBackend
-from fedjax_lab.experiment import FedAvgConfig, main, run_fedavg_experiment
+from fedjax_lab.experiment import (
+    FedAvgConfig,
+    build_algorithm,
+    build_problem,
+    main,
+    parse_config,
+    run_fedavg_experiment,
+)
+from fedjax_lab.io.checkpoint import Checkpointer
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore, owned_slots, run
 from fedjax_lab.systems.availability import Availability
 from tests.backends import mpi_job
-from tests.helpers import LinearModel, make_population
+from tests.helpers import KILL_AFTER, LinearModel, make_population
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -33,11 +41,11 @@ CLI = ["--rounds", "3", "--num-clients", "8", "--clients-per-round", "3", "--eva
        "--model", "logreg", "--progress", "false", "--local-epochs", "1", "--seed", "3"]
 
 
-def _mpirun(args, cwd, timeout=100):
+def _mpirun(args, cwd, timeout=100, env=None):
     """Runs ``mpirun -n 2 python ARGS``; a hang fails the test (TimeoutExpired)."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", **(env or {})}
     return subprocess.run([MPIRUN, "-n", "2", sys.executable, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -213,11 +221,82 @@ def test_runner_rejects_system_models_when_a_backend_owns_part_of_the_cohort():
             availability=Availability(dropout=0.5))
 
 
-@pytest.mark.parametrize("flag", [["--checkpoint-every", "1"], ["--resume", "true"]],
-                         ids=["checkpoint", "resume"])
-def test_cli_rejects_checkpointing_with_mpi(capsys, tmp_path, flag):
-    code = main(FedAvgConfig, run_fedavg_experiment,
-                [*CLI, "--backend", "mpi", "--out", str(tmp_path), *flag])
-    assert code == 2
-    assert "--checkpoint-every/--resume are not supported with --backend mpi" in \
-        capsys.readouterr().err
+# ------------------------------------------------------------------ checkpoint / resume
+CKPT_FLAGS = ["--dataset", "synthetic_iid", "--partition", "iid", "--num-clients", "8",
+              "--clients-per-round", "3", "--model", "logreg", "--local-epochs", "1",
+              "--eval-every", "2", "--progress", "false", "--seed", "4", "--rounds", "5",
+              "--checkpoint-every", "2", "--server-optimizer", "adam", "--server-lr", "0.05"]
+
+
+def _final_server_state(out):
+    cfg = parse_config(FedAvgConfig, CKPT_FLAGS)
+    _, _, model, _, params = build_problem(cfg)
+    alg = build_algorithm(cfg, model)
+    ckpt = Checkpointer(str(out / "checkpoints"))
+    restored = ckpt.restore(alg.init(params), ClientStateStore(alg.client_init(params)))
+    ckpt.close()
+    assert restored.rounds_done == 5
+    return restored.server_state
+
+
+def test_cli_job_killed_on_rank0_resumes_bit_identically_and_on_vmap(tmp_path):
+    """mpirun killed after round 3 (checkpoint at 2), resumed with mpirun and with vmap."""
+    script = os.path.join(ROOT, "experiments", "fedavg.py")
+    mpi = [*CKPT_FLAGS, "--backend", "mpi", "--plan", "vmap"]
+    ref_out, out, vmap_out = tmp_path / "ref", tmp_path / "run", tmp_path / "vmap"
+    proc = _mpirun([script, *mpi, "--out", str(ref_out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    killed = _mpirun(["-c", KILL_AFTER, *mpi, "--out", str(out)], cwd=tmp_path,
+                     env={"KILL_AFTER_ROUND": "3"})
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    assert [h["round"] for h in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2, 3]
+    shutil.copytree(out, vmap_out)
+    proc = _mpirun([script, *mpi, "--out", str(out), "--resume", "true"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ref = _strip(read_jsonl(str(ref_out / "metrics.jsonl")))
+    assert _strip(read_jsonl(str(out / "metrics.jsonl"))) == ref  # rounds 3..5 redone exactly
+    chex.assert_trees_all_equal(_final_server_state(out), _final_server_state(ref_out))
+    # A checkpoint of another experiment is refused on every rank alike (no rank left waiting).
+    proc = _mpirun([script, *mpi, "--out", str(out), "--resume", "true", "--seed", "5"],
+                   cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("different settings for ['seed']") == 2, proc.stderr
+    # The checkpoint is backend-neutral: vmap continues the MPI run to 1e-5.
+    assert main(FedAvgConfig, run_fedavg_experiment,
+                [*CKPT_FLAGS, "--out", str(vmap_out), "--resume", "true"]) == 0
+    got = _strip(read_jsonl(str(vmap_out / "metrics.jsonl")))
+    assert [r["round"] for r in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(ref, got, strict=True):
+        assert sorted(a) == sorted(b)
+        for k, v in a.items():
+            assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (a["round"], k)
+
+
+def test_stateful_job_killed_on_rank1_resumes_bit_identically(tmp_path):
+    """EF residuals and SCAFFOLD controls live on two ranks; both come back from one save."""
+    job = os.path.join(ROOT, "tests", "backends", "mpi_job.py")
+    names = ("ef_qsgd", "scaffold")
+    proc = _mpirun([job, "ckpt_full", str(tmp_path), ",".join(names)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    model = LinearModel(dim=5, classes=3)
+    params = model.init(jax.random.key(0))
+    for name in names:
+        killed = _mpirun([job, "ckpt_killed", str(tmp_path), name], cwd=tmp_path)
+        assert killed.returncode != 0, killed.stdout + killed.stderr
+        alg = mpi_job.stateful_algorithms(model)[name]
+        ckpt = Checkpointer(str(tmp_path / f"ckpt_{name}"))
+        assert ckpt.latest_round() == 2
+        store = ClientStateStore(alg.client_init(params))
+        ckpt.restore(alg.init(params), store)
+        ckpt.close()
+        assert {c % 2 for c in store.states} == {0, 1}  # gathered from both owner ranks
+    proc = _mpirun([job, "ckpt_resume", str(tmp_path), ",".join(names)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in names:
+        for rank in (0, 1):
+            full = np.load(tmp_path / f"ckpt_full_rank{rank}_{name}.npz")
+            got = np.load(tmp_path / f"ckpt_resume_rank{rank}_{name}.npz")
+            assert sorted(got.files) == sorted(full.files)
+            for key in full.files:
+                np.testing.assert_array_equal(got[key], full[key], err_msg=f"{name} {key}")
+            assert all(c % 2 == rank for c in got["store_ids"])

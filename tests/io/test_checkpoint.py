@@ -27,25 +27,10 @@ from fedjax_lab.experiment import (
 from fedjax_lab.io.checkpoint import Checkpointer, RunCheckpointing
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore, run
-from tests.helpers import LinearModel, make_population
+from tests.helpers import KILL_AFTER, LinearModel, make_population
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIME_FIELDS = ("round_seconds", "wall_time")
-
-# Runs an experiment and hard-kills its process (os._exit: no cleanup, no finally blocks)
-# right after metrics.jsonl got the line of round $KILL_AFTER_ROUND.
-KILL_AFTER = r"""
-import os, sys
-from fedjax_lab.io import writers
-from fedjax_lab.experiment import FedAvgConfig, main, run_fedavg_experiment
-write = writers.JsonlWriter.write
-def write_then_die(self, record):
-    write(self, record)
-    if record["round"] == int(os.environ["KILL_AFTER_ROUND"]):
-        os._exit(17)
-writers.JsonlWriter.write = write_then_die
-sys.exit(main(FedAvgConfig, run_fedavg_experiment, sys.argv[1:]))
-"""
 
 
 def _server_state():
