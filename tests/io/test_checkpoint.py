@@ -147,19 +147,22 @@ def _final(out, problem):
     return restored.server_state
 
 
-def test_killed_run_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("backend", ["vmap", "sharded"])
+def test_killed_run_resumes_bit_identically(tmp_path, backend):
+    # The subprocess inherits conftest's 4 forced CPU devices, so sharded runs on the same mesh.
+    flags = [*FLAGS, "--backend", backend]
     ref_out, out = tmp_path / "ref", tmp_path / "run"
-    assert main(FedAvgConfig, run_fedavg_experiment, [*FLAGS, "--out", str(ref_out)]) == 0
+    assert main(FedAvgConfig, run_fedavg_experiment, [*flags, "--out", str(ref_out)]) == 0
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER, *FLAGS, "--out", str(out)], cwd=ROOT, timeout=120,
+        [sys.executable, "-c", KILL_AFTER, *flags, "--out", str(out)], cwd=ROOT, timeout=120,
         env={**os.environ, "KILL_AFTER_ROUND": "3", "PYTHONPATH": ROOT},
         capture_output=True, text=True,
     )
     assert killed.returncode == 17, killed.stderr
     assert [h["round"] for h in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2, 3]
     assert main(FedAvgConfig, run_fedavg_experiment,
-                [*FLAGS, "--out", str(out), "--resume", "true"]) == 0
-    cfg = parse_config(FedAvgConfig, FLAGS)
+                [*flags, "--out", str(out), "--resume", "true"]) == 0
+    cfg = parse_config(FedAvgConfig, flags)
     _, _, model, _, params = build_problem(cfg)
     problem = (build_algorithm(cfg, model), params)
     chex.assert_trees_all_equal(_final(out, problem), _final(ref_out, problem))  # + adam state
