@@ -175,11 +175,14 @@ def client_optimizer(lr: float, momentum: float = 0.0) -> optax.GradientTransfor
 
 def build_problem(cfg: FedAvgConfig):
     """Dataset, federated train split, model, evaluator and initial params for a config."""
-    from fedjax_lab.data.datasets import federate, load_dataset
+    from fedjax_lab.data.datasets import LAZY_DATASETS, federate, load_dataset
     from fedjax_lab.metrics.evaluation import make_evaluator
     from fedjax_lab.models import get_model
 
-    kwargs = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
+    kwargs: dict[str, Any] = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
+    if cfg.backend == "mpi" and cfg.dataset in LAZY_DATASETS:
+        # Each rank reads only the examples of the clients it trains in a round.
+        kwargs["lazy"] = True
     dataset = load_dataset(cfg.dataset, **kwargs)
     model = get_model(cfg.model, dataset.input_shape, dataset.num_classes)
     train = federate(

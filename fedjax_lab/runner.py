@@ -177,7 +177,9 @@ def run(
         num_steps=spec.num_steps,
         cohort_size=len(owned),
         seed=seed,
-        device_table=device_table and getattr(backend, "device_table", True),
+        # A lazily read population stays off the device: each round reads its clients' rows.
+        device_table=device_table and getattr(backend, "device_table", True)
+        and not data.is_lazy,
     )
     if server_state is None:
         server_state = algorithm.init(init_params)

@@ -38,6 +38,38 @@ def np_softmax_ce_grad(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarra
     return x.T @ p / len(y), p.sum(axis=0) / len(y)
 
 
+class CountingSource:
+    """An in-memory ``RowSource`` that records every ``take`` (rows read on demand)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+        self.reads: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        rows = np.asarray(rows)
+        assert np.all(np.diff(rows) > 0), "RowSource.take gets sorted unique rows"
+        self.reads.append(rows.copy())
+        return {k: v[rows] for k, v in self.arrays.items()}
+
+    def feature_spec(self) -> dict:
+        return {k: (v.shape[1:], v.dtype) for k, v in self.arrays.items()}
+
+
+def lazy_population(sizes: list[int], seed: int = 0) -> tuple[FederatedData, CountingSource]:
+    """``make_population(sizes, seed=seed)`` whose examples are read on demand, shuffled on
+    "disk" so that the partition's reordering is exercised; returns it and its source."""
+    eager = make_population(sizes, seed=seed)
+    n = eager.num_examples
+    disk_order = np.random.default_rng(seed + 100).permutation(n)  # disk row -> population row
+    source = CountingSource({k: v[disk_order] for k, v in eager.arrays.items()})
+    where = np.argsort(disk_order)  # population row -> disk row
+    parts = [where[eager.offsets[i]:eager.offsets[i + 1]] for i in range(eager.num_clients)]
+    return FederatedData.from_partition(source, parts, eager.client_ids), source
+
+
 def make_population(
     sizes: list[int], dim: int = 5, classes: int = 3, seed: int = 0
 ) -> FederatedData:

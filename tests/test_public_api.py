@@ -53,6 +53,8 @@ PUBLIC = {
         "Dataset",
         "FederatedData",
         "PARTITIONERS",
+        "ReorderedSource",
+        "RowSource",
         "datasets",
         "dirichlet_label_mix",
         "dirichlet_per_class",
@@ -68,7 +70,9 @@ PUBLIC = {
     "fedjax_lab.data.datasets": [
         "DATASET_NAMES",
         "Dataset",
+        "LAZY_DATASETS",
         "LEAF_TASKS",
+        "LazyImageSplit",
         "SHAKESPEARE_VOCAB",
         "cifar10",
         "cifar100",

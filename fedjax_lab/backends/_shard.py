@@ -86,7 +86,7 @@ def partial_aggregate(
                 algorithm, server_state, client_states, cohort, keys
             )
             return algorithm.aggregate(outputs), new_states
-        return vmap._chunked(algorithm, server_state, client_states, cohort, keys, chunk)
+        return vmap.chunked_aggregate(algorithm, server_state, client_states, cohort, keys, chunk)
     per_client = per_client_inputs(cohort)
     outs, states = [], []
     with plan_lib.unrolled_local_steps(True):

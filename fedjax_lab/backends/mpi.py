@@ -9,8 +9,11 @@ Every rank samples the same clients from the same seed (host randomness is a pur
 ``C`` client slots (padded to a multiple of the rank count) are cut into contiguous blocks:
 rank ``r`` owns slots ``[r*C/K, (r+1)*C/K)`` (``owned_slots``), and ``fedjax_lab.runner.run``
 builds the cohort of those slots only, so a rank gathers and ships to its device only its own
-clients' examples (``device_table = False``; the host-side population itself is whatever the
-dataset loader gives every process). In one jitted round each rank runs the ``VmapBackend``
+clients' examples (``device_table = False``). With a population that reads examples on demand
+(``FederatedData`` over a ``RowSource``, e.g. a TFDS loader's ``lazy=True``, which
+``experiments/fedavg.py --backend mpi`` uses for the TFDS datasets) a rank also *reads* only
+those rows each round; in-memory datasets (digits, synthetic, LEAF JSON) are built whole by
+every rank. In one jitted round each rank runs the ``VmapBackend``
 code on its block (client keys are the rank's slice of ``split(round_key, C)``, so the result
 does not depend on the rank count), sums its partial aggregate with the other ranks' by
 ``mpi4jax.allreduce(op=MPI.SUM)`` inside the compiled program (no host round-trip), and applies
@@ -334,7 +337,7 @@ class MpiBackend:
     def _loop_round(self, algorithm: Algorithm):
         """``VmapBackend``'s ``loop`` plan on the shard, with the allreduce in the finish jit."""
         comm = self.comm
-        return self._vmap._loop_round(
+        return self._vmap.loop_round(
             algorithm,
             keys_fn=jax.jit(self._shard_keys, static_argnums=1),
             reduce=lambda agg: allreduce_sum(agg, comm),

@@ -150,7 +150,7 @@ class VmapBackend:
         if hit is not None and hit[0] is algorithm:
             return hit[1]
         builder = {"vmap": self._vmap_round, "unrolled": self._unrolled_round,
-                   "loop": self._loop_round}[plan]
+                   "loop": self.loop_round}[plan]
         fn = builder(algorithm)
         self._cache[cache_key] = (algorithm, fn)
         return fn
@@ -185,7 +185,7 @@ class VmapBackend:
                 )
                 agg = algorithm.aggregate(outputs)
             else:
-                agg, new_states = self._chunked(
+                agg, new_states = self.chunked_aggregate(
                     algorithm, server_state, client_states, cohort, keys, chunk
                 )
             new_server, metrics = algorithm.server_update(server_state, agg)
@@ -193,7 +193,12 @@ class VmapBackend:
 
         return jax.jit(round_fn)
 
-    def _chunked(self, algorithm, server_state, client_states, cohort, keys, chunk):
+    def chunked_aggregate(self, algorithm, server_state, client_states, cohort, keys, chunk):
+        """``(aggregate, new client states)`` of a cohort processed ``chunk`` clients at a time.
+
+        A scan over chunks, each vmapped, summing the additive aggregates: peak memory is that of
+        one chunk. Also the per-device body of the sharded and MPI ``vmap`` plans.
+        """
         c = cohort.mask.shape[0]
         n = c // chunk
 
@@ -257,7 +262,7 @@ class VmapBackend:
 
         return jax.jit(round_fn)
 
-    def _loop_round(
+    def loop_round(
         self,
         algorithm: Algorithm,
         keys_fn: Any = client_keys,

@@ -3,7 +3,7 @@
 from fedjax_lab.data import datasets
 from fedjax_lab.data.cohort import CohortBuilder, padded_cohort_size
 from fedjax_lab.data.datasets import Dataset, federate, load_dataset
-from fedjax_lab.data.federated import FederatedData, sample_clients
+from fedjax_lab.data.federated import FederatedData, ReorderedSource, RowSource, sample_clients
 from fedjax_lab.data.partition import (
     PARTITIONERS,
     dirichlet_label_mix,
@@ -19,6 +19,8 @@ __all__ = [
     "CohortBuilder",
     "Dataset",
     "FederatedData",
+    "ReorderedSource",
+    "RowSource",
     "datasets",
     "dirichlet_label_mix",
     "dirichlet_per_class",

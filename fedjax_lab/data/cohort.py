@@ -39,7 +39,8 @@ class CohortBuilder:
         so any rank or a resumed run rebuilds exactly the same cohort.
       device_table: keep all examples on the device once and send only ``[C, S, B]`` indices each
         round (fast, needs the dataset to fit in device memory); otherwise the examples of each
-        round are gathered on the host and transferred.
+        round are gathered on the host and transferred (the only option for a population that
+        reads its examples on demand, ``data.is_lazy``: then only the round's rows are read).
     """
 
     def __init__(
@@ -76,6 +77,12 @@ class CohortBuilder:
         else:
             self.steps = int(local_epochs) * math.ceil(max_n / self.batch_size)
             self.batch = min(self.batch_size, max_n)
+        if device_table and data.is_lazy:
+            raise ValueError(
+                "device_table=True puts every example on the device, but this population reads "
+                "its examples on demand (a RowSource); use device_table=False so that each "
+                "round reads only its clients' rows"
+            )
         self.device_table = device_table
         self._table = (
             {k: jnp.asarray(v) for k, v in data.arrays.items()} if device_table else None
@@ -146,7 +153,14 @@ class CohortBuilder:
                 weight=jnp.asarray(weight, dtype=jnp.float32),
                 client_ids=jnp.asarray(ids),
             )
-        arrays = {k: v[safe] for k, v in self.data.arrays.items()}
+        # Only the real examples are read (a lazy population reads just these rows); padding
+        # positions hold zeros, masked out like any padding.
+        valid = index >= 0
+        real = self.data.take(index[valid])
+        arrays = {}
+        for name, (shape, dtype) in self.data.feature_spec().items():
+            arrays[name] = np.zeros((*index.shape, *shape), dtype)
+            arrays[name][valid] = real[name]
         return Cohort(
             arrays=arrays,
             index=None,

@@ -4,14 +4,60 @@ Client datasets live on the host as numpy. Examples of all clients are stored co
 ``i`` owning rows ``offsets[i]:offsets[i+1]`` of every array; this lets the same storage serve as a
 device-resident table that a round gathers from by index (no per-round host->device copy of
 examples), or be materialised on the host chunk by chunk when it does not fit on the device.
+
+The examples may also stay in a :class:`RowSource` (e.g. an array_record file through
+``tfds.data_source``) and be read on demand: a population built on one then reads, each round,
+only the rows of the clients a process trains (an MPI rank's block of the cohort, an edge
+client's own clients), never the whole dataset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+FeatureSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """Examples read on demand instead of held in memory.
+
+    ``take(rows)`` returns ``{name: array [len(rows), ...]}`` for sorted, unique row numbers in
+    ``[0, len(source))``; ``feature_spec()`` gives each array's per-example shape and dtype.
+    """
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def feature_spec(self) -> FeatureSpec: ...
+
+
+class ReorderedSource:
+    """Row ``j`` of this source is row ``order[j]`` of ``source`` (a partition's grouping)."""
+
+    def __init__(self, source: RowSource, order: np.ndarray) -> None:
+        order = np.asarray(order, np.int64)
+        if len(order) and (order.min() < 0 or order.max() >= len(source)):
+            raise ValueError(f"row order must lie in [0, {len(source)}) of the source")
+        self.source = source
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        wanted = self.order[np.asarray(rows, np.int64)]
+        uniq, inverse = np.unique(wanted, return_inverse=True)
+        got = self.source.take(uniq)
+        return {k: v[inverse] for k, v in got.items()}
+
+    def feature_spec(self) -> FeatureSpec:
+        return self.source.feature_spec()
 
 
 @dataclass(frozen=True)
@@ -20,18 +66,29 @@ class FederatedData:
 
     Attributes:
       client_ids: population ids (strings), position ``i`` is client index ``i``.
-      arrays: dict name -> array ``[N, ...]`` with the examples of all clients, grouped by client.
+      arrays: dict name -> array ``[N, ...]`` with the examples of all clients, grouped by client;
+        or a :class:`RowSource` whose rows are grouped that way (read on demand, ``is_lazy``).
       offsets: ``[num_clients + 1]`` int64; client ``i`` owns rows ``offsets[i]:offsets[i+1]``.
     """
 
     client_ids: tuple[str, ...]
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray] | RowSource
     offsets: np.ndarray
 
     def __post_init__(self) -> None:
-        if not self.arrays:
-            raise ValueError("FederatedData: `arrays` is empty; pass e.g. {'x': ..., 'y': ...}")
-        lengths = {k: len(v) for k, v in self.arrays.items()}
+        if isinstance(self.arrays, Mapping):
+            if not self.arrays:
+                raise ValueError(
+                    "FederatedData: `arrays` is empty; pass e.g. {'x': ..., 'y': ...}"
+                )
+            lengths = {k: len(v) for k, v in self.arrays.items()}
+        elif isinstance(self.arrays, RowSource):
+            lengths = {"<source>": len(self.arrays)}
+        else:
+            raise TypeError(
+                "FederatedData: `arrays` must be a dict of arrays or a RowSource (take, "
+                f"feature_spec, __len__), got {type(self.arrays).__name__}"
+            )
         if len(set(lengths.values())) != 1:
             raise ValueError(
                 f"FederatedData: arrays must share their leading (example) axis, got {lengths}"
@@ -94,12 +151,17 @@ class FederatedData:
     @classmethod
     def from_partition(
         cls,
-        arrays: Mapping[str, np.ndarray],
+        arrays: Mapping[str, np.ndarray] | RowSource,
         partition: Sequence[np.ndarray],
         client_ids: Sequence[str] | None = None,
     ) -> FederatedData:
-        """Build from centralized ``arrays`` and a list of per-client example-index arrays."""
-        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        """Build from centralized ``arrays`` and a list of per-client example-index arrays.
+
+        ``arrays`` may be a :class:`RowSource`: the population then reads examples on demand.
+        """
+        lazy = isinstance(arrays, RowSource) and not isinstance(arrays, Mapping)
+        if not lazy:
+            arrays = {k: np.asarray(v) for k, v in arrays.items()}
         if client_ids is None:
             client_ids = [str(i) for i in range(len(partition))]
         if len(client_ids) != len(partition):
@@ -111,6 +173,8 @@ class FederatedData:
         )
         sizes = [len(p) for p in partition]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if lazy:
+            return cls(tuple(client_ids), ReorderedSource(arrays, order), offsets)
         return cls(tuple(client_ids), {k: v[order] for k, v in arrays.items()}, offsets)
 
     # ------------------------------------------------------------------------------- accessors
@@ -126,11 +190,31 @@ class FederatedData:
     def num_examples(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def is_lazy(self) -> bool:
+        """Whether examples are read on demand from a :class:`RowSource`."""
+        return not isinstance(self.arrays, Mapping)
+
+    def take(self, rows: Any) -> dict[str, np.ndarray]:
+        """The examples at population rows ``rows`` (any order, repeats allowed)."""
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"rows must be a 1-D array of row numbers, got shape {rows.shape}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_examples):
+            raise IndexError(f"rows must lie in [0, {self.num_examples})")
+        if not self.is_lazy:
+            return {k: v[rows] for k, v in self.arrays.items()}
+        uniq, inverse = np.unique(rows, return_inverse=True)  # each row is read once
+        got = self.arrays.take(uniq)
+        return {k: v[inverse] for k, v in got.items()}
+
     def client(self, i: int) -> dict[str, np.ndarray]:
         """The arrays of client index ``i``."""
         if not 0 <= i < self.num_clients:
             raise IndexError(f"client index {i} out of range [0, {self.num_clients})")
         lo, hi = self.offsets[i], self.offsets[i + 1]
+        if self.is_lazy:
+            return self.take(np.arange(lo, hi))
         return {k: v[lo:hi] for k, v in self.arrays.items()}
 
     def subset(self, indices: Sequence[int]) -> FederatedData:
@@ -139,8 +223,10 @@ class FederatedData:
             {self.client_ids[i]: self.client(int(i)) for i in indices}
         )
 
-    def feature_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    def feature_spec(self) -> FeatureSpec:
         """name -> (per-example shape, dtype)."""
+        if self.is_lazy:
+            return dict(self.arrays.feature_spec())
         return {k: (v.shape[1:], v.dtype) for k, v in self.arrays.items()}
 
 

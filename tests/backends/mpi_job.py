@@ -13,6 +13,8 @@ Modes:
   ckpt_killed ALGS   the same, checkpointing to OUT/ckpt_<name> every 2 rounds; rank 1 dies
                      (os._exit, no cleanup) right after round 3.
   ckpt_resume ALGS   resumes from OUT/ckpt_<name> and finishes the CKPT_ROUNDS rounds.
+  lazy      FedAvg on a population read on demand; every rank saves the rows it read per round
+            and its final server state to OUT/lazy_rank<r>.npz.
 In the failure modes rank 0 is then blocked in round 2's allreduce inside the compiled round.
 They use stateless FedAvg (cheaper to compile). Rank 0 writes OUT/finished when its run
 returns, which a failed job must never reach.
@@ -35,12 +37,13 @@ from fedjax_lab.backends.mpi import MpiBackend  # noqa: E402
 from fedjax_lab.compressors import qsgd, with_error_feedback  # noqa: E402
 from fedjax_lab.io.checkpoint import RunCheckpointing  # noqa: E402
 from fedjax_lab.runner import run  # noqa: E402
-from tests.helpers import LinearModel, make_population  # noqa: E402
+from tests.helpers import LinearModel, lazy_population, make_population  # noqa: E402
 
 SIZES = [4, 9, 2, 7, 5, 11, 3, 6]
 CPR = 5
 CKPT_ROUNDS = 5
-MODES = ("stateful", "uncaught", "caught", "killed", "ckpt_full", "ckpt_killed", "ckpt_resume")
+MODES = ("stateful", "uncaught", "caught", "killed", "ckpt_full", "ckpt_killed", "ckpt_resume",
+         "lazy")
 
 
 def stateful_algorithms(model):
@@ -104,6 +107,13 @@ def main(mode: str, out: str, algorithms: str = "") -> None:
     rank = backend.rank
     if mode.startswith("ckpt_"):
         checkpointed(mode, algorithms, out, backend, model)
+        return
+    if mode == "lazy":
+        data, source = lazy_population(SIZES, seed=2)
+        result = run(fedavg(model, optax.sgd(0.3), batch_size=3), backend, data,
+                     model.init(jax.random.key(0)), rounds=3, clients_per_round=CPR, seed=0)
+        np.savez(os.path.join(out, f"lazy_rank{rank}.npz"), server_state=flat(result.server_state),
+                 reads=np.concatenate(source.reads), lengths=[len(r) for r in source.reads])
         return
 
     def inject(r, record):

@@ -16,6 +16,9 @@ import pytest
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.mpi import MpiBackend, allreduce_sum
 from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.core.rng import SAMPLING_STREAM, host_rng
+from fedjax_lab.data.cohort import padded_cohort_size
+from fedjax_lab.data.federated import sample_clients
 from fedjax_lab.experiment import (
     FedAvgConfig,
     build_algorithm,
@@ -29,7 +32,7 @@ from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore, owned_slots, run
 from fedjax_lab.systems.availability import Availability
 from tests.backends import mpi_job
-from tests.helpers import KILL_AFTER, LinearModel, make_population
+from tests.helpers import KILL_AFTER, LinearModel, lazy_population, make_population
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -300,3 +303,30 @@ def test_stateful_job_killed_on_rank1_resumes_bit_identically(tmp_path):
             for key in full.files:
                 np.testing.assert_array_equal(got[key], full[key], err_msg=f"{name} {key}")
             assert all(c % 2 == rank for c in got["store_ids"])
+
+
+# ------------------------------------------------------------------ data read per rank
+def test_each_rank_reads_only_its_clients_examples(tmp_path):
+    proc = _mpirun([os.path.join(ROOT, "tests", "backends", "mpi_job.py"), "lazy",
+                    str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data, _ = lazy_population(mpi_job.SIZES, seed=2)  # same population and disk layout
+    model = LinearModel(dim=5, classes=3)
+    ref = run(fedavg(model, optax.sgd(0.3), batch_size=3), VmapBackend("vmap"),
+              make_population(mpi_job.SIZES, seed=2), model.init(jax.random.key(0)), rounds=3,
+              clients_per_round=mpi_job.CPR, seed=0)
+    slots = padded_cohort_size(mpi_job.CPR, None, 2)
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"lazy_rank{rank}.npz")
+        np.testing.assert_allclose(got["server_state"], mpi_job.flat(ref.server_state),
+                                   rtol=1e-5, atol=1e-5)
+        reads = np.split(got["reads"], np.cumsum(got["lengths"])[:-1])
+        assert len(reads) == 3  # one read per round
+        for r, disk_rows in enumerate(reads):
+            ids = np.full(slots, -1)
+            ids[:mpi_job.CPR] = sample_clients(len(mpi_job.SIZES), mpi_job.CPR,
+                                               host_rng(0, SAMPLING_STREAM, r))
+            mine = [c for c in ids[rank * slots // 2:(rank + 1) * slots // 2] if c >= 0]
+            rows = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1])
+                                   for c in mine])
+            np.testing.assert_array_equal(disk_rows, np.sort(data.arrays.order[rows]))

@@ -155,3 +155,36 @@ def test_missing_tensorflow_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
         tfds_images.cifar100(data_dir="/nonexistent")
+
+
+@pytest.mark.parametrize("name", ["mnist", "emnist"])
+def test_lazy_train_split_reads_only_the_rows_taken(prepared, name):
+    data_dir, _ = prepared
+    loader = LOADERS[name][0]
+    eager, lazy = loader(data_dir=data_dir), loader(data_dir=data_dir, lazy=True)
+    assert isinstance(lazy.train, D.LazyImageSplit) and lazy.input_shape == eager.input_shape
+    np.testing.assert_array_equal(lazy.train["y"], eager.train["y"])  # labels read up front
+    np.testing.assert_array_equal(lazy.test["x"], eager.test["x"])  # the test split is eager
+    assert lazy.train.rows_read == 0  # no train example decoded yet
+    with pytest.raises(KeyError, match="holds only its labels"):
+        lazy.train["x"]
+    fe = D.federate(eager, "iid", 3, seed=1)
+    fl = D.federate(lazy, "iid", 3, seed=1)
+    assert fl.is_lazy and not fe.is_lazy
+    np.testing.assert_array_equal(fl.offsets, fe.offsets)
+    first = fl.client(0)  # emnist: transposed upright like the eager loader
+    for k, v in fe.client(0).items():
+        np.testing.assert_array_equal(first[k], v)
+    assert lazy.train.rows_read == fe.sizes[0]  # only client 0's examples were read
+
+
+def test_the_mpi_experiment_loads_tfds_lazily(prepared):
+    from fedjax_lab.experiment import FedAvgConfig, build_problem, parse_config
+
+    data_dir, _ = prepared
+    argv = ["--dataset", "mnist", "--data-dir", str(data_dir), "--partition", "iid",
+            "--num-clients", "3", "--clients-per-round", "2", "--model", "logreg"]
+    _, train, *_ = build_problem(parse_config(FedAvgConfig, [*argv, "--backend", "mpi"]))
+    assert train.is_lazy
+    _, train, *_ = build_problem(parse_config(FedAvgConfig, argv))
+    assert not train.is_lazy

@@ -107,7 +107,8 @@ class EdgeWorker:
         take = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         # At least one row so that the compiled gather has a valid (masked) row 0.
         take = take if len(take) else np.zeros(1, np.int64)
-        self.table = {k: jnp.asarray(v[take]) for k, v in data.arrays.items()}
+        # data.take: a lazily read population reads only this worker's clients' rows.
+        self.table = {k: jnp.asarray(v) for k, v in data.take(take).items()}
         self.server_template = _common.shape_structs(algorithm.init(problem.init_params))
         self.state_template = _common.shape_structs(algorithm.client_init(problem.init_params))
         steps, batch = self.builder.steps, self.builder.batch

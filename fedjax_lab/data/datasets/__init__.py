@@ -1,17 +1,26 @@
 """Dataset loaders returning a common `Dataset`, and `federate` to split one into clients."""
 
 from fedjax_lab.data.datasets._base import Dataset, federate
-from fedjax_lab.data.datasets._registry import DATASET_NAMES, load_dataset
+from fedjax_lab.data.datasets._registry import DATASET_NAMES, LAZY_DATASETS, load_dataset
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import LEAF_TASKS, SHAKESPEARE_VOCAB, leaf
 from fedjax_lab.data.datasets.synthetic import synthetic, synthetic_iid
-from fedjax_lab.data.datasets.tfds_images import cifar10, cifar100, emnist, fashion_mnist, mnist
+from fedjax_lab.data.datasets.tfds_images import (
+    LazyImageSplit,
+    cifar10,
+    cifar100,
+    emnist,
+    fashion_mnist,
+    mnist,
+)
 
 __all__ = [
     "DATASET_NAMES",
+    "LAZY_DATASETS",
     "LEAF_TASKS",
     "SHAKESPEARE_VOCAB",
     "Dataset",
+    "LazyImageSplit",
     "cifar10",
     "cifar100",
     "digits",

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fedjax_lab.core.rng import PARTITION_STREAM, host_rng
-from fedjax_lab.data.federated import FederatedData
+from fedjax_lab.data.federated import FederatedData, RowSource
 from fedjax_lab.data.partition import natural_client_ids
 from fedjax_lab.data.partition import partition as partition_by_name
 
@@ -17,7 +17,10 @@ class Dataset(NamedTuple):
 
     Attributes:
       name: dataset name (e.g. ``"digits"``, ``"leaf/femnist"``).
-      train: ``{"x": float32 [N, *input_shape] (or int32 tokens), "y": int32 [N]}``.
+      train: ``{"x": float32 [N, *input_shape] (or int32 tokens), "y": int32 [N]}``, or a
+        split read on demand (a ``RowSource`` whose ``["y"]`` is the label array, e.g. a TFDS
+        loader's ``lazy=True``); `federate` then gives a population that reads its clients'
+        examples per round.
       test: same layout as `train`, the held-out examples.
       num_classes: number of classes (the vocabulary size for next-token tasks).
       input_shape: per-example shape of ``x``.
@@ -26,7 +29,7 @@ class Dataset(NamedTuple):
     """
 
     name: str
-    train: dict[str, np.ndarray]
+    train: dict[str, np.ndarray] | RowSource
     test: dict[str, np.ndarray]
     num_classes: int
     input_shape: tuple[int, ...]
@@ -35,8 +38,20 @@ class Dataset(NamedTuple):
 
 def check_dataset(ds: Dataset) -> Dataset:
     """Validates the layout of a `Dataset`; returns it unchanged."""
+    if isinstance(ds.train, RowSource) and not isinstance(ds.train, dict):
+        spec = ds.train.feature_spec()
+        y = np.asarray(ds.train["y"])
+        if set(spec) != {"x", "y"} or tuple(spec["x"][0]) != tuple(ds.input_shape):
+            raise ValueError(f"{ds.name}: lazy `train` features {spec} do not match "
+                             f"input_shape={ds.input_shape}")
+        if y.shape != (len(ds.train),) or y.dtype != np.int32:
+            raise ValueError(f"{ds.name}: lazy `train` labels must be int32 [{len(ds.train)}]")
+        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):
+            raise ValueError(f"{ds.name}: `train` labels outside [0, {ds.num_classes})")
     for split in ("train", "test"):
         arrays = getattr(ds, split)
+        if split == "train" and not isinstance(arrays, dict):
+            continue  # checked above
         if set(arrays) != {"x", "y"}:
             raise ValueError(f"{ds.name}: `{split}` must have keys x and y, got {sorted(arrays)}")
         x, y = arrays["x"], arrays["y"]

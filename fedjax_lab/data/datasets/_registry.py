@@ -24,6 +24,8 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 }
 
 DATASET_NAMES = tuple(_LOADERS)
+# Loaders with ``lazy=True``: the train split stays on disk and is read per round, per client.
+LAZY_DATASETS = ("mnist", "fashion_mnist", "emnist", "cifar10", "cifar100")
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
@@ -32,7 +34,7 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     Args:
       name: one of `DATASET_NAMES`: ``digits``, ``synthetic`` (``alpha=, beta=``),
         ``synthetic_iid``, ``mnist``, ``fashion_mnist``, ``emnist``, ``cifar10``, ``cifar100``
-        (``data_dir=, download=``), ``leaf`` (``root_dir=, task=``).
+        (``data_dir=, download=, lazy=``; see `LAZY_DATASETS`), ``leaf`` (``root_dir=, task=``).
       **kwargs: the loader's arguments.
 
     Returns:

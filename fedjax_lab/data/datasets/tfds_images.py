@@ -20,25 +20,80 @@ from fedjax_lab.data.datasets._base import Dataset, check_dataset
 _CHUNK = 4096
 
 
-def _to_numpy(source: Sequence[dict[str, Any]], name: str) -> dict[str, np.ndarray]:
+def _to_numpy(source: Sequence[dict[str, Any]], name: str,
+              transpose: bool) -> dict[str, np.ndarray]:
     n = len(source)
     images, labels = [], []
     for start in range(0, n, _CHUNK):
         # Batched reads: about 2x faster than one record at a time (parallel reads).
         records = source.__getitems__(list(range(start, min(n, start + _CHUNK))))
-        images.append(np.stack([np.asarray(r["image"]) for r in records]))
+        images.append(_decode_images(records, name, transpose))
         labels.append(np.asarray([r["label"] for r in records]))
     if not images:
         raise ValueError(f"{name}: a split of the prepared dataset holds no examples")
-    image = np.concatenate(images)
+    return {"x": np.concatenate(images), "y": np.concatenate(labels).astype(np.int32)}
+
+
+def _decode_images(records: Sequence[dict[str, Any]], name: str, transpose: bool) -> np.ndarray:
+    image = np.stack([np.asarray(r["image"]) for r in records])
     if image.dtype != np.uint8 or image.ndim != 4:
         raise ValueError(
             f"{name}: expected uint8 images [N, H, W, C], got {image.dtype} {image.shape}"
         )
-    return {
-        "x": image.astype(np.float32) / np.float32(255.0),
-        "y": np.concatenate(labels).astype(np.int32),
-    }
+    x = image.astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3)) if transpose else x
+
+
+class LazyImageSplit:
+    """A TFDS image split read on demand (a ``fedjax_lab.data.RowSource``).
+
+    The labels are read once (images skipped undecoded) so that partitioners can split the
+    population; ``take(rows)`` reads and decodes just those examples, e.g. the clients one MPI
+    rank trains in a round. ``split["y"]`` is the label array; ``rows_read`` counts examples
+    read by ``take``.
+    """
+
+    def __init__(self, source: Sequence[dict[str, Any]], labels: np.ndarray,
+                 input_shape: tuple[int, ...], name: str, transpose: bool) -> None:
+        self.source = source
+        self.labels = labels
+        self.input_shape = input_shape
+        self.name = name
+        self.transpose = transpose
+        self.rows_read = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key == "y":
+            return self.labels
+        raise KeyError(
+            f"{self.name}: a lazily read split holds only its labels ('y'); read examples with "
+            "take(rows), or load it with lazy=False"
+        )
+
+    def feature_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {"x": (self.input_shape, np.dtype(np.float32)), "y": ((), np.dtype(np.int32))}
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [int(r) for r in np.asarray(rows)]
+        if not rows:
+            return {"x": np.zeros((0, *self.input_shape), np.float32),
+                    "y": np.zeros(0, np.int32)}
+        records = self.source.__getitems__(rows)
+        self.rows_read += len(rows)
+        return {"x": _decode_images(records, self.name, self.transpose),
+                "y": np.asarray([r["label"] for r in records], np.int32)}
+
+
+def _labels(source: Sequence[dict[str, Any]]) -> np.ndarray:
+    n = len(source)
+    parts = [
+        np.asarray([r["label"] for r in source.__getitems__(list(range(a, min(n, a + _CHUNK))))])
+        for a in range(0, n, _CHUNK)
+    ]
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
 def _load(
@@ -48,6 +103,7 @@ def _load(
     data_dir: str | Path | None,
     download: bool,
     transpose: bool = False,
+    lazy: bool = False,
 ) -> Dataset:
     try:
         # Imported here: importing tensorflow_datasets is slow, and it is an optional dependency.
@@ -86,44 +142,59 @@ def _load(
             f"{name}: TFDS dataset {tfds_name!r} in {str(builder.data_dir)!r} could not be opened "
             f"as array_record ({type(err).__name__}: {err}); {how}"
         ) from err
-    train = _to_numpy(train_src, name)
-    test = _to_numpy(test_src, name)
-    if transpose:
-        train["x"] = np.ascontiguousarray(train["x"].transpose(0, 2, 1, 3))
-        test["x"] = np.ascontiguousarray(test["x"].transpose(0, 2, 1, 3))
+    test = _to_numpy(test_src, name, transpose)
+    if lazy:
+        # A second view of the split that leaves images undecoded: reading every label is
+        # then cheap, and no image is decoded until a client's rows are taken.
+        label_src = tfds.data_source(
+            tfds_name, split="train", data_dir=data_dir, download=False,
+            decoders={"image": tfds.decode.SkipDecoding()}, builder_kwargs=file_format,
+        )
+        train = LazyImageSplit(train_src, _labels(label_src), tuple(test["x"].shape[1:]), name,
+                               transpose)
+    else:
+        train = _to_numpy(train_src, name, transpose)
     return check_dataset(
         Dataset(
             name=name,
             train=train,
             test=test,
             num_classes=num_classes,
-            input_shape=tuple(train["x"].shape[1:]),
+            input_shape=tuple(test["x"].shape[1:]),
             train_client_ids=None,
         )
     )
 
 
-def mnist(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+def mnist(
+    data_dir: str | Path | None = None, download: bool = False, lazy: bool = False
+) -> Dataset:
     """MNIST (LeCun et al. 1998): 60k/10k 28x28x1 digits, float32 in [0, 1], 10 classes.
 
     Args:
       data_dir: TFDS data directory (default: TFDS's, ``~/tensorflow_datasets``).
       download: download and prepare the data if they are not in `data_dir`.
+      lazy: keep the train images on disk and read them per round (``LazyImageSplit``).
     """
-    return _load("mnist", "mnist", 10, data_dir, download)
+    return _load("mnist", "mnist", 10, data_dir, download, lazy=lazy)
 
 
-def fashion_mnist(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+def fashion_mnist(
+    data_dir: str | Path | None = None, download: bool = False, lazy: bool = False
+) -> Dataset:
     """Fashion-MNIST (Xiao et al. 2017): 60k/10k 28x28x1 images, float32 in [0, 1], 10 classes.
 
     Args:
       data_dir: TFDS data directory.
       download: download and prepare the data if they are not in `data_dir`.
+      lazy: keep the train images on disk and read them per round (``LazyImageSplit``).
     """
-    return _load("fashion_mnist", "fashion_mnist", 10, data_dir, download)
+    return _load("fashion_mnist", "fashion_mnist", 10, data_dir, download, lazy=lazy)
 
 
-def emnist(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+def emnist(
+    data_dir: str | Path | None = None, download: bool = False, lazy: bool = False
+) -> Dataset:
     """EMNIST ByClass (Cohen et al. 2017): 28x28x1 digits and letters, 62 classes.
 
     TFDS ``emnist/byclass``, non-federated (use LEAF's FEMNIST via `leaf` for writers). The
@@ -134,25 +205,32 @@ def emnist(data_dir: str | Path | None = None, download: bool = False) -> Datase
     Args:
       data_dir: TFDS data directory.
       download: download and prepare the data if they are not in `data_dir`.
+      lazy: keep the train images on disk and read them per round (``LazyImageSplit``).
     """
-    return _load("emnist", "emnist/byclass", 62, data_dir, download, transpose=True)
+    return _load("emnist", "emnist/byclass", 62, data_dir, download, transpose=True, lazy=lazy)
 
 
-def cifar10(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+def cifar10(
+    data_dir: str | Path | None = None, download: bool = False, lazy: bool = False
+) -> Dataset:
     """CIFAR-10 (Krizhevsky 2009): 50k/10k 32x32x3 images, float32 in [0, 1], 10 classes.
 
     Args:
       data_dir: TFDS data directory.
       download: download and prepare the data if they are not in `data_dir`.
+      lazy: keep the train images on disk and read them per round (``LazyImageSplit``).
     """
-    return _load("cifar10", "cifar10", 10, data_dir, download)
+    return _load("cifar10", "cifar10", 10, data_dir, download, lazy=lazy)
 
 
-def cifar100(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+def cifar100(
+    data_dir: str | Path | None = None, download: bool = False, lazy: bool = False
+) -> Dataset:
     """CIFAR-100 (Krizhevsky 2009): 50k/10k 32x32x3 images, 100 fine classes (``label``).
 
     Args:
       data_dir: TFDS data directory.
       download: download and prepare the data if they are not in `data_dir`.
+      lazy: keep the train images on disk and read them per round (``LazyImageSplit``).
     """
-    return _load("cifar100", "cifar100", 100, data_dir, download)
+    return _load("cifar100", "cifar100", 100, data_dir, download, lazy=lazy)
