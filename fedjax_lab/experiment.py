@@ -180,7 +180,7 @@ def build_problem(cfg: FedAvgConfig):
     from fedjax_lab.models import get_model
 
     kwargs: dict[str, Any] = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
-    if cfg.backend == "mpi" and cfg.dataset in LAZY_DATASETS:
+    if getattr(cfg, "backend", None) == "mpi" and cfg.dataset in LAZY_DATASETS:
         # Each rank reads only the examples of the clients it trains in a round.
         kwargs["lazy"] = True
     dataset = load_dataset(cfg.dataset, **kwargs)

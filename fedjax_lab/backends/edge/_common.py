@@ -67,6 +67,14 @@ class PopulationLayout:
     def num_clients(self) -> int:
         return len(self.offsets) - 1
 
+    def take(self, rows: np.ndarray) -> dict:
+        """No examples: a cohort built on a layout carries only its index, mask and weight."""
+        del rows
+        return {}
+
+    def feature_spec(self) -> dict:
+        return {}
+
 
 def layout_digest(index: np.ndarray) -> str:
     """Digest of one client's ``[S, B]`` global example rows (-1 = padding) for a round.
