@@ -97,3 +97,34 @@ def write_then_die(self, record):
 writers.JsonlWriter.write = write_then_die
 sys.exit(main(FedAvgConfig, run_fedavg_experiment, sys.argv[1:]))
 """
+
+# A small FedAdam experiment that checkpoints every 2 of its 5 rounds (kill-and-resume tests).
+CKPT_FLAGS = ["--dataset", "synthetic_iid", "--partition", "iid", "--num-clients", "8",
+              "--clients-per-round", "3", "--model", "logreg", "--local-epochs", "1",
+              "--eval-every", "2", "--progress", "false", "--seed", "4", "--rounds", "5",
+              "--checkpoint-every", "2", "--server-optimizer", "adam", "--server-lr", "0.05"]
+
+
+def checkpointed_server_state(directory, algorithm, params, rounds: int):
+    """The server state of the newest checkpoint in ``directory`` (taken after ``rounds``)."""
+    from fedjax_lab.io.checkpoint import Checkpointer
+    from fedjax_lab.runner import ClientStateStore
+
+    ckpt = Checkpointer(str(directory))
+    try:
+        restored = ckpt.restore(algorithm.init(params),
+                                ClientStateStore(algorithm.client_init(params)))
+    finally:
+        ckpt.close()
+    assert restored.rounds_done == rounds
+    return restored.server_state
+
+
+def experiment_server_state(out, flags):
+    """The final checkpointed server state of the FedAvg run with ``flags`` in ``out``."""
+    from fedjax_lab.experiment import FedAvgConfig, build_algorithm, build_problem, parse_config
+
+    cfg = parse_config(FedAvgConfig, flags)
+    _, _, model, _, params = build_problem(cfg)
+    return checkpointed_server_state(out / "checkpoints", build_algorithm(cfg, model), params,
+                                     cfg.rounds)

@@ -36,10 +36,9 @@ from fedjax_lab.experiment import (
     parse_config,
     run_fedavg_experiment,
 )
-from fedjax_lab.io.checkpoint import Checkpointer
 from fedjax_lab.io.writers import read_jsonl
-from fedjax_lab.runner import ClientStateStore, run
-from tests.helpers import LinearModel, make_population
+from fedjax_lab.runner import run
+from tests.helpers import LinearModel, checkpointed_server_state, make_population
 from tests.io.test_checkpoint import KILL_AFTER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -378,17 +377,6 @@ def test_hostile_clients_are_dropped_and_the_round_completes(tmp_path):
     assert summary["uplink_bytes"] * 8 == sum(h["upload_bits"] for h in ref.history)
 
 
-def _final_state(cfg, out, problem):
-    alg, params = problem.algorithm, problem.init_params
-    ckpt = Checkpointer(str(out / "checkpoints"))
-    try:
-        restored = ckpt.restore(alg.init(params), ClientStateStore(alg.client_init(params)))
-    finally:
-        ckpt.close()
-    assert restored.rounds_done == cfg.rounds
-    return restored.server_state
-
-
 # -------------------------------------------------------------------------- kill and resume
 RESUME_FLAGS = [*DATA, "--num-clients", "8", "--clients-per-round", "3", "--model", "logreg",
                 "--local-epochs", "1", "--eval-every", "2", "--progress", "false", "--seed", "5",
@@ -438,8 +426,9 @@ def test_killed_edge_server_resumes_to_the_uninterrupted_result(tmp_path):
         assert b["uplink_bytes"] * 8 == a["upload_bits"]  # float32 deltas: 32 bits each
     cfg = parse_config(FedAvgConfig, edge_flags)
     problem = edge_problem(edge_flags)
-    chex.assert_trees_all_close(_final_state(cfg, out, problem),
-                                _final_state(cfg, ref_out, problem), atol=1e-5)
+    final = [checkpointed_server_state(d / "checkpoints", problem.algorithm,
+                                       problem.init_params, cfg.rounds) for d in (out, ref_out)]
+    chex.assert_trees_all_close(*final, atol=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["uplink_bytes"] * 8 == summary["uplink_bits"] > 0
     assert summary["dropped_clients"] == 0.0

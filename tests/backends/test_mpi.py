@@ -21,10 +21,7 @@ from fedjax_lab.data.cohort import padded_cohort_size
 from fedjax_lab.data.federated import sample_clients
 from fedjax_lab.experiment import (
     FedAvgConfig,
-    build_algorithm,
-    build_problem,
     main,
-    parse_config,
     run_fedavg_experiment,
 )
 from fedjax_lab.io.checkpoint import Checkpointer
@@ -32,7 +29,14 @@ from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore, owned_slots, run
 from fedjax_lab.systems.availability import Availability
 from tests.backends import mpi_job
-from tests.helpers import KILL_AFTER, LinearModel, lazy_population, make_population
+from tests.helpers import (
+    CKPT_FLAGS,
+    KILL_AFTER,
+    LinearModel,
+    experiment_server_state,
+    lazy_population,
+    make_population,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -225,23 +229,6 @@ def test_runner_rejects_system_models_when_a_backend_owns_part_of_the_cohort():
 
 
 # ------------------------------------------------------------------ checkpoint / resume
-CKPT_FLAGS = ["--dataset", "synthetic_iid", "--partition", "iid", "--num-clients", "8",
-              "--clients-per-round", "3", "--model", "logreg", "--local-epochs", "1",
-              "--eval-every", "2", "--progress", "false", "--seed", "4", "--rounds", "5",
-              "--checkpoint-every", "2", "--server-optimizer", "adam", "--server-lr", "0.05"]
-
-
-def _final_server_state(out):
-    cfg = parse_config(FedAvgConfig, CKPT_FLAGS)
-    _, _, model, _, params = build_problem(cfg)
-    alg = build_algorithm(cfg, model)
-    ckpt = Checkpointer(str(out / "checkpoints"))
-    restored = ckpt.restore(alg.init(params), ClientStateStore(alg.client_init(params)))
-    ckpt.close()
-    assert restored.rounds_done == 5
-    return restored.server_state
-
-
 def test_cli_job_killed_on_rank0_resumes_bit_identically_and_on_vmap(tmp_path):
     """mpirun killed after round 3 (checkpoint at 2), resumed with mpirun and with vmap."""
     script = os.path.join(ROOT, "experiments", "fedavg.py")
@@ -258,7 +245,8 @@ def test_cli_job_killed_on_rank0_resumes_bit_identically_and_on_vmap(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ref = _strip(read_jsonl(str(ref_out / "metrics.jsonl")))
     assert _strip(read_jsonl(str(out / "metrics.jsonl"))) == ref  # rounds 3..5 redone exactly
-    chex.assert_trees_all_equal(_final_server_state(out), _final_server_state(ref_out))
+    chex.assert_trees_all_equal(experiment_server_state(out, CKPT_FLAGS),
+                                experiment_server_state(ref_out, CKPT_FLAGS))
     # A checkpoint of another experiment is refused on every rank alike (no rank left waiting).
     proc = _mpirun([script, *mpi, "--out", str(out), "--resume", "true", "--seed", "5"],
                    cwd=tmp_path, timeout=60)

@@ -18,16 +18,21 @@ from fedjax_lab.compressors import qsgd, with_error_feedback
 from fedjax_lab.core.types import ServerState
 from fedjax_lab.experiment import (
     FedAvgConfig,
-    build_algorithm,
-    build_problem,
     main,
-    parse_config,
     run_fedavg_experiment,
 )
 from fedjax_lab.io.checkpoint import Checkpointer, RunCheckpointing
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore, run
-from tests.helpers import KILL_AFTER, LinearModel, make_population
+from tests.helpers import (
+    CKPT_FLAGS as FLAGS,
+)
+from tests.helpers import (
+    KILL_AFTER,
+    LinearModel,
+    experiment_server_state,
+    make_population,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIME_FIELDS = ("round_seconds", "wall_time")
@@ -132,21 +137,6 @@ def test_resume_with_error_feedback_states_is_bit_identical(tmp_path):
     assert [{k: v for k, v in h.items() if k not in TIME_FIELDS} for h in again.history] == strip
 
 
-FLAGS = ["--dataset", "synthetic_iid", "--partition", "iid", "--num-clients", "8",
-         "--clients-per-round", "3", "--model", "logreg", "--local-epochs", "1",
-         "--eval-every", "2", "--progress", "false", "--seed", "4", "--rounds", "5",
-         "--checkpoint-every", "2", "--server-optimizer", "adam", "--server-lr", "0.05"]
-
-
-def _final(out, problem):
-    alg, params = problem
-    ckpt = Checkpointer(str(out / "checkpoints"))
-    restored = ckpt.restore(alg.init(params), ClientStateStore(alg.client_init(params)))
-    ckpt.close()
-    assert restored.rounds_done == 5
-    return restored.server_state
-
-
 @pytest.mark.parametrize("backend", ["vmap", "sharded"])
 def test_killed_run_resumes_bit_identically(tmp_path, backend):
     # The subprocess inherits conftest's 4 forced CPU devices, so sharded runs on the same mesh.
@@ -162,10 +152,8 @@ def test_killed_run_resumes_bit_identically(tmp_path, backend):
     assert [h["round"] for h in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2, 3]
     assert main(FedAvgConfig, run_fedavg_experiment,
                 [*flags, "--out", str(out), "--resume", "true"]) == 0
-    cfg = parse_config(FedAvgConfig, flags)
-    _, _, model, _, params = build_problem(cfg)
-    problem = (build_algorithm(cfg, model), params)
-    chex.assert_trees_all_equal(_final(out, problem), _final(ref_out, problem))  # + adam state
+    chex.assert_trees_all_equal(experiment_server_state(out, flags),  # incl. the Adam state
+                                experiment_server_state(ref_out, flags))
     ref, got = read_jsonl(str(ref_out / "metrics.jsonl")), read_jsonl(str(out / "metrics.jsonl"))
     assert [h["round"] for h in got] == [1, 2, 3, 4, 5]  # the killed run's round 3 was redone
     strip = [{k: v for k, v in h.items() if k not in TIME_FIELDS} for h in ref]
