@@ -83,6 +83,14 @@ class RunResult:
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
     train_examples: float = 0.0
+    real_steps: float = 0.0
+    computed_steps: float = 0.0
+    compiles: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Real local steps / computed slot-steps over the run (NaN if nothing was computed)."""
+        return self.real_steps / self.computed_steps if self.computed_steps else float("nan")
 
 
 def owned_slots(backend: Any, cohort_size: int) -> np.ndarray:
@@ -104,6 +112,26 @@ def owned_slots(backend: Any, cohort_size: int) -> np.ndarray:
             f"1-D integer array in [0, {cohort_size}), got {owned!r}"
         )
     return owned
+
+
+def slot_ids(clients: np.ndarray, cohort_size: int, owned: np.ndarray) -> np.ndarray:
+    """The client id of each slot this process trains (``-1`` for padded slots)."""
+    ids = np.full(cohort_size, -1, np.int64)
+    ids[: len(clients)] = clients
+    return ids[owned]  # this process's slots: all of them unless the backend shards them
+
+
+def round_clients(
+    data: FederatedData, clients_per_round: int, seed: int, round_idx: int, cohort_size: int,
+    owned: np.ndarray,
+) -> np.ndarray:
+    """The clients this process trains in ``round_idx`` (the runner's sampling, replayed)."""
+    clients = sample_clients(
+        data.num_clients, clients_per_round,
+        rng_lib.host_rng(seed, rng_lib.SAMPLING_STREAM, round_idx),
+    )
+    ids = slot_ids(clients, cohort_size, owned)
+    return ids[ids >= 0]
 
 
 def validate_run_args(data: FederatedData, clients_per_round: int, rounds: int) -> None:
@@ -138,6 +166,9 @@ def run(
     availability: Availability | None = None,
     time_model: TimeModel | None = None,
     state_callbacks: Sequence[StateCallback] = (),
+    max_examples_per_client: int | None = None,
+    max_local_steps: int | None = None,
+    step_ladder: float | None = 2.0,
 ) -> RunResult:
     """Runs ``rounds`` federated rounds and returns the final state and the history.
 
@@ -154,6 +185,13 @@ def run(
     ``wall_time`` (seconds since the call started; only with a time model, so that records
     without one stay deterministic). Both draw from
     ``host_rng(seed, SYSTEM_STREAM, round, ...)``; cumulative fields restart with each call.
+
+    ``max_examples_per_client`` / ``max_local_steps`` cap each client's data / local steps
+    (``CohortBuilder``) and add ``capped_clients`` / ``capped_steps`` to every record;
+    ``step_ladder`` is the ratio of the per-round step ladder (``None``: the population's
+    largest client every round). ``RunResult`` reports the run's real and computed local steps
+    (``padding_efficiency``) and the programs the backend compiled (``compiles``, by kind, when
+    the backend counts them).
     """
     validate_run_args(data, clients_per_round, rounds)
     if availability is not None and not isinstance(availability, Availability):
@@ -180,12 +218,28 @@ def run(
         # A lazily read population stays off the device: each round reads its clients' rows.
         device_table=device_table and getattr(backend, "device_table", True)
         and not data.is_lazy,
+        ladder=step_ladder,
+        max_examples_per_client=max_examples_per_client,
+        max_local_steps=max_local_steps,
     )
+    capped = max_examples_per_client is not None or max_local_steps is not None
     if server_state is None:
         server_state = algorithm.init(init_params)
     store = client_store or getattr(backend, "client_store", ClientStateStore)(
         algorithm.client_init(init_params)
     )
+    plan_rounds = getattr(backend, "plan_rounds", None)
+    if plan_rounds is not None and rounds > 0:
+        # Every round's client sizes are known up front (sampling is a pure function of the
+        # seed and round), so a packing backend can fix one layout for the whole run.
+        schedule, padded = [], []
+        for r in range(start_round, start_round + rounds):
+            real = round_clients(data, clients_per_round, seed, r, cohort_size, owned)
+            steps = np.zeros(len(owned), np.int64)
+            steps[: len(real)] = builder.client_steps(real)
+            schedule.append(steps)
+            padded.append(builder.round_steps(real))
+        plan_rounds(schedule, padded)
     root = jax.random.key(seed)
     result = RunResult(server_state)
     clock = SimulatedClock(time_model) if time_model is not None else None
@@ -197,13 +251,12 @@ def run(
             data.num_clients, clients_per_round,
             rng_lib.host_rng(seed, rng_lib.SAMPLING_STREAM, r),
         )
-        ids = np.full(cohort_size, -1, np.int64)
-        ids[: len(clients)] = clients
-        ids = ids[owned]  # this process's slots: all of them unless the backend shards them
+        ids = slot_ids(clients, cohort_size, owned)
         cohort = builder.build(r, ids[ids >= 0])
-        system_record = {}
+        system_record = builder.cap_stats(clients) if capped else {}
         if availability is not None:
-            cohort, system_record = availability.apply(cohort, seed=seed, round_idx=r)
+            cohort, drops = availability.apply(cohort, seed=seed, round_idx=r)
+            system_record.update(drops)
         states = store.gather(ids)
         server_state, states, metrics = backend.run_round(
             algorithm, server_state, states, cohort, rng_lib.round_key(root, r)
@@ -220,6 +273,8 @@ def run(
         record["round_seconds"] = time.perf_counter() - t0
         result.train_seconds += record["round_seconds"]
         result.train_examples += record.get("train_examples", 0.0)
+        result.real_steps += record.get("real_steps", 0.0)
+        result.computed_steps += record.get("computed_steps", 0.0)
         if evaluate is not None and eval_every > 0 and (
             # Absolute rounds: a resumed run evaluates where an uninterrupted one does.
             (r + 1) % eval_every == 0 or r == start_round + rounds - 1
@@ -234,4 +289,5 @@ def run(
             state_cb(r, server_state, store)
     result.server_state = server_state
     result.wall_seconds = time.perf_counter() - start
+    result.compiles = dict(getattr(backend, "compiles", {}))
     return result

@@ -240,8 +240,19 @@ def prepare_cohorts(
             for k in stacks:
                 per_round[k].append(np.asarray(getattr(cohort, k)))
         for k in stacks:
-            stacks[k].append(np.stack(per_round[k]))
-    return table, {k: np.stack(v) for k, v in stacks.items()}
+            stacks[k].append(per_round[k])
+    # Every round's steps follow its clients (CohortBuilder's ladder); the scan over rounds needs
+    # one shape, so rounds are padded to the longest round of the sweep (padding is a no-op),
+    # not to the population's largest client.
+    steps = max(m.shape[1] for per_seed in stacks["mask"] for m in per_seed)
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(x, [(0, 0), (0, steps - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+    for k in ("index", "mask"):
+        stacks[k] = [[pad(x) for x in per_seed] for per_seed in stacks[k]]
+    return table, {k: np.stack([np.stack(per_seed) for per_seed in v])
+                   for k, v in stacks.items()}
 
 
 def sweep(

@@ -1,8 +1,10 @@
-"""The local-training loop shared by FedAvg-family algorithms.
+"""The local training of gradient-based algorithms, as the pieces of a ``LocalUpdate``.
 
-One client's local steps are a ``lax.scan`` over ``[S, B]`` batches. Padding is exact: a masked
-example contributes zero loss and gradient (the loss is a masked mean over real examples), and a
-fully masked step leaves parameters, optimizer state and counters unchanged via ``jnp.where``.
+A client starts from the global model with a fresh optimizer state and takes masked minibatch
+steps. Padding is exact: a masked example contributes zero loss and gradient (the loss is a
+masked mean over real examples), and a fully masked step leaves parameters, optimizer state and
+counters unchanged via ``jnp.where``. Written as ``start``/``step`` (fedjax_lab.core.local) so
+that backends can run several clients back to back in one slot.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.core import plan
 from fedjax_lab.core.tree import tree_where
-from fedjax_lab.core.types import Batches, Params, PyTree
+from fedjax_lab.core.types import Params, PyTree, ServerState
 
 # objective(params, arrays, mask) -> masked-mean loss over the real examples of one batch.
 Objective = Callable[[Params, dict[str, jax.Array], jax.Array], jax.Array]
-# grad_correction(grads, params) -> grads (e.g. SCAFFOLD's  g - c_i + c).
-GradCorrection = Callable[[PyTree, Params], PyTree]
+# objective_for(server_state) -> the objective of this round (e.g. FedProx's proximal term
+# around the global model).
+ObjectiveFor = Callable[[ServerState], Objective]
+# grad_correction(grads, params, context) -> grads (e.g. SCAFFOLD's  g + (c - c_i)).
+GradCorrection = Callable[[PyTree, Params, PyTree], PyTree]
 
 
-class LocalResult(NamedTuple):
-    """Outcome of one client's local training."""
+class LocalState(NamedTuple):
+    """The carry of one client's local training."""
 
     params: Params
     opt_state: PyTree
@@ -47,37 +51,44 @@ def masked_mean_objective(
     return objective
 
 
-def local_train(
-    objective: Objective,
+def optimizer_start(
     optimizer: optax.GradientTransformation,
-    params: Params,
-    batches: Batches,
-    grad_correction: GradCorrection | None = None,
-) -> LocalResult:
-    """Runs the local steps of one client (scan over the step axis of ``batches``)."""
+) -> Callable[[ServerState], LocalState]:
+    """``start``: the global model, a fresh optimizer state, zero counters."""
 
-    def step(carry, inputs):
-        p, opt_state, loss_sum, n_ex, n_steps = carry
-        step_input, mask = inputs
-        arrays = batches.step_arrays(step_input)
+    def start(server_state: ServerState) -> LocalState:
+        params = server_state.params
+        zero = jnp.zeros((), jnp.float32)
+        return LocalState(params, optimizer.init(params), zero, zero, zero)
+
+    return start
+
+
+def optimizer_step(
+    objective_for: ObjectiveFor,
+    optimizer: optax.GradientTransformation,
+    grad_correction: GradCorrection | None = None,
+) -> Callable[..., LocalState]:
+    """``step``: one masked minibatch step of ``optimizer`` on the round's objective."""
+
+    def step(
+        server_state: ServerState, context: PyTree, carry: LocalState,
+        arrays: dict[str, jax.Array], mask: jax.Array,
+    ) -> LocalState:
+        p, opt_state = carry.params, carry.opt_state
         n = jnp.sum(mask)
-        loss, grads = jax.value_and_grad(objective)(p, arrays, mask)
+        loss, grads = jax.value_and_grad(objective_for(server_state))(p, arrays, mask)
         if grad_correction is not None:
-            grads = grad_correction(grads, p)
+            grads = grad_correction(grads, p, context)
         updates, new_opt_state = optimizer.update(grads, opt_state, p)
         new_p = optax.apply_updates(p, updates)
         active = n > 0
-        return (
+        return LocalState(
             tree_where(active, new_p, p),
             tree_where(active, new_opt_state, opt_state),
-            loss_sum + jnp.where(active, loss * n, 0.0),
-            n_ex + n,
-            n_steps + active.astype(jnp.float32),
-        ), None
+            carry.loss_sum + jnp.where(active, loss * n, 0.0),
+            carry.num_examples + n,
+            carry.num_steps + active.astype(jnp.float32),
+        )
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (params, optimizer.init(params), zero, zero, zero)
-    (p, opt_state, loss_sum, n_ex, n_steps), _ = jax.lax.scan(
-        step, init, (batches.step_inputs(), batches.mask), unroll=plan.scan_unroll()
-    )
-    return LocalResult(p, opt_state, loss_sum, n_ex, n_steps)
+    return step

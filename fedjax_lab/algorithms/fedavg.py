@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab.algorithms import _local, _uplink
+from fedjax_lab.core.local import LocalUpdate
 from fedjax_lab.core.losses import softmax_cross_entropy
 from fedjax_lab.core.tree import tree_all_finite, tree_where
 from fedjax_lab.core.types import (
     Aggregate,
     Algorithm,
-    Batches,
     ClientOutput,
     DataSpec,
     Params,
@@ -80,32 +80,35 @@ def make_fedavg_family(
     def client_init(params: Params) -> PyTree:
         return compressor.init(params) if compressor is not None else ()
 
-    def client_update(
-        server_state: ServerState, client_state: PyTree, batches: Batches, *, key: jax.Array
+    def objective_for(server_state: ServerState) -> _local.Objective:
+        if not (traced_mu or prox_mu > 0):
+            return base_objective
+        global_params = server_state.params
+
+        # FedProx (Li et al. 2020): proximal term keeps local models near the global one.
+        def objective(p, arrays, mask):
+            prox = sum(
+                jnp.sum(jnp.square(a - g))
+                for a, g in zip(jax.tree.leaves(p), jax.tree.leaves(global_params), strict=True)
+            )
+            return base_objective(p, arrays, mask) + 0.5 * prox_mu * prox
+
+        return objective
+
+    def finish(
+        server_state: ServerState, client_state: PyTree, result: _local.LocalState,
+        client_weight: jax.Array, *, key: jax.Array,
     ) -> tuple[ClientOutput, PyTree]:
         global_params = server_state.params
-        if traced_mu or prox_mu > 0:
-            # FedProx (Li et al. 2020): proximal term keeps local models near the global one.
-            def objective(p, arrays, mask):
-                prox = sum(
-                    jnp.sum(jnp.square(a - g))
-                    for a, g in zip(
-                        jax.tree.leaves(p), jax.tree.leaves(global_params), strict=True
-                    )
-                )
-                return base_objective(p, arrays, mask) + 0.5 * prox_mu * prox
-        else:
-            objective = base_objective
-        result = _local.local_train(objective, client_optimizer, global_params, batches)
         delta = jax.tree.map(jnp.subtract, result.params, global_params)
-        real = batches.weight > 0
+        real = client_weight > 0
         finite = tree_all_finite(delta)
         ok = jnp.logical_and(real, finite)
         delta = tree_where(finite, delta, jax.tree.map(jnp.zeros_like, delta))
         payload, new_state, bits = _uplink.encode_uplink(
             compressor, delta, client_state, ok, key=key
         )
-        weight = batches.weight if weighting == "examples" else jnp.ones_like(batches.weight)
+        weight = client_weight if weighting == "examples" else jnp.ones_like(client_weight)
         weight = jnp.where(ok, weight, 0.0)
         realf = real.astype(jnp.float32)
         metrics = {
@@ -117,6 +120,12 @@ def make_fedavg_family(
             "upload_bits": jnp.where(ok, bits, 0.0),
         }
         return ClientOutput(payload, weight, metrics), new_state
+
+    client_update = LocalUpdate(
+        start=_local.optimizer_start(client_optimizer),
+        step=_local.optimizer_step(objective_for, client_optimizer),
+        finish=finish,
+    )
 
     def aggregate(outputs: ClientOutput) -> Aggregate:
         return Aggregate(

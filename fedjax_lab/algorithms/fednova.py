@@ -100,18 +100,21 @@ def fednova(
         name="fednova",
     )
 
-    def client_update(
-        server_state: ServerState, client_state: Any, batches: Any, *, key: jax.Array
-    ) -> tuple[ClientOutput, Any]:
-        out, new_state = base.client_update(server_state, client_state, batches, key=key)
-        # local_steps counts the steps that saw at least one real example (masked padding
-        # and cut-off straggler steps do not move the model, so they are not in a_i).
-        a_norm = momentum_norm(out.metrics["local_steps"], rho)
-        metrics = dict(out.metrics)
-        metrics["upload_bits"] = out.metrics["upload_bits"] + jnp.where(
-            out.weight > 0, _NORM_BITS, 0.0
-        )
-        return out._replace(metrics=metrics, extra=a_norm), new_state
+    def add_step_norm(finish):
+        def finish_with_norm(server_state, client_state, carry, weight, *, key):
+            out, new_state = finish(server_state, client_state, carry, weight, key=key)
+            # local_steps counts the steps that saw at least one real example (masked padding
+            # and cut-off straggler steps do not move the model, so they are not in a_i).
+            a_norm = momentum_norm(out.metrics["local_steps"], rho)
+            metrics = dict(out.metrics)
+            metrics["upload_bits"] = out.metrics["upload_bits"] + jnp.where(
+                out.weight > 0, _NORM_BITS, 0.0
+            )
+            return out._replace(metrics=metrics, extra=a_norm), new_state
+
+        return finish_with_norm
+
+    client_update = base.client_update.with_finish(add_step_norm)
 
     def aggregate(outputs: ClientOutput) -> Aggregate:
         a_norm = outputs.extra

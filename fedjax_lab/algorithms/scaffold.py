@@ -16,12 +16,12 @@ import optax
 
 from fedjax_lab.algorithms import _local, _uplink
 from fedjax_lab.algorithms.fedavg import Weighting, make_fedavg_family, validate_data_spec
+from fedjax_lab.core.local import LocalUpdate
 from fedjax_lab.core.losses import softmax_cross_entropy
 from fedjax_lab.core.tree import tree_all_finite, tree_where
 from fedjax_lab.core.types import (
     Aggregate,
     Algorithm,
-    Batches,
     ClientOutput,
     Params,
     PyTree,
@@ -116,27 +116,25 @@ def scaffold(
             compressor=compressor.init(params) if compressor is not None else (),
         )
 
-    def client_update(
-        server_state: ServerState,
-        client_state: ScaffoldClientState,
-        batches: Batches,
-        *,
-        key: jax.Array,
+    def context(server_state: ServerState, client_state: ScaffoldClientState) -> PyTree:
+        # The correction c - c_i is constant during the round.
+        return jax.tree.map(jnp.subtract, server_state.extra, client_state.control)
+
+    def corrected(grads: PyTree, params: Params, correction: PyTree) -> PyTree:
+        del params
+        return jax.tree.map(jnp.add, grads, correction)
+
+    def finish(
+        server_state: ServerState, client_state: ScaffoldClientState,
+        result: _local.LocalState, client_weight: jax.Array, *, key: jax.Array,
     ) -> tuple[ClientOutput, ScaffoldClientState]:
         x, c, c_i = server_state.params, server_state.extra, client_state.control
-        correction = jax.tree.map(jnp.subtract, c, c_i)
-
-        def corrected(grads: PyTree, params: Params) -> PyTree:
-            del params  # the correction is constant during the round
-            return jax.tree.map(jnp.add, grads, correction)
-
-        result = _local.local_train(objective, optimizer, x, batches, grad_correction=corrected)
         delta_y = jax.tree.map(jnp.subtract, result.params, x)
         steps = result.num_steps
         # Option II: c_i+ - c_i = -c + (x - y_i) / (K_i η_l) = -c - Δy_i / (K_i η_l).
         inv = 1.0 / (jnp.maximum(steps, 1.0) * eta_l)
         delta_c = jax.tree.map(lambda cc, d: -cc - d * inv.astype(d.dtype), c, delta_y)
-        real = batches.weight > 0
+        real = client_weight > 0
         finite = jnp.logical_and(tree_all_finite(delta_y), tree_all_finite(delta_c))
         ok = jnp.logical_and(jnp.logical_and(real, finite), steps > 0)
         zeros = jax.tree.map(jnp.zeros_like, x)
@@ -149,7 +147,7 @@ def scaffold(
             control=tree_where(ok, jax.tree.map(jnp.add, c_i, delta_c), c_i),
             compressor=comp_state,
         )
-        weight = batches.weight if weighting == "examples" else jnp.ones_like(batches.weight)
+        weight = client_weight if weighting == "examples" else jnp.ones_like(client_weight)
         weight = jnp.where(ok, weight, 0.0)
         metrics = {
             "train_loss_sum": jnp.where(ok, result.loss_sum, 0.0),
@@ -160,6 +158,13 @@ def scaffold(
             "upload_bits": jnp.where(ok, bits + _uplink.dense_bits(delta_c), 0.0),
         }
         return ClientOutput(payload, weight, metrics, extra=delta_c), new_state
+
+    client_update = LocalUpdate(
+        start=_local.optimizer_start(optimizer),
+        step=_local.optimizer_step(lambda state: objective, optimizer, corrected),
+        finish=finish,
+        context=context,
+    )
 
     def aggregate(outputs: ClientOutput) -> Aggregate:
         agg = base.aggregate(outputs._replace(extra=()))

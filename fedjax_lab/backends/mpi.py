@@ -53,10 +53,13 @@ import mpi4jax
 import numpy as np
 from mpi4py import MPI
 
-from fedjax_lab.backends import _shard
+from fedjax_lab.backends import _shard, packed
 from fedjax_lab.backends._checks import require_additive
 from fedjax_lab.backends.vmap import (
     VmapBackend,
+    packed_stats,
+    packing_mode,
+    padded_stats,
     validate_round_inputs,
 )
 from fedjax_lab.core.rng import client_keys
@@ -207,6 +210,8 @@ class MpiBackend:
         (shard clients x local steps).
       abort_on_error: install :func:`install_abort_on_uncaught` (recommended: without it an
         exception on one rank leaves the others blocked in the next collective).
+      packing: as ``VmapBackend``'s, applied to this rank's clients: a rank packs its own slots
+        and runs its own number of segments (no collective until the finish step).
     """
 
     name = "mpi"
@@ -222,6 +227,7 @@ class MpiBackend:
         chunk_size: int | None = None,
         unroll_limit: int = 128,
         abort_on_error: bool = True,
+        packing: str | packed.PackingPolicy = "auto",
     ) -> None:
         _shard.check_plan(plan, chunk_size, self.name, PLANS)
         if chunk_size is not None and plan == "loop":
@@ -234,7 +240,7 @@ class MpiBackend:
         self.plan = plan
         self.chunk_size = chunk_size
         self.unroll_limit = unroll_limit
-        self._vmap = VmapBackend("vmap", chunk_size=chunk_size)
+        self._vmap = VmapBackend("vmap", chunk_size=chunk_size, packing=packing)
         self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
         if abort_on_error:
             install_abort_on_uncaught(self.rank, self.size)
@@ -243,6 +249,19 @@ class MpiBackend:
     def cohort_multiple(self) -> int:
         """The runner pads cohorts to a multiple of this (ranks x chunk)."""
         return self.size * (self.chunk_size or 1)
+
+    @property
+    def compiles(self):
+        """Programs this rank traced so far, by kind."""
+        return self._vmap.compiles
+
+    @property
+    def packing(self) -> packed.PackingPolicy:
+        return self._vmap.packing
+
+    def plan_rounds(self, schedule: list[np.ndarray], padded_steps: list[int]) -> None:
+        """Fixes one packed layout for this rank's coming rounds (``VmapBackend.plan_rounds``)."""
+        self._vmap.plan_rounds(schedule, padded_steps)
 
     @property
     def is_primary(self) -> bool:
@@ -303,7 +322,19 @@ class MpiBackend:
         require_additive(algorithm, self.name)
         validate_round_inputs(algorithm, cohort, self.chunk_size)
         plan = self.resolve_plan(algorithm, server_state, cohort)
-        return self._compiled(algorithm, plan)(server_state, client_states, cohort, key)
+        layout = self._vmap.layout(algorithm, server_state, client_states, cohort, plan)
+        if layout is None:
+            stats = padded_stats(cohort)
+            out = self._compiled(algorithm, plan)(server_state, client_states, cohort, key)
+        else:
+            stats = packed_stats(layout)
+            out = self._compiled(algorithm, "packed-" + packing_mode(plan))(
+                server_state, client_states, cohort, key, layout
+            )
+        # The round's steps over every rank (a host collective of three numbers).
+        for k in ("real_steps", "computed_steps"):
+            stats[k] = float(self.comm.allreduce(stats[k], op=MPI.SUM))
+        return out[0], out[1], {**out[2], **stats}
 
     def _compiled(self, algorithm: Algorithm, plan: str):
         cache_key = (id(algorithm), plan)
@@ -319,6 +350,12 @@ class MpiBackend:
         return client_keys(key, local * self.size)[self.rank * local : (self.rank + 1) * local]
 
     def _build(self, algorithm: Algorithm, plan: str):
+        if plan.startswith("packed-"):
+            return self._vmap.packed_round(
+                algorithm, plan.removeprefix("packed-"),
+                keys_fn=jax.jit(self._shard_keys, static_argnums=1),
+                reduce=lambda agg: allreduce_sum(agg, self.comm),
+            )
         if plan == "loop":
             return self._loop_round(algorithm)
         comm, vmap = self.comm, self._vmap
@@ -332,7 +369,7 @@ class MpiBackend:
             new_server, metrics = algorithm.server_update(server_state, agg)
             return new_server, new_states, metrics
 
-        return jax.jit(round_fn)
+        return jax.jit(self._vmap.counted("padded_round", round_fn))
 
     def _loop_round(self, algorithm: Algorithm):
         """``VmapBackend``'s ``loop`` plan on the shard, with the allreduce in the finish jit."""

@@ -50,11 +50,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedjax_lab.backends import _shard
+from fedjax_lab.backends import _shard, packed
 from fedjax_lab.backends._checks import require_additive
-from fedjax_lab.backends.vmap import VmapBackend, validate_round_inputs
+from fedjax_lab.backends.vmap import (
+    VmapBackend,
+    packed_stats,
+    packing_mode,
+    padded_stats,
+    validate_round_inputs,
+)
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.core.types import Algorithm, Cohort, ServerState
+from fedjax_lab.data.packing import PackedLayout, split_layout
 
 ForeignPolicy = Literal["raise", "move"]
 
@@ -75,6 +82,8 @@ class ShardedBackend:
       on_foreign_device: what to do with an input array committed to a device outside the mesh:
         ``"raise"`` a ValueError naming it, or ``"move"`` it onto the mesh.
       axis_name: name of the mesh axis the clients are sharded over.
+      packing: as ``VmapBackend``'s: each device packs its block of the cohort into its own
+        slots (all devices run the same number of segment steps).
     """
 
     name = "sharded"
@@ -88,6 +97,7 @@ class ShardedBackend:
         unroll_limit: int = 128,
         on_foreign_device: ForeignPolicy = "raise",
         axis_name: str = "clients",
+        packing: str | packed.PackingPolicy = "auto",
     ) -> None:
         devices = list(jax.devices() if devices is None else devices)
         if not devices:
@@ -117,13 +127,27 @@ class ShardedBackend:
         self.replicated = NamedSharding(self.mesh, P())
         self.client_sharded = NamedSharding(self.mesh, P(axis_name))
         self._device_set = frozenset(devices)
-        self._vmap = VmapBackend("vmap", chunk_size=chunk_size)
+        self._vmap = VmapBackend("vmap", chunk_size=chunk_size, packing=packing)
         self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
         self._table: tuple[list[Any], Any] | None = None
+        self.time_sharded = NamedSharding(self.mesh, P(None, axis_name))
 
     @property
     def num_devices(self) -> int:
         return int(self.mesh.devices.size)
+
+    @property
+    def compiles(self):
+        """Programs traced so far, by kind (shared with the per-device code)."""
+        return self._vmap.compiles
+
+    @property
+    def packing(self) -> packed.PackingPolicy:
+        return self._vmap.packing
+
+    def plan_rounds(self, schedule: list[np.ndarray], padded_steps: list[int]) -> None:
+        """Fixes one packed layout for the coming rounds (see ``VmapBackend.plan_rounds``)."""
+        self._vmap.plan_rounds(schedule, padded_steps)
 
     @property
     def cohort_multiple(self) -> int:
@@ -162,26 +186,95 @@ class ShardedBackend:
             )
         server_state = self._place(server_state, self.replicated, "server_state")
         client_states = self._place(client_states, self.client_sharded, "client_states")
-        cohort = self._place_cohort(cohort)
         key = self._place(key, self.replicated, "key")
         plan = self.resolve_plan(algorithm, server_state, cohort)
-        new_server, new_states, metrics = self._compiled(algorithm, plan)(
-            server_state, client_states, cohort, key
+        layout = self._vmap.layout(
+            algorithm, server_state, client_states, cohort, plan, groups=self.num_devices
         )
+        if layout is None:
+            stats = padded_stats(cohort)
+            new_server, new_states, metrics = self._compiled(algorithm, plan)(
+                server_state, client_states, self._place_cohort(cohort), key
+            )
+        else:
+            stats = packed_stats(layout)
+            new_server, new_states, metrics = self._compiled(
+                algorithm, "packed-" + packing_mode(plan)
+            )(server_state, client_states, cohort, key, layout)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             new_states = multihost_utils.process_allgather(new_states, tiled=True)
-        return new_server, new_states, metrics
+        return new_server, new_states, {**metrics, **stats}
 
     def _compiled(self, algorithm: Algorithm, plan: str):
         cache_key = (id(algorithm), plan)
         hit = self._cache.get(cache_key)
         if hit is not None and hit[0] is algorithm:
             return hit[1]
-        fn = self._build(algorithm, plan)
+        if plan.startswith("packed-"):
+            fn = self._packed(algorithm, plan.removeprefix("packed-"))
+        else:
+            fn = self._build(algorithm, plan)
         self._cache[cache_key] = (algorithm, fn)
         return fn
+
+    def _packed(self, algorithm: Algorithm, mode: str):
+        """The packed round: each device runs its block's slots, then finishes its clients."""
+        ax, local, counted = self.axis_name, algorithm.client_update, self._vmap.counted
+        init_fns: dict[int, Any] = {}
+        sharded = (self.client_sharded,) * 3
+        segment = jax.jit(
+            counted("packed_segment", jax.shard_map(
+                packed.segment_fn(local, mode, self._vmap.step_unroll),
+                mesh=self.mesh,
+                in_specs=(P(), P(ax), P(ax), P(ax), P(), *(P(None, ax),) * 5),
+                out_specs=(P(ax), P(ax)),
+                check_vma=False,  # as in _build: local carries start from replicated values
+            )),
+            donate_argnums=(2, 3),
+        )
+
+        def shard_finish(server_state, client_states, buffer, weight, keys):
+            outputs, new_states = packed.finish_clients(
+                local, server_state, client_states, buffer, weight, keys
+            )
+            return jax.lax.psum(algorithm.aggregate(outputs), ax), new_states
+
+        finish_sharded = jax.shard_map(
+            shard_finish, mesh=self.mesh, in_specs=(P(), P(ax), P(ax), P(ax), P(ax)),
+            out_specs=(P(), P(ax)), check_vma=False,
+        )
+
+        def finish_fn(server_state, client_states, buffer, weight, key):
+            # The keys of ALL slots, split before sharding: device-count independent.
+            keys = client_keys(key, weight.shape[0])
+            agg, new_states = finish_sharded(server_state, client_states, buffer, weight, keys)
+            new_server, metrics = algorithm.server_update(server_state, agg)
+            return new_server, new_states, metrics
+
+        finish = jax.jit(
+            counted("packed_finish", finish_fn),
+            out_shardings=(self.replicated, self.client_sharded, self.replicated),
+        )
+
+        def round_fn(server_state, client_states, cohort, key, layout: PackedLayout):
+            slots = layout.slots
+            if slots not in init_fns:
+                init_fns[slots] = jax.jit(
+                    counted("packed_init", packed.init_fn(local, slots)), out_shardings=sharded
+                )
+            weight = self._place(np.asarray(cohort.weight, np.float32), self.client_sharded,
+                                 "cohort.weight")
+            carry, buffer, ctx = init_fns[slots](server_state, client_states, weight)
+            table = None if cohort.index is None else self._place_table(cohort.arrays)
+            for piece in split_layout(layout):
+                inputs = self._place(packed.segment_inputs(piece), self.time_sharded,
+                                     "packed segment")
+                carry, buffer = segment(server_state, ctx, carry, buffer, table, *inputs)
+            return finish(server_state, client_states, buffer, weight, key)
+
+        return round_fn
 
     def _build(self, algorithm: Algorithm, plan: str):
         ax, vmap = self.axis_name, self._vmap
@@ -222,7 +315,8 @@ class ShardedBackend:
             return new_server, new_states, metrics
 
         return jax.jit(
-            round_fn, out_shardings=(self.replicated, self.client_sharded, self.replicated)
+            self._vmap.counted("padded_round", round_fn),
+            out_shardings=(self.replicated, self.client_sharded, self.replicated),
         )
 
     # ----------------------------------------------------------------------------- placement

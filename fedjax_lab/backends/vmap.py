@@ -15,18 +15,33 @@ Execution plans compute the same numbers in different program shapes (DESIGN.md 
   time that does not grow with the cohort.
 * ``auto``: ``vmap`` unless the platform is CPU and the model has conv kernels (4-D leaves), then
   ``unrolled`` for small cohorts (C x S <= ``unroll_limit``) and ``loop`` otherwise.
+
+Packing (``fedjax_lab.backends.packed``): when the algorithm's client update is a
+``LocalUpdate`` and the clients of a round differ in size, the round can instead run its clients
+back to back in ``P`` slots, a segment of steps per call, so that it costs about its real steps
+rather than ``C x`` its largest client. A deterministic cost model picks, each round, between the
+padded program above and a packed layout (``PackingPolicy``); the ``vmap`` plan packs with a
+scan over time of a vmap over slots, ``unrolled`` and ``loop`` with straight-line steps. Both
+compute the numbers of the padded program (same batches, keys and client order). Every program
+the backend traces is counted in ``compiles`` (by kind), so a run can report how many it built.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fedjax_lab.backends import packed
 from fedjax_lab.core import plan as plan_lib
+from fedjax_lab.core.local import is_local_update
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.core.types import Aggregate, Algorithm, Batches, Cohort, ServerState
+from fedjax_lab.data.packing import PackedLayout, active_steps, pack, split_layout
 
 Plan = Literal["auto", "vmap", "unrolled", "loop"]
 PLANS = ("auto", "vmap", "unrolled", "loop")
@@ -57,6 +72,43 @@ def has_conv(params: Any) -> bool:
 def add_aggregates(a: Aggregate, b: Aggregate) -> Aggregate:
     """Sum of two partial aggregates (the additivity contract)."""
     return jax.tree.map(jnp.add, a, b)
+
+
+def packing_mode(plan: str) -> str:
+    """The packed step order of a plan: ``vmap`` scans, ``unrolled``/``loop`` unroll."""
+    return "vmap" if plan == "vmap" else "unrolled"
+
+
+def host_cohort(cohort: Cohort) -> Cohort:
+    """The cohort with its per-client arrays on the host (a device table stays on device)."""
+    get = lambda x: np.asarray(jax.device_get(x))  # noqa: E731
+    return cohort._replace(
+        arrays=cohort.arrays if cohort.index is not None
+        else {k: get(v) for k, v in cohort.arrays.items()},
+        index=None if cohort.index is None else get(cohort.index),
+        mask=get(cohort.mask),
+        weight=get(cohort.weight),
+        client_ids=get(cohort.client_ids),
+    )
+
+
+def padded_stats(cohort: Cohort) -> dict[str, float]:
+    """Real and computed local steps of a padded ``[C, S, B]`` round."""
+    mask = np.asarray(jax.device_get(cohort.mask))
+    return {
+        "real_steps": float(active_steps(mask).sum()),
+        "computed_steps": float(mask.shape[0] * mask.shape[1]),
+        "packed_slots": 0.0,
+    }
+
+
+def packed_stats(layout: PackedLayout) -> dict[str, float]:
+    """Real and computed local steps of a packed round."""
+    return {
+        "real_steps": float(layout.real_steps),
+        "computed_steps": float(layout.computed_steps),
+        "packed_slots": float(layout.slots),
+    }
 
 
 def validate_round_inputs(algorithm: Algorithm, cohort: Cohort, chunk_size: int | None) -> None:
@@ -91,6 +143,9 @@ class VmapBackend:
       chunk_size: process clients in chunks of this many (``vmap`` plan only); bounds memory.
       unroll_limit: ``auto`` uses ``unrolled`` for conv models on CPU up to C x S unrolled steps.
       step_unroll: ``lax.scan`` unroll factor of the local steps in the ``vmap`` plan.
+      packing: ``"auto"``, ``"on"`` or ``"off"``, or a ``PackingPolicy`` (slots, segment
+        length, cost model); see ``fedjax_lab.backends.packed``. Rounds are packed only for
+        algorithms whose client update is a ``LocalUpdate`` and without ``chunk_size``.
     """
 
     name = "vmap"
@@ -101,6 +156,7 @@ class VmapBackend:
         chunk_size: int | None = None,
         unroll_limit: int = 128,
         step_unroll: int = 2,
+        packing: str | packed.PackingPolicy = "auto",
     ) -> None:
         if plan not in PLANS:
             raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
@@ -114,7 +170,15 @@ class VmapBackend:
         if not isinstance(step_unroll, int) or step_unroll < 1:
             raise ValueError(f"step_unroll must be a positive integer, got {step_unroll!r}")
         self.step_unroll = step_unroll
+        self.packing = (
+            packing if isinstance(packing, packed.PackingPolicy) else packed.PackingPolicy(packing)
+        )
+        if chunk_size is not None and self.packing.slots is not None:
+            raise ValueError("slots (packing) and chunk_size exclude each other; drop one")
+        self.compiles: Counter[str] = Counter()
         self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
+        self._slot_seconds: dict[int, tuple[Algorithm, float]] = {}
+        self._pending_plan: tuple[list[np.ndarray], list[int]] | None = None
 
     # ------------------------------------------------------------------------------ planning
     def resolve_plan(self, algorithm: Algorithm, server_state: ServerState, cohort: Cohort) -> str:
@@ -129,6 +193,59 @@ class VmapBackend:
             return "unrolled" if c * s <= self.unroll_limit else "loop"
         return "vmap"
 
+    def plan_rounds(self, schedule: list[np.ndarray], padded_steps: list[int]) -> None:
+        """Lets the packing policy fix one layout for the coming rounds (the runner calls it).
+
+        The layout is fixed at the next round, once the model's step cost is known.
+
+        Args:
+          schedule: per round, ``[C]`` real local steps of each client slot this process runs.
+          padded_steps: per round, ``S`` of its padded cohort.
+        """
+        self._pending_plan = (list(schedule), list(padded_steps))
+        self.packing.layouts = None
+
+    def slot_seconds(self, algorithm: Algorithm, server_state, client_states, cohort) -> float:
+        """Cost-model seconds of one slot's local step (cached per algorithm)."""
+        hit = self._slot_seconds.get(id(algorithm))
+        if hit is not None and hit[0] is algorithm:
+            return hit[1]
+        batch = cohort.mask.shape[2]
+        if cohort.index is not None:
+            spec = {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype)
+                    for k, v in cohort.arrays.items()}
+        else:
+            spec = {k: jax.ShapeDtypeStruct((batch, *np.shape(v)[3:]), v.dtype)
+                    for k, v in cohort.arrays.items()}
+        seconds = packed.slot_step_seconds(
+            algorithm.client_update, server_state, client_states, spec,
+            self.packing.cost_model(),
+        )
+        self._slot_seconds[id(algorithm)] = (algorithm, seconds)
+        return seconds
+
+    def layout(
+        self, algorithm: Algorithm, server_state, client_states, cohort: Cohort, plan: str,
+        groups: int = 1,
+    ) -> PackedLayout | None:
+        """The packed layout of this round, or None to run the padded ``[C, S, B]`` program.
+
+        ``groups``: the cohort runs as that many contiguous blocks (devices), each packed alone.
+        """
+        if not is_local_update(algorithm.client_update) or self.chunk_size is not None:
+            return None
+        mode = packing_mode(plan)
+        seconds = self.slot_seconds(algorithm, server_state, client_states, cohort)
+        if self._pending_plan is not None:
+            self.packing.plan(*self._pending_plan, mode, seconds, groups)
+            self._pending_plan = None
+        mask = np.asarray(jax.device_get(cohort.mask))
+        steps = active_steps(mask).sum(axis=1)
+        decision = self.packing.choose(steps, mask.shape[1], mode, seconds, groups)
+        if not decision.slots:
+            return None
+        return pack(host_cohort(cohort), decision.slots, decision.segment, groups=groups)
+
     # ------------------------------------------------------------------------------- running
     def run_round(
         self,
@@ -137,23 +254,97 @@ class VmapBackend:
         client_states: Any,
         cohort: Cohort,
         key: jax.Array,
-    ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
-        """Runs one round. ``key`` is the round key; client keys are split from it."""
+    ) -> tuple[ServerState, Any, dict[str, Any]]:
+        """Runs one round. ``key`` is the round key; client keys are split from it.
+
+        Besides the algorithm's metrics, returns ``real_steps`` (local steps with a real
+        example), ``computed_steps`` (slot-steps the program ran) and ``packed_slots`` (0 for
+        the padded program) of the round.
+        """
         validate_round_inputs(algorithm, cohort, self.chunk_size)
         plan = self.resolve_plan(algorithm, server_state, cohort)
-        fn = self._compiled(algorithm, plan)
-        return fn(server_state, client_states, cohort, key)
+        layout = self.layout(algorithm, server_state, client_states, cohort, plan)
+        if layout is None:
+            fn = self._compiled(algorithm, plan)
+            out = fn(server_state, client_states, cohort, key)
+            return (*out[:2], {**out[2], **padded_stats(cohort)})
+        fn = self._compiled(algorithm, "packed-" + packing_mode(plan))
+        return fn(server_state, client_states, cohort, key, layout)
+
+    def counted(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` that adds one to ``compiles[kind]`` each time it is traced (compiled)."""
+
+        def traced(*args, **kwargs):
+            self.compiles[kind] += 1
+            return fn(*args, **kwargs)
+
+        return traced
 
     def _compiled(self, algorithm: Algorithm, plan: str):
         cache_key = (id(algorithm), plan)
         hit = self._cache.get(cache_key)
         if hit is not None and hit[0] is algorithm:
             return hit[1]
-        builder = {"vmap": self._vmap_round, "unrolled": self._unrolled_round,
-                   "loop": self.loop_round}[plan]
-        fn = builder(algorithm)
+        if plan.startswith("packed-"):
+            fn = self.packed_round(algorithm, plan.removeprefix("packed-"))
+        else:
+            builder = {"vmap": self._vmap_round, "unrolled": self._unrolled_round,
+                       "loop": self.loop_round}[plan]
+            fn = builder(algorithm)
         self._cache[cache_key] = (algorithm, fn)
         return fn
+
+    def packed_round(
+        self,
+        algorithm: Algorithm,
+        mode: str,
+        keys_fn: Any = client_keys,
+        reduce: Any = None,
+    ):
+        """The packed round (see ``fedjax_lab.backends.packed``) as a host function.
+
+        ``keys_fn(round_key, c)`` gives this process's client keys and ``reduce(aggregate)``
+        combines partial aggregates across processes (the MPI backend reuses both).
+        """
+        local = algorithm.client_update
+        init_fns: dict[int, Any] = {}
+        segment = jax.jit(
+            self.counted("packed_segment", packed.segment_fn(local, mode, self.step_unroll)),
+            donate_argnums=(2, 3),
+        )
+
+        def finish_fn(server_state, client_states, buffer, weight, key):
+            keys = keys_fn(key, weight.shape[0])
+            outputs, new_states = packed.finish_clients(
+                local, server_state, client_states, buffer, weight, keys
+            )
+            agg = algorithm.aggregate(outputs)
+            if reduce is not None:
+                agg = reduce(agg)
+            new_server, metrics = algorithm.server_update(server_state, agg)
+            return new_server, new_states, metrics
+
+        finish = jax.jit(self.counted("packed_finish", finish_fn))
+
+        def round_fn(server_state, client_states, cohort, key, layout: PackedLayout):
+            slots = layout.slots
+            if slots not in init_fns:
+                init_fns[slots] = jax.jit(
+                    self.counted("packed_init", packed.init_fn(local, slots))
+                )
+            weight = jnp.asarray(cohort.weight, jnp.float32)
+            carry, buffer, ctx = init_fns[slots](server_state, client_states, weight)
+            table = device_table(cohort)
+            for piece in split_layout(layout):
+                carry, buffer = segment(
+                    server_state, ctx, carry, buffer, table, *packed.segment_inputs(piece)
+                )
+            new_server, new_states, metrics = finish(
+                server_state, client_states, buffer, weight, key
+            )
+            return new_server, new_states, {**metrics, **packed_stats(layout)}
+
+        return round_fn
 
     def client_outputs(self, algorithm: Algorithm, server_state, client_states, cohort, keys):
         """vmapped client updates of a whole cohort (or chunk): ``(ClientOutput, states)``."""
@@ -191,7 +382,7 @@ class VmapBackend:
             new_server, metrics = algorithm.server_update(server_state, agg)
             return new_server, new_states, metrics
 
-        return jax.jit(round_fn)
+        return jax.jit(self.counted("padded_round", round_fn))
 
     def chunked_aggregate(self, algorithm, server_state, client_states, cohort, keys, chunk):
         """``(aggregate, new client states)`` of a cohort processed ``chunk`` clients at a time.
@@ -260,7 +451,7 @@ class VmapBackend:
             new_server, metrics = algorithm.server_update(server_state, agg)
             return new_server, new_states, metrics
 
-        return jax.jit(round_fn)
+        return jax.jit(self.counted("padded_round", round_fn))
 
     def loop_round(
         self,
@@ -276,14 +467,15 @@ class VmapBackend:
             with plan_lib.unrolled_local_steps(True):
                 return algorithm.client_update(server_state, state, batches, key=key)
 
-        client_fn = jax.jit(one_client)
+        client_fn = jax.jit(self.counted("loop_client", one_client))
 
-        @jax.jit
-        def finish(server_state, outputs):
+        def finish_fn(server_state, outputs):
             agg = algorithm.aggregate(outputs)
             if reduce is not None:
                 agg = reduce(agg)
             return algorithm.server_update(server_state, agg)
+
+        finish = jax.jit(self.counted("loop_finish", finish_fn))
 
         def round_fn(server_state, client_states, cohort, key):
             c = cohort.mask.shape[0]

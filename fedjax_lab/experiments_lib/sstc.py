@@ -53,8 +53,9 @@ from fedjax_lab.compressors.accounting import (
     stc_conv_bits,
     stc_conv_nonzeros,
 )
+from fedjax_lab.core.local import is_local_update
 from fedjax_lab.core.tree import tree_size
-from fedjax_lab.core.types import Aggregate, Algorithm, ClientOutput
+from fedjax_lab.core.types import Aggregate, Algorithm
 from fedjax_lab.data.datasets import federate, load_dataset
 from fedjax_lab.io.writers import plot_curves, write_json
 from fedjax_lab.metrics.evaluation import make_evaluator
@@ -135,22 +136,36 @@ def with_payload_metrics(algorithm: Algorithm, payload_metrics: PayloadMetrics) 
       The wrapped :class:`Algorithm`.
     """
 
-    def client_update(server_state, client_state, batches, *, key):
-        out, new_state = algorithm.client_update(server_state, client_state, batches, key=key)
-        sent = out.metrics["upload_bits"] > 0
-        extra = {"sent": jnp.float32(1.0), **payload_metrics(out.update)}
-        extra = {k: jnp.where(sent, jnp.asarray(v, jnp.float32), 0.0) for k, v in extra.items()}
-        clash = set(extra) & set(out.metrics)
-        if clash:
-            raise ValueError(f"with_payload_metrics: metric names {sorted(clash)} already exist")
-        return ClientOutput(out.update, out.weight, {**out.metrics, **extra}, out.extra), new_state
+    if not is_local_update(algorithm.client_update):
+        raise TypeError(
+            f"with_payload_metrics needs a client update built as a LocalUpdate (FedAvg family), "
+            f"got {type(algorithm.client_update).__name__} from {algorithm.name}"
+        )
+
+    def add_metrics(finish):
+        def finish_with_metrics(server_state, client_state, carry, weight, *, key):
+            out, new_state = finish(server_state, client_state, carry, weight, key=key)
+            sent = out.metrics["upload_bits"] > 0
+            extra = {"sent": jnp.float32(1.0), **payload_metrics(out.update)}
+            extra = {k: jnp.where(sent, jnp.asarray(v, jnp.float32), 0.0)
+                     for k, v in extra.items()}
+            clash = set(extra) & set(out.metrics)
+            if clash:
+                raise ValueError(
+                    f"with_payload_metrics: metric names {sorted(clash)} already exist"
+                )
+            return out._replace(metrics={**out.metrics, **extra}), new_state
+
+        return finish_with_metrics
 
     def server_update(state, agg: Aggregate):
         new_state, metrics = algorithm.server_update(state, agg)
         added = {k: v for k, v in agg.metric_sums.items() if k not in metrics}
         return new_state, {**metrics, **added}
 
-    return algorithm._replace(client_update=client_update, server_update=server_update)
+    return algorithm._replace(
+        client_update=algorithm.client_update.with_finish(add_metrics), server_update=server_update
+    )
 
 
 def stc_metrics(conv: tuple[bool, ...]) -> PayloadMetrics:

@@ -2,8 +2,9 @@
 
 Modes:
   stateful  error-feedback QSGD FedAvg (stochastic, stateful clients) and SCAFFOLD (control
-            variates) on a small population; every rank saves its view of each run to
-            OUT/rank<r>_<name>.npz.
+            variates) on a small size-skewed population (1 to 200 examples), each rank packing
+            its clients into 2 slots run 2 steps per call; every rank saves its view of each
+            run to OUT/rank<r>_<name>.npz.
   uncaught  rank 1 raises after round 1 and nothing catches it (the excepthook must abort).
   caught    rank 1 raises after round 1 inside ``backend.failure_guard()`` while the caller
             catches the exception (as experiment.main does with ValueError): the guard must abort.
@@ -34,12 +35,14 @@ import optax  # noqa: E402
 from fedjax_lab.algorithms.fedavg import fedavg  # noqa: E402
 from fedjax_lab.algorithms.scaffold import scaffold  # noqa: E402
 from fedjax_lab.backends.mpi import MpiBackend  # noqa: E402
+from fedjax_lab.backends.packed import PackingPolicy  # noqa: E402
 from fedjax_lab.compressors import qsgd, with_error_feedback  # noqa: E402
 from fedjax_lab.io.checkpoint import RunCheckpointing  # noqa: E402
 from fedjax_lab.runner import run  # noqa: E402
 from tests.helpers import LinearModel, lazy_population, make_population  # noqa: E402
 
 SIZES = [4, 9, 2, 7, 5, 11, 3, 6]
+SKEWED_SIZES = [1, 60, 2, 30, 5, 11, 3, 200]
 CPR = 5
 CKPT_ROUNDS = 5
 MODES = ("stateful", "uncaught", "caught", "killed", "ckpt_full", "ckpt_killed", "ckpt_resume",
@@ -103,7 +106,8 @@ def main(mode: str, out: str, algorithms: str = "") -> None:
     if mode not in MODES:
         raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
     model = LinearModel(dim=5, classes=3)
-    backend = MpiBackend(plan="vmap")
+    packing = PackingPolicy(slots=2, segment_steps=2) if mode == "stateful" else "auto"
+    backend = MpiBackend(plan="vmap", packing=packing)
     rank = backend.rank
     if mode.startswith("ckpt_"):
         checkpointed(mode, algorithms, out, backend, model)
@@ -130,7 +134,8 @@ def main(mode: str, out: str, algorithms: str = "") -> None:
     if mode == "stateful":
         for name, alg in stateful_algorithms(model).items():
             store = backend.client_store(alg.client_init(params))
-            result = run(alg, backend, data, params, client_store=store, **kwargs)
+            result = run(alg, backend, make_population(SKEWED_SIZES, seed=2), params,
+                         client_store=store, **kwargs)
             save_run(os.path.join(out, f"rank{rank}_{name}.npz"), result, store)
     elif mode == "caught":
         alg = fedavg(model, optax.sgd(0.3), batch_size=3)

@@ -92,8 +92,10 @@ def vmap_reference():
     out = {}
     for name, alg in mpi_job.stateful_algorithms(model).items():
         store = ClientStateStore(alg.client_init(params))
-        result = run(alg, VmapBackend("vmap"), make_population(mpi_job.SIZES, seed=2), params,
-                     rounds=3, clients_per_round=mpi_job.CPR, seed=0, client_store=store)
+        # The padded program: the MPI job packs, so this also checks packed == padded.
+        result = run(alg, VmapBackend("vmap", packing="off"),
+                     make_population(mpi_job.SKEWED_SIZES, seed=2), params, rounds=3,
+                     clients_per_round=mpi_job.CPR, seed=0, client_store=store)
         out[name] = (result, store)
     return out
 

@@ -42,14 +42,19 @@ def test_chunking_equals_unchunked(chunk):
     assert ref.history[-1]["clients"] == chunked.history[-1]["clients"] == 5.0
 
 
-def test_one_compile_per_run_with_varying_client_sizes():
+@pytest.mark.parametrize("packing", ["off", "auto"])
+def test_bounded_compiles_per_run_with_varying_client_sizes(packing):
     data = make_population([1, 30, 4, 17, 2, 9], seed=3)
     alg = fedavg(MODEL, optax.sgd(0.1), batch_size=4)
-    traced = alg._replace(client_update=chex.assert_max_traces(alg.client_update, n=1))
-    result = run(traced, VmapBackend("vmap"), data, MODEL.init(jax.random.key(0)), rounds=6,
+    backend = VmapBackend("vmap", packing=packing)
+    result = run(alg, backend, data, MODEL.init(jax.random.key(0)), rounds=6,
                  clients_per_round=3, seed=1)
     sizes_seen = {h["train_examples"] for h in result.history}
     assert len(sizes_seen) > 1  # the sampled clients really had different sizes
+    # padded: one program per ladder rung used (S_max = 8: rungs 8, 4, 2, 1); packed: the run's
+    # one layout is init + segment + finish.
+    assert sum(backend.compiles.values()) <= (4 if packing == "off" else 3)
+    assert result.compiles == dict(backend.compiles)
 
 
 def test_same_seed_same_metrics_different_seed_different_sampling():

@@ -24,12 +24,39 @@ def test_epochs_visit_every_example_once_and_reshuffle():
     np.testing.assert_array_equal(b.client_index(0, 5), b.client_index(0, 5))  # deterministic
 
 
-def test_cohort_shapes_do_not_depend_on_sampled_clients():
+def test_round_steps_follow_the_sampled_clients_on_a_ladder():
+    # Steps per client (B=3): 1, 3, 2, 1. The ladder is anchored at the largest (3): 3, 2, 1.
     data = make_population([2, 9, 4, 1])
     b = CohortBuilder(data, batch_size=3, local_epochs=1, cohort_size=4, seed=0,
                       device_table=False)
-    shapes = {b.build(r, c).arrays["x"].shape for r, c in enumerate([[0], [1, 3], [0, 1, 2, 3]])}
-    assert shapes == {(4, 3, 3, 5)}
+    shapes = [b.build(r, c).arrays["x"].shape for r, c in enumerate([[0], [1, 3], [0, 2]])]
+    assert shapes == [(4, 1, 3, 5), (4, 3, 3, 5), (4, 2, 3, 5)]
+    assert [b.round_steps(c) for c in ([3], [0, 3], [2], [1])] == [1, 1, 2, 3]
+    # ladder=None: every round has the population's largest shape (one padded program).
+    flat = CohortBuilder(data, batch_size=3, local_epochs=1, cohort_size=4, seed=0,
+                         device_table=False, ladder=None)
+    assert {flat.build(0, c).arrays["x"].shape for c in ([0], [1, 3])} == {(4, 3, 3, 5)}
+
+
+def test_ladder_rungs_bound_the_number_of_shapes():
+    sizes = np.random.default_rng(0).lognormal(3, 2, 500).astype(int) + 1
+    data = make_population(list(sizes))
+    b = CohortBuilder(data, batch_size=4, local_epochs=1, cohort_size=10, seed=0)
+    rungs = {b.round_steps([c]) for c in range(data.num_clients)}
+    # ratio 2 from the top: at most ceil(log2(S_max)) + 1 rungs, each below twice its client
+    assert len(rungs) <= int(np.ceil(np.log2(b.steps))) + 1
+    for c in range(data.num_clients):
+        assert b.client_steps([c])[0] <= b.round_steps([c]) < 2 * b.client_steps([c])[0]
+
+
+def test_per_round_layout_keeps_each_clients_batches():
+    # A client's batches do not depend on which other clients share its round.
+    data = make_population([2, 9, 4, 1])
+    b = CohortBuilder(data, batch_size=3, local_epochs=2, cohort_size=2, seed=3)
+    alone = b.build(7, [2]).index[0]
+    with_big = b.build(7, [1, 2]).index[1]
+    np.testing.assert_array_equal(alone[alone >= 0], with_big[: alone.shape[0]][alone >= 0])
+    assert (b.build(7, [1, 2]).mask[1, alone.shape[0]:] == 0).all()
 
 
 def test_masks_and_weights():

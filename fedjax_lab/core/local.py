@@ -1,0 +1,95 @@
+"""A client update written as steps, so that backends can run clients back to back.
+
+``Algorithm.client_update`` is a function of ONE client's whole local data. When it is a
+:class:`LocalUpdate`, a backend also sees its pieces: the carry a client starts from, one local
+step, and how a finished carry becomes the client's message. That is what lets a backend run
+several clients one after another in the same client slot ("packing", DESIGN.md "Data for
+vmap"): at a client boundary the slot's carry is reset to :attr:`LocalUpdate.start`, and the
+carry left after the client's last step is what :attr:`LocalUpdate.finish` turns into the
+client's output. Heavy-tailed populations then cost their real steps, not ``clients x
+largest client``.
+
+Calling a :class:`LocalUpdate` like a plain ``client_update`` runs exactly
+``start -> scan(step) -> finish``, so both execution paths compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from fedjax_lab.core import plan
+from fedjax_lab.core.types import Batches, ClientOutput, PyTree, ServerState
+
+# start(server_state) -> carry of a client that has not taken a step yet.
+Start = Callable[[ServerState], PyTree]
+# context(server_state, client_state) -> per-client constants the steps read (e.g. SCAFFOLD's
+# c - c_i); () when the steps read none.
+Context = Callable[[ServerState, PyTree], PyTree]
+# step(server_state, context, carry, arrays, mask) -> carry after one local step on the batch
+# ``arrays`` ({"x": [B, ...], ...}) with example mask ``mask`` [B].
+Step = Callable[[ServerState, PyTree, PyTree, dict[str, jax.Array], jax.Array], PyTree]
+# finish(server_state, client_state, carry, weight, *, key) -> (ClientOutput, new client state).
+Finish = Callable[..., tuple[ClientOutput, PyTree]]
+
+
+def no_context(server_state: ServerState, client_state: PyTree) -> PyTree:
+    """The context of steps that read nothing client-specific."""
+    del server_state, client_state
+    return ()
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """A ``client_update`` made of a start carry, a local step and a finish.
+
+    Contract (checked by the packing tests against the plain call):
+      * ``start`` depends on the server state only; everything client-specific that the steps
+        need comes from ``context`` (computed once per client and round);
+      * a step whose mask is all zero returns the carry unchanged (padding is a no-op);
+      * ``finish`` sees the carry after the client's last step, its scalar weight (the number of
+        real examples, 0 for a padded or dropped slot) and its PRNG key.
+
+    Attributes:
+      start: ``server_state -> carry``.
+      step: ``(server_state, context, carry, arrays, mask) -> carry``.
+      finish: ``(server_state, client_state, carry, weight, *, key) -> (ClientOutput, state)``.
+      context: ``(server_state, client_state) -> context`` (default: ``()``).
+    """
+
+    start: Start
+    step: Step
+    finish: Finish
+    context: Context = no_context
+
+    def __call__(
+        self, server_state: ServerState, client_state: PyTree, batches: Batches, *, key: jax.Array
+    ) -> tuple[ClientOutput, PyTree]:
+        """One client's update over ``[S, B]`` batches: start, scan of steps, finish."""
+        ctx = self.context(server_state, client_state)
+
+        def body(carry, inputs):
+            step_input, mask = inputs
+            return self.step(server_state, ctx, carry, batches.step_arrays(step_input), mask), None
+
+        carry, _ = jax.lax.scan(
+            body, self.start(server_state), (batches.step_inputs(), batches.mask),
+            unroll=plan.scan_unroll(),
+        )
+        return self.finish(server_state, client_state, carry, batches.weight, key=key)
+
+    def with_finish(self, wrap: Callable[[Finish], Finish]) -> LocalUpdate:
+        """The same local training with ``finish`` replaced by ``wrap(finish)``.
+
+        Wrappers that change only a client's message (FedNova's step norm, payload metrics) use
+        this instead of wrapping the whole call, so that the result can still be packed.
+        """
+        return LocalUpdate(self.start, self.step, wrap(self.finish), self.context)
+
+
+def is_local_update(client_update: Any) -> bool:
+    """Whether a backend may run this client update step by step (pack clients)."""
+    return isinstance(client_update, LocalUpdate)
