@@ -96,6 +96,11 @@ class FedAvgConfig:
             )
         if self.edge_clients < 1:
             raise ValueError(f"--edge-clients must be >= 1, got {self.edge_clients}")
+        if self.backend == "edge" and self.edge_clients > self.num_clients:
+            raise ValueError(
+                f"--edge-clients={self.edge_clients} > --num-clients={self.num_clients}: a "
+                "client process would host no client; lower --edge-clients"
+            )
         if not self.edge_round_timeout > 0:
             raise ValueError(f"--edge-round-timeout must be > 0, got {self.edge_round_timeout}")
         if self.checkpoint_every < 0:
