@@ -226,13 +226,25 @@ def config_argv(cfg: Any) -> list[str]:
     return argv
 
 
+def problem_config(cfg: Any) -> dict[str, Any]:
+    """The config fields that change results (all but the operational ones), for the edge join.
+
+    The edge server and every client process derive it from the same flags; a client whose
+    value differs (e.g. another --client-lr) is refused at join with the field named.
+    """
+    from fedjax_lab.io.checkpoint import OPERATIONAL_FIELDS
+
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL_FIELDS}
+
+
 def edge_problem(argv: Sequence[str]):
     """Problem factory of edge client processes: the experiment of these FedAvg flags."""
     from fedjax_lab.backends.edge import EdgeProblem
 
     cfg = parse_config(FedAvgConfig, argv, prog="edge client")
     _, train, model, _, params = build_problem(cfg)
-    return EdgeProblem(build_algorithm(cfg, model), None, train, params, cfg.seed)
+    return EdgeProblem(build_algorithm(cfg, model), None, train, params, cfg.seed,
+                       problem_config(cfg))
 
 
 def build_edge_backend(cfg: FedAvgConfig):
@@ -248,6 +260,7 @@ def build_edge_backend(cfg: FedAvgConfig):
     return EdgeBackend(
         num_workers=cfg.edge_clients, token=secrets.token_hex(32).encode(),
         round_timeout=cfg.edge_round_timeout, launcher=launcher,
+        problem_config=problem_config(cfg),
     )
 
 
