@@ -96,6 +96,11 @@ class FedAvgConfig:
             )
         if self.edge_clients < 1:
             raise ValueError(f"--edge-clients must be >= 1, got {self.edge_clients}")
+        if self.backend == "edge" and self.edge_clients > self.num_clients:
+            raise ValueError(
+                f"--edge-clients={self.edge_clients} > --num-clients={self.num_clients}: a "
+                "client process would host no client; lower --edge-clients"
+            )
         if not self.edge_round_timeout > 0:
             raise ValueError(f"--edge-round-timeout must be > 0, got {self.edge_round_timeout}")
         if self.checkpoint_every < 0:
@@ -221,13 +226,25 @@ def config_argv(cfg: Any) -> list[str]:
     return argv
 
 
+def problem_config(cfg: Any) -> dict[str, Any]:
+    """The config fields that change results (all but the operational ones), for the edge join.
+
+    The edge server and every client process derive it from the same flags; a client whose
+    value differs (e.g. another --client-lr) is refused at join with the field named.
+    """
+    from fedjax_lab.io.checkpoint import OPERATIONAL_FIELDS
+
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL_FIELDS}
+
+
 def edge_problem(argv: Sequence[str]):
     """Problem factory of edge client processes: the experiment of these FedAvg flags."""
     from fedjax_lab.backends.edge import EdgeProblem
 
     cfg = parse_config(FedAvgConfig, argv, prog="edge client")
     _, train, model, _, params = build_problem(cfg)
-    return EdgeProblem(build_algorithm(cfg, model), None, train, params, cfg.seed)
+    return EdgeProblem(build_algorithm(cfg, model), None, train, params, cfg.seed,
+                       problem_config(cfg))
 
 
 def build_edge_backend(cfg: FedAvgConfig):
@@ -243,6 +260,7 @@ def build_edge_backend(cfg: FedAvgConfig):
     return EdgeBackend(
         num_workers=cfg.edge_clients, token=secrets.token_hex(32).encode(),
         round_timeout=cfg.edge_round_timeout, launcher=launcher,
+        problem_config=problem_config(cfg),
     )
 
 

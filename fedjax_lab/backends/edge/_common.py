@@ -1,4 +1,4 @@
-"""Pieces shared by the edge server and client: the problem, templates, codec, fingerprints."""
+"""Pieces shared by the edge server and client: the problem, templates, codec, join documents."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,7 +17,8 @@ from fedjax_lab.backends.edge import protocol
 from fedjax_lab.compressors import Compressor, identity
 from fedjax_lab.compressors._base import tree_layout
 from fedjax_lab.compressors.identity import IdentityPayload
-from fedjax_lab.core.types import Algorithm, Batches, ClientOutput, DataSpec
+from fedjax_lab.core.types import Algorithm, Batches, ClientOutput, Cohort
+from fedjax_lab.data.cohort import CohortBuilder
 from fedjax_lab.data.federated import FederatedData
 
 ProblemFactory = Callable[[Sequence[str]], "EdgeProblem"]
@@ -32,6 +33,11 @@ class EdgeProblem(NamedTuple):
       data: the population; a client process keeps only the rows of the clients it hosts.
       init_params: initial model parameters (give the templates of the server state).
       seed: run seed (local data layout: ``CohortBuilder.client_index``).
+      config: JSON-able description of everything else that changes results (e.g. the
+        experiment's flags less the operational ones), derived from the same source as the
+        server's ``EdgeBackend(problem_config=...)``; a client whose config differs is refused at
+        join, with the differing keys named. None when the factory has no such description
+        (the compiled client program and the shapes are still compared).
     """
 
     algorithm: Algorithm
@@ -39,6 +45,7 @@ class EdgeProblem(NamedTuple):
     data: FederatedData
     init_params: Any
     seed: int
+    config: Mapping[str, Any] | None = None
 
 
 def load_problem_factory(spec: str) -> ProblemFactory:
@@ -107,28 +114,157 @@ def shape_structs(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(np.shape(x)), x.dtype), tree)
 
 
-def fingerprint(
-    algorithm: Algorithm,
-    server_state: Any,
-    client_state: Any,
-    output: Any,
-    steps: int,
-    batch: int,
-    features: dict[str, tuple[tuple[int, ...], str]],
-) -> str:
-    """Hash of everything both sides must agree on before exchanging a single array."""
-    spec: DataSpec = algorithm.data_spec
-    doc = {
-        "algorithm": algorithm.name,
-        "data_spec": [spec.batch_size, spec.local_epochs, spec.num_steps],
-        "steps": steps,
-        "batch": batch,
-        "features": {k: [list(s), d] for k, (s, d) in sorted(features.items())},
-        "server_state": [str(jax.tree.structure(server_state)), leaf_specs(server_state)],
-        "client_state": [str(jax.tree.structure(client_state)), leaf_specs(client_state)],
-        "output": [str(jax.tree.structure(output)), leaf_specs(output)],
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+def canonical_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` as it reads back from JSON (what the other side of the wire sees)."""
+    if config is None:
+        return None
+    try:
+        return json.loads(json.dumps(dict(config), sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the problem config must be JSON-able (finite numbers): {err}") from err
+
+
+def client_program(algorithm: Algorithm) -> Callable[..., Any]:
+    """One client's update as the edge client compiles it (the server lowers the same function)."""
+
+    def one_client(server_state, state, index, mask, weight, key, table):
+        batches = Batches(None, mask, weight, index=index, table=table)
+        return algorithm.client_update(server_state, state, batches, key=key)
+
+    return one_client
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """Shapes of one client's update; both sides derive it, the server from its first round.
+
+    Attributes:
+      server: ShapeDtypeStructs of the server state.
+      state: ShapeDtypeStructs of one client's state.
+      steps: local steps per client (``[S, B]`` data layout).
+      batch: batch size.
+      features: ``{name: (per-example shape, dtype name)}`` of the example table as the
+        compiled program sees it (JAX-canonical dtypes).
+    """
+
+    server: Any
+    state: Any
+    steps: int
+    batch: int
+    features: dict[str, tuple[tuple[int, ...], str]]
+
+    @classmethod
+    def of_problem(cls, problem: EdgeProblem) -> ProgramSpec:
+        """The client's view: templates from the problem, one example row for the features."""
+        spec = problem.algorithm.data_spec
+        builder = CohortBuilder(
+            PopulationLayout(np.asarray(problem.data.offsets)), batch_size=spec.batch_size,
+            local_epochs=spec.local_epochs, num_steps=spec.num_steps, cohort_size=1,
+            seed=problem.seed, device_table=False,
+        )
+        # One row (a lazy population reads just it): per-example shapes, and the dtypes that
+        # jnp.asarray gives the client's table.
+        row = problem.data.take(np.zeros(1, np.int64))
+        features = {k: (tuple(int(d) for d in np.shape(v)[1:]),
+                        np.dtype(jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)).name)
+                    for k, v in row.items()}
+        return cls(
+            server=shape_structs(problem.algorithm.init(problem.init_params)),
+            state=shape_structs(problem.algorithm.client_init(problem.init_params)),
+            steps=builder.steps, batch=builder.batch, features=features,
+        )
+
+    @classmethod
+    def of_round(cls, server_state: Any, client_states: Any, cohort: Cohort) -> ProgramSpec:
+        """The server's view, from its first round (stacked client states, device table)."""
+        steps, batch = (int(s) for s in cohort.mask.shape[1:])
+        features = {k: (tuple(int(d) for d in v.shape[1:]), np.dtype(v.dtype).name)
+                    for k, v in cohort.arrays.items()}
+        return cls(server=shape_structs(server_state), state=unstacked_specs(client_states),
+                   steps=steps, batch=batch, features=features)
+
+    def table(self, rows: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+        return {k: jax.ShapeDtypeStruct((rows, *shape), np.dtype(dtype))
+                for k, (shape, dtype) in self.features.items()}
+
+    def output(self, algorithm: Algorithm) -> ClientOutput:
+        return output_template(algorithm, self.server, self.state, self.steps, self.batch,
+                               self.table())
+
+    def document(self, algorithm: Algorithm, config: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What the join handshake compares: shapes, the compiled program, the config.
+
+        ``program`` hashes the StableHLO of :func:`client_program` lowered for CPU with a
+        one-row table. Hyperparameters that an algorithm or compressor closes over (learning
+        rates, momentum, quantization levels, k, proximal terms ...) are constants in that
+        program, so a client built with other values is caught even when every shape agrees.
+        Lowering only traces; nothing is compiled.
+        """
+        output = self.output(algorithm)
+        structure = {
+            "algorithm": algorithm.name,
+            "data_spec": [algorithm.data_spec.batch_size, algorithm.data_spec.local_epochs,
+                          algorithm.data_spec.num_steps],
+            "steps": self.steps,
+            "batch": self.batch,
+            "features": {k: [list(s), d] for k, (s, d) in sorted(self.features.items())},
+            "server_state": [str(jax.tree.structure(self.server)), leaf_specs(self.server)],
+            "client_state": [str(jax.tree.structure(self.state)), leaf_specs(self.state)],
+            "output": [str(jax.tree.structure(output)), leaf_specs(output)],
+        }
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        layout = jax.ShapeDtypeStruct((self.steps, self.batch), jnp.int32)
+        mask = jax.ShapeDtypeStruct((self.steps, self.batch), jnp.float32)
+        weight = jax.ShapeDtypeStruct((), jnp.float32)
+        hlo = jax.jit(client_program(algorithm)).trace(
+            self.server, self.state, layout, mask, weight, key, self.table()
+        ).lower(lowering_platforms=("cpu",)).as_text()
+        return {
+            "structure": _digest(json.dumps(structure, sort_keys=True)),
+            "program": _digest(hlo),
+            "config": canonical_config(config),
+            "jax": jax.__version__,
+        }
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def compare_documents(server: dict[str, Any], client: Any) -> list[str]:
+    """Why a client's join document (untrusted JSON) differs from the server's; [] if equal."""
+    if not isinstance(client, dict):
+        return ["the client sent no configuration document"]
+    problems = []
+    ours, theirs = server["config"], client.get("config")
+    if ours != theirs:
+        if isinstance(ours, dict) and isinstance(theirs, dict):
+            keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            problems.append("flags differ: " + ", ".join(
+                f"{k} (server {ours.get(k)!r}, client {theirs.get(k)!r})" for k in keys
+            ))
+        else:
+            problems.append(
+                f"problem config: the server's is {'set' if ours else 'absent'}, the client's "
+                f"is {'set' if theirs else 'absent'} (both must come from the same factory)"
+            )
+    if client.get("structure") != server["structure"]:
+        problems.append("model, algorithm state or data shapes differ")
+    if client.get("program") != server["program"]:
+        versions = ""
+        if client.get("jax") != server["jax"]:
+            versions = (f"; jax versions differ: server {server['jax']}, client "
+                        f"{client.get('jax')!r}")
+        problems.append(
+            "the compiled client program differs (a hyperparameter of the algorithm or "
+            f"compressor, e.g. a learning rate or quantization levels{versions})"
+        )
+    return [p[:600] for p in problems]
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every element of every (host or device) leaf of ``tree`` is finite."""
+    return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(tree))
 
 
 def output_template(
@@ -182,6 +318,10 @@ class PayloadCodec:
                     "server needs it to cap the upload size before decoding"
                 )
             self.max_bytes = -(-max_bits // 8)
+
+    def decode(self, payload: Any) -> Any:
+        """The update a payload stands for (what ``aggregate`` sums), for the finiteness check."""
+        return payload if self.compressor is None else self.compressor.decode(payload)
 
     def to_bytes(self, payload: Any) -> bytes:
         if self.compressor is None:

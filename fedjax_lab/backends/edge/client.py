@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.backends.edge import _common, protocol
-from fedjax_lab.core.types import Batches
 from fedjax_lab.data.cohort import CohortBuilder
 
 EXIT_OK = 0
@@ -36,17 +35,26 @@ EXIT_PARENT_GONE = 5
 
 
 class EdgeClientError(RuntimeError):
-    """The server refused this client (bad token, unknown id, configuration mismatch)."""
+    """The server refused this client (bad key, unknown id, configuration mismatch)."""
+
+
+class _Rejoin(Exception):
+    """The server's session changed (it restarted): join again."""
 
 
 class _Connection:
-    """Signed unary calls to the server; answers are verified with the server's MAC."""
+    """Signed calls to the server; answers are verified with the server's MAC.
 
-    def __init__(self, address: str, worker: int, token: bytes, *, tls_ca: bytes | None,
+    Each request streams its frame in chunks (:func:`protocol.chunks`) with metadata that
+    authenticates it (:func:`protocol.sign_request`) under this worker's own key; the answer's
+    MAC must cover that very request, so a replayed or forged answer is refused.
+    """
+
+    def __init__(self, address: str, worker: int, key: bytes, *, tls_ca: bytes | None,
                  server_name: str | None, max_message_bytes: int) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", protocol.CHUNK_BYTES),
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -55,22 +63,22 @@ class _Connection:
             self.channel = grpc.secure_channel(address, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)
-        self.worker = str(worker)
-        self._token = token
+        self.worker = worker
+        self.session = ""  # learnt from the server's welcome
+        self._key = key
         self._calls = {
-            m: self.channel.unary_unary(protocol.method_path(m)) for m in protocol.METHODS
+            m: self.channel.stream_unary(protocol.method_path(m)) for m in protocol.METHODS
         }
 
     def call(self, method: str, frame: bytes, timeout: float) -> protocol.Message:
-        mac = protocol.sign(self._token, method, self.worker, frame)
+        metadata, auth = protocol.sign_request(self._key, method, self.worker, self.session,
+                                               frame)
         answer, call = self._calls[method].with_call(
-            frame, timeout=timeout,
-            metadata=((protocol.WORKER_KEY, self.worker), (protocol.MAC_KEY, mac)),
+            iter(protocol.chunks(frame)), timeout=timeout, metadata=metadata,
         )
         server_mac = protocol.metadata_value(call.trailing_metadata(), protocol.MAC_KEY)
-        if not protocol.verify(self._token, protocol.response_method(method), self.worker,
-                               answer, server_mac):
-            raise EdgeClientError(f"the answer to {method} is not signed with our token")
+        if not protocol.verify_reply(self._key, method, auth, answer, server_mac):
+            raise EdgeClientError(f"the answer to {method} is not signed for this request")
         return protocol.decode_message(answer)
 
     def close(self) -> None:
@@ -80,22 +88,32 @@ class _Connection:
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
           grpc.StatusCode.RESOURCE_EXHAUSTED)
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.FAILED_PRECONDITION)
+            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED)
 
 
 class EdgeWorker:
-    """The state of one client process (its data, templates and compiled client update)."""
+    """The state of one client process (its data, templates and compiled client update).
 
-    def __init__(self, problem: _common.EdgeProblem, worker: int, num_workers: int) -> None:
+    Args:
+      problem: the problem of this run (as the server's).
+      worker: this process's id.
+      num_workers: client processes of the run (from the server's welcome).
+      spec: the problem's :class:`_common.ProgramSpec` if already computed (for the join).
+    """
+
+    def __init__(self, problem: _common.EdgeProblem, worker: int, num_workers: int,
+                 spec: _common.ProgramSpec | None = None) -> None:
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker id {worker} not in [0, {num_workers})")
         self.problem = problem
+        self.num_workers = num_workers
         algorithm, data = problem.algorithm, problem.data
-        spec = algorithm.data_spec
+        spec = spec or _common.ProgramSpec.of_problem(problem)
+        data_spec = algorithm.data_spec
         self.builder = CohortBuilder(
             _common.PopulationLayout(np.asarray(data.offsets)),
-            batch_size=spec.batch_size, local_epochs=spec.local_epochs,
-            num_steps=spec.num_steps, cohort_size=1, seed=problem.seed, device_table=False,
+            batch_size=data_spec.batch_size, local_epochs=data_spec.local_epochs,
+            num_steps=data_spec.num_steps, cohort_size=1, seed=problem.seed, device_table=False,
         )
         self.hosted = [c for c in range(data.num_clients) if c % num_workers == worker]
         rows = [np.arange(data.offsets[c], data.offsets[c + 1]) for c in self.hosted]
@@ -109,26 +127,12 @@ class EdgeWorker:
         take = take if len(take) else np.zeros(1, np.int64)
         # data.take: a lazily read population reads only this worker's clients' rows.
         self.table = {k: jnp.asarray(v) for k, v in data.take(take).items()}
-        self.server_template = _common.shape_structs(algorithm.init(problem.init_params))
-        self.state_template = _common.shape_structs(algorithm.client_init(problem.init_params))
-        steps, batch = self.builder.steps, self.builder.batch
-        table_t = _common.shape_structs(self.table)
-        self.output_template = _common.output_template(
-            algorithm, self.server_template, self.state_template, steps, batch, table_t
-        )
+        self.server_template = spec.server
+        self.state_template = spec.state
+        self.output_template = spec.output(algorithm)
         self.codec = _common.PayloadCodec(problem.compressor, self.output_template.update)
-        features = {k: (tuple(v.shape[1:]), str(np.dtype(v.dtype))) for k, v in table_t.items()}
-        self.fingerprint = _common.fingerprint(
-            algorithm, self.server_template, self.state_template, self.output_template,
-            steps, batch, features,
-        )
         self.key_template = jax.random.key_data(jax.random.key(0))
-
-        def one_client(server_state, state, index, mask, weight, key, table):
-            batches = Batches(None, mask, weight, index=index, table=table)
-            return algorithm.client_update(server_state, state, batches, key=key)
-
-        self._client_fn = jax.jit(one_client)
+        self._client_fn = jax.jit(_common.client_program(algorithm))
 
     def warm_up(self) -> None:
         """Compiles the client update before the first task (so rounds time only training)."""
@@ -207,7 +211,7 @@ def run_client(
     *,
     server: str,
     worker: int,
-    token: bytes,
+    key: bytes,
     tls_ca: bytes | None = None,
     server_name: str | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
@@ -216,11 +220,22 @@ def run_client(
 ) -> int:
     """Joins ``server`` as client process ``worker`` and serves tasks until told to stop.
 
+    Args:
+      problem: the problem of this run (the server refuses a different configuration).
+      server: ``host:port`` of the edge server.
+      worker: this process's worker id.
+      key: this worker's key (``protocol.load_worker_key``).
+      tls_ca: root certificate PEM to connect over TLS (None: plaintext).
+      server_name: expected name in the server certificate.
+      max_message_bytes: the largest answer (task) accepted.
+      server_timeout: give up after the server was unreachable this long (s).
+      parent_pid: exit when this process is no longer our parent.
+
     Returns:
-      An exit code: 0 after "stop", 3 if refused (token, id, configuration), 4 if the server
+      An exit code: 0 after "stop", 3 if refused (key, id, configuration), 4 if the server
       stayed unreachable for ``server_timeout`` seconds, 5 if ``parent_pid`` went away.
     """
-    conn = _Connection(server, worker, token, tls_ca=tls_ca, server_name=server_name,
+    conn = _Connection(server, worker, key, tls_ca=tls_ca, server_name=server_name,
                        max_message_bytes=max_message_bytes)
     try:
         return _serve(problem, conn, worker, server_timeout, parent_pid)
@@ -241,6 +256,8 @@ def _call(conn: _Connection, method: str, frame: bytes, timeout: float,
             return conn.call(method, frame, timeout)
         except grpc.RpcError as err:
             code = err.code()
+            if code == grpc.StatusCode.ABORTED and method != protocol.JOIN:
+                raise _Rejoin from err
             if code in _REFUSED:
                 raise EdgeClientError(f"{method}: {code.name}: {err.details()}") from err
             if code not in _RETRY or time.monotonic() > give_up or _parent_gone(parent_pid):
@@ -251,24 +268,51 @@ def _call(conn: _Connection, method: str, frame: bytes, timeout: float,
         delay = min(2 * delay, 1.0)
 
 
+def _join(conn: _Connection, document: dict, server_timeout: float,
+          parent_pid: int | None) -> protocol.Message | None:
+    """The server's welcome (its session is then ``conn.session``); None when we should exit."""
+    conn.session = ""
+    frame = protocol.encode_message({"kind": "join", "pid": os.getpid(), "program": document})
+    while True:
+        if _parent_gone(parent_pid):
+            return None
+        welcome = _call(conn, protocol.JOIN, frame, 30.0, server_timeout, parent_pid)
+        if welcome is None or welcome.header.get("kind") == "welcome":
+            break
+        # "wait": the server has not set up its first round yet.
+    if welcome is not None:
+        conn.session = welcome.field("session", str)
+    return welcome
+
+
 def _serve(problem, conn: _Connection, worker: int, server_timeout: float,
            parent_pid: int | None) -> int:
-    join = protocol.encode_message({"kind": "join", "pid": os.getpid()})
-    welcome = _call(conn, protocol.JOIN, join, 10.0, server_timeout, parent_pid)
-    if welcome is None:
-        return EXIT_PARENT_GONE if _parent_gone(parent_pid) else EXIT_SERVER_GONE
-    num_workers = welcome.field("num_workers", int)
-    poll = float(welcome.field("poll_seconds", int | float))
-    state = EdgeWorker(problem, worker, num_workers)
-    state.warm_up()
-    last_round, session = -1, ""
+    spec = _common.ProgramSpec.of_problem(problem)
+    document = spec.document(problem.algorithm, problem.config)
+    state = None
+    while True:  # once per server session
+        welcome = _join(conn, document, server_timeout, parent_pid)
+        if welcome is None:
+            return EXIT_PARENT_GONE if _parent_gone(parent_pid) else EXIT_SERVER_GONE
+        num_workers = welcome.field("num_workers", int)
+        poll = float(welcome.field("poll_seconds", int | float))
+        if state is None or state.num_workers != num_workers:
+            state = EdgeWorker(problem, worker, num_workers, spec)
+            state.warm_up()
+        try:
+            return _work(state, conn, worker, poll, server_timeout, parent_pid)
+        except _Rejoin:
+            print(f"edge client {worker}: the server restarted; joining again", file=sys.stderr)
+
+
+def _work(state: EdgeWorker, conn: _Connection, worker: int, poll: float,
+          server_timeout: float, parent_pid: int | None) -> int:
+    """Fetches and runs tasks until "stop" (raises :class:`_Rejoin` on a new session)."""
+    last_round = -1
     while True:
         if _parent_gone(parent_pid):
             return EXIT_PARENT_GONE
-        fetch = protocol.encode_message(
-            {"kind": "fetch", "after_round": last_round, "session": session,
-             "fingerprint": state.fingerprint}
-        )
+        fetch = protocol.encode_message({"kind": "fetch", "after_round": last_round})
         msg = _call(conn, protocol.FETCH, fetch, poll + 10.0, server_timeout, parent_pid)
         if msg is None:
             return EXIT_PARENT_GONE if _parent_gone(parent_pid) else EXIT_SERVER_GONE
@@ -283,6 +327,8 @@ def _serve(problem, conn: _Connection, worker: int, server_timeout: float,
             try:
                 conn.call(protocol.SUBMIT, frame, 30.0)
             except grpc.RpcError as err:  # the server dropped this client; go on
+                if err.code() == grpc.StatusCode.ABORTED:
+                    raise _Rejoin from err
                 print(f"edge client {worker}: submit of slot {entry['slot']} failed: "
                       f"{err.code().name}: {err.details()}", file=sys.stderr)
-        last_round, session = round_id, str(msg.header.get("session", ""))
+        last_round = round_id

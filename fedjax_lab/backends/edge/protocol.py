@@ -13,15 +13,21 @@ The body is the arrays in order followed by the blobs in order, nothing else. Th
 its input as hostile: the header length is capped, every declared size is computed with Python
 integers (no overflow) and checked against the bytes actually present *before* anything is
 sliced, only plain numeric dtypes are accepted, and the arrays it returns are read-only views of
-the received bytes, so decoding never allocates more than the message that gRPC already limited
-with ``grpc.max_receive_message_length``. Callers then check every array against a template
+the received bytes, so decoding never allocates more than the body, whose size the server
+capped before reading it (see below). Callers then check every array against a template
 (shape and dtype) before using it.
 
-Authentication: every request carries the sender's worker id and an HMAC-SHA256 of
-``method | worker id | frame`` keyed with a shared secret token (gRPC metadata ``fje-worker``
-and ``fje-mac``); the server compares with :func:`hmac.compare_digest` and answers with its own
-HMAC in the trailing metadata, so a client also rejects forged tasks. The token authenticates,
-it does not encrypt: use TLS (``grpc.ssl_server_credentials``) when the network is not trusted.
+Authentication (see ``docs/threat_model.md``): the server holds a master secret; worker ``w``
+holds only its own key ``HMAC(master, "fedjax-edge worker:w")`` (:func:`worker_key`), so it can
+authenticate as ``w`` and nobody else. Every request carries, as gRPC metadata, the worker id, the
+server's session id (random per server start), the sender's clock, a random nonce, the body's
+length and SHA-256, and an HMAC-SHA256 of all of these under the worker's key. The server checks
+that metadata *before* it reads the body (an unauthenticated call never gets a buffer or one
+of the threads that serve workers), refuses stale clocks, replayed nonces and other sessions'
+requests, then streams the body in chunks up to the announced length (capped per method) and
+checks its digest. It answers with an HMAC that covers the request's MAC (:func:`reply_mac`),
+so a client never accepts a replayed or forged answer. The MACs authenticate; they do not
+encrypt: use TLS (``grpc.ssl_server_credentials``) when the network is not trusted.
 
 This module deliberately imports only numpy and the standard library so that small tools (and
 the hostile-client tests) can speak the protocol without starting JAX.
@@ -33,7 +39,11 @@ import hashlib
 import hmac
 import json
 import math
+import os
+import re
+import secrets
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,14 +51,33 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"FJE1"
-SERVICE = "fedjax_lab.edge.v1.Edge"
+# v2: per-worker keys, metadata authentication before the body, chunked request streams.
+SERVICE = "fedjax_lab.edge.v2.Edge"
 JOIN = "Join"
 FETCH = "Fetch"
 SUBMIT = "Submit"
 METHODS = (JOIN, FETCH, SUBMIT)
 WORKER_KEY = "fje-worker"
+SESSION_KEY = "fje-session"
+TIME_KEY = "fje-time"
+NONCE_KEY = "fje-nonce"
+LENGTH_KEY = "fje-length"
+DIGEST_KEY = "fje-digest"
 MAC_KEY = "fje-mac"
+_REQUEST_KEYS = (WORKER_KEY, SESSION_KEY, TIME_KEY, NONCE_KEY, LENGTH_KEY, DIGEST_KEY, MAC_KEY)
+KEY_LABEL = "fedjax-edge worker"
+REQUEST_LABEL = "fedjax-edge request v2"
+REPLY_LABEL = "fedjax-edge reply v2"
+CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_WORKERS = 10**6
+_WORKER = re.compile(r"[0-9]{1,6}")
+_SESSION = re.compile(r"[0-9a-f]{0,64}")
+_DIGITS = re.compile(r"[0-9]{1,15}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_HEADER_BYTES = 64 * 1024
+SMALL_FRAME_BYTES = 8 + MAX_HEADER_BYTES  # a frame that is a header only (Join, Fetch)
 MAX_ENTRIES = 4096
 MAX_NAME_CHARS = 128
 MAX_NDIM = 8
@@ -242,36 +271,194 @@ def decode_message(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> 
     return Message(header, arrays, blobs)
 
 
-def sign(token: bytes, method: str, worker: str, frame: bytes) -> str:
-    """Hex HMAC-SHA256 of ``method | worker | frame`` under ``token``."""
-    mac = hmac.new(token, digestmod=hashlib.sha256)
-    mac.update(method.encode() + b"\x00" + worker.encode() + b"\x00")
-    mac.update(frame)
-    return mac.hexdigest()
+# ------------------------------------------------------------------------------ credentials
+def worker_key(master: bytes, worker: int) -> bytes:
+    """Worker ``worker``'s own key: HMAC-SHA256 of ``"fedjax-edge worker:<id>"`` under ``master``.
+
+    HMAC is a pseudo-random function, so a key says nothing about the master secret or another
+    worker's key: a device holding the key of worker ``w`` can authenticate as ``w`` only.
+    """
+    _check_secret(master, "master secret")
+    if isinstance(worker, bool) or not isinstance(worker, int) or not 0 <= worker < MAX_WORKERS:
+        raise ValueError(f"worker id must be an int in [0, {MAX_WORKERS}), got {worker!r}")
+    return hmac.new(master, f"{KEY_LABEL}:{worker}".encode(), hashlib.sha256).digest()
 
 
-def verify(token: bytes, method: str, worker: str, frame: bytes, mac: Any) -> bool:
-    """Constant-time check of a MAC produced by :func:`sign`."""
-    if not isinstance(mac, str) or len(mac) != 64:
-        return False
-    return hmac.compare_digest(sign(token, method, worker, frame), mac)
-
-
-def response_method(method: str) -> str:
-    """The MAC domain of the server's answer to ``method`` (distinct from the request's)."""
-    return f"{method}/response"
-
-
-def load_token(path: str) -> bytes:
-    """Reads a shared secret token file (surrounding whitespace stripped)."""
-    with open(path, "rb") as f:
-        token = f.read().strip()
-    if len(token) < MIN_TOKEN_BYTES:
+def _check_secret(secret: Any, what: str) -> None:
+    if not isinstance(secret, bytes) or len(secret) < MIN_TOKEN_BYTES:
         raise ValueError(
-            f"token file {path!r} holds {len(token)} bytes; use at least {MIN_TOKEN_BYTES} "
-            "random bytes, e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`"
+            f"the {what} must be bytes of length >= {MIN_TOKEN_BYTES} (a random secret, e.g. "
+            "`python -c 'import secrets; print(secrets.token_hex(32))'`)"
         )
-    return token
+
+
+def load_master(path: str) -> bytes:
+    """Reads the server's master secret file (surrounding whitespace stripped).
+
+    Raises:
+      ValueError: the file cannot be read or holds fewer than 16 bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as err:
+        raise ValueError(f"cannot read {path!r}: {err.strerror or err}") from err
+    if len(secret) < MIN_TOKEN_BYTES:
+        raise ValueError(
+            f"{path!r} holds {len(secret)} bytes; use at least {MIN_TOKEN_BYTES} random bytes, "
+            "e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`"
+        )
+    return secret
+
+
+def write_worker_key(path: str, master: bytes, worker: int) -> None:
+    """Writes worker ``worker``'s key file (mode 0600; refuses to overwrite a file)."""
+    text = json.dumps({"fedjax_edge_worker_key": 1, "worker": worker,
+                       "key": worker_key(master, worker).hex()})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+def load_worker_key(path: str) -> tuple[int, bytes]:
+    """``(worker id, key)`` from a file written by :func:`write_worker_key`.
+
+    Raises:
+      ValueError: the file cannot be read or is not a worker key file.
+    """
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(4096).decode("utf-8"))
+    except OSError as err:
+        raise ValueError(f"cannot read {path!r}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise ValueError(f"{path!r} is not a worker key file (JSON): {err}") from err
+    ok = (isinstance(doc, dict) and doc.get("fedjax_edge_worker_key") == 1
+          and isinstance(doc.get("worker"), int) and not isinstance(doc.get("worker"), bool)
+          and 0 <= doc["worker"] < MAX_WORKERS and isinstance(doc.get("key"), str)
+          and _HEX64.fullmatch(doc["key"]))
+    if not ok:
+        raise ValueError(
+            f"{path!r} is not a worker key file; write one with `python -m "
+            "fedjax_lab.backends.edge keys --master-file SECRET --worker N --out FILE`"
+        )
+    return doc["worker"], bytes.fromhex(doc["key"])
+
+
+# --------------------------------------------------------------------------- request signing
+@dataclass(frozen=True)
+class RequestAuth:
+    """The authentication metadata of one request (parsed, not yet verified).
+
+    Every field is covered by ``mac``; ``length`` and ``digest`` describe the body, so the
+    server verifies the sender (and the size it announces) *before* it reads a byte of it.
+    """
+
+    worker: int
+    session: str
+    time_ms: int
+    nonce: str
+    length: int
+    digest: str
+    mac: str
+
+
+def _request_mac(key: bytes, method: str, auth: RequestAuth) -> str:
+    # Every field has a NUL-free, bounded format (checked by parse_request_metadata), so the
+    # NUL-joined message is unambiguous.
+    text = "\x00".join([
+        REQUEST_LABEL, method, str(auth.worker), auth.session, str(auth.time_ms), auth.nonce,
+        str(auth.length), auth.digest,
+    ])
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def sign_request(
+    key: bytes, method: str, worker: int, session: str, frame: bytes, *,
+    time_ms: int | None = None, nonce: str | None = None,
+) -> tuple[tuple[tuple[str, str], ...], RequestAuth]:
+    """Metadata authenticating ``frame`` as a ``method`` request of ``worker`` in ``session``.
+
+    Args:
+      key: the worker's key (:func:`worker_key`).
+      method: one of :data:`METHODS`.
+      worker: the sender's worker id.
+      session: the server's session id ("" before the first ``Join``).
+      frame: the request body.
+      time_ms: the sender's clock in ms since the epoch (default: now).
+      nonce: 32 hex digits (default: fresh random); the server refuses a nonce it has seen.
+
+    Returns:
+      ``(gRPC metadata, RequestAuth)``; keep the latter to verify the reply.
+    """
+    auth = RequestAuth(
+        worker=worker, session=session,
+        time_ms=int(time.time() * 1000) if time_ms is None else time_ms,
+        nonce=secrets.token_hex(16) if nonce is None else nonce,
+        length=len(frame), digest=hashlib.sha256(frame).hexdigest(), mac="",
+    )
+    auth = RequestAuth(**{**auth.__dict__, "mac": _request_mac(key, method, auth)})
+    metadata = (
+        (WORKER_KEY, str(auth.worker)), (SESSION_KEY, auth.session),
+        (TIME_KEY, str(auth.time_ms)), (NONCE_KEY, auth.nonce), (LENGTH_KEY, str(auth.length)),
+        (DIGEST_KEY, auth.digest), (MAC_KEY, auth.mac),
+    )
+    return metadata, auth
+
+
+def parse_request_metadata(metadata: Any) -> RequestAuth | None:
+    """The :class:`RequestAuth` of gRPC invocation metadata; None if any field is malformed."""
+    values = {k: metadata_value(metadata, k) for k in _REQUEST_KEYS}
+    if any(v is None for v in values.values()):
+        return None
+    formats = {WORKER_KEY: _WORKER, SESSION_KEY: _SESSION, TIME_KEY: _DIGITS, NONCE_KEY: _HEX32,
+               LENGTH_KEY: _DIGITS, DIGEST_KEY: _HEX64, MAC_KEY: _HEX64}
+    if not all(formats[k].fullmatch(v) for k, v in values.items()):
+        return None
+    return RequestAuth(
+        worker=int(values[WORKER_KEY]), session=values[SESSION_KEY],
+        time_ms=int(values[TIME_KEY]), nonce=values[NONCE_KEY], length=int(values[LENGTH_KEY]),
+        digest=values[DIGEST_KEY], mac=values[MAC_KEY],
+    )
+
+
+def verify_request(key: bytes, method: str, auth: RequestAuth) -> bool:
+    """Constant-time check of ``auth.mac`` (the body is checked later against ``auth.digest``)."""
+    return hmac.compare_digest(_request_mac(key, method, auth), auth.mac)
+
+
+def body_matches(auth: RequestAuth, frame: bytes) -> bool:
+    """Whether a received body is the one the request's MAC covers."""
+    return len(frame) == auth.length and hmac.compare_digest(
+        hashlib.sha256(frame).hexdigest(), auth.digest
+    )
+
+
+def reply_mac(key: bytes, method: str, request: RequestAuth, frame: bytes) -> str:
+    """The server's MAC of its answer ``frame``, bound to the request it answers.
+
+    It covers the request's MAC (hence its session, time and nonce): a recorded answer replayed
+    to another request, or to another worker, does not verify.
+    """
+    text = "\x00".join([REPLY_LABEL, method, str(request.worker), request.mac,
+                        hashlib.sha256(frame).hexdigest()])
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def verify_reply(key: bytes, method: str, request: RequestAuth, frame: bytes, mac: Any) -> bool:
+    """Constant-time check of a :func:`reply_mac`."""
+    if not isinstance(mac, str) or not _HEX64.fullmatch(mac):
+        return False
+    return hmac.compare_digest(reply_mac(key, method, request, frame), mac)
+
+
+def chunks(frame: bytes) -> list[bytes]:
+    """The request stream of ``frame``: pieces of at most :data:`CHUNK_BYTES`.
+
+    Requests stream in chunks so that the server's gRPC receive limit is one chunk and the
+    per-method size limit is enforced as bytes arrive (gRPC's own limit is per server).
+    """
+    return [frame[i : i + CHUNK_BYTES] for i in range(0, len(frame), CHUNK_BYTES)]
 
 
 def metadata_value(metadata: Any, key: str) -> str | None:

@@ -1,12 +1,16 @@
 """The edge server: a gRPC service that hands out rounds and validates uploads, and the backend.
 
 :class:`EdgeServer` is the network side. Clients *pull* (as devices behind NAT do): they
-``Join``, then long-poll ``Fetch`` for a task (the global server state, and for each of their
-sampled clients its slot, PRNG key, client state and a digest of its data layout), run the
-algorithm's jitted ``client_update`` and ``Submit`` one result per client: the compressor's wire
-bytes plus the small additive fields of ``ClientOutput`` and the new client state. Every request
-is authenticated (HMAC, see :mod:`.protocol`), size-capped by gRPC before it reaches Python,
-parsed by a hostile-input-safe decoder and checked against templates before anything is decoded.
+``Join`` (the server compares their configuration with its own: shapes, the compiled client
+program, the problem config), then long-poll ``Fetch`` for a task (the global server state, and
+for each of their sampled clients its slot, PRNG key, client state and a digest of its data
+layout), run the algorithm's jitted ``client_update`` and ``Submit`` one result per client: the
+compressor's wire bytes plus the small additive fields of ``ClientOutput`` and the new client
+state. Every request
+is authenticated from its metadata with its worker's own key before its body is read (see
+:mod:`.protocol`), size-capped per method and time-limited while it arrives, parsed by a
+hostile-input-safe decoder, checked against templates before anything is decoded, and its
+numbers are bounded and checked finite before they are aggregated.
 
 :class:`EdgeBackend` implements the ``Backend`` protocol on top of it: it publishes the round,
 waits (bounded by ``round_timeout``) for the sampled clients, drops the ones that failed, timed
@@ -27,8 +31,11 @@ because clients rebuild their local data layout for that round.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
+import math
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -46,12 +53,30 @@ import jax
 import numpy as np
 
 from fedjax_lab.backends.edge import _common, protocol
+from fedjax_lab.backends.edge.client import EXIT_REFUSED
 from fedjax_lab.backends.vmap import validate_round_inputs
 from fedjax_lab.core.rng import client_keys
+from fedjax_lab.core.tree import tree_all_finite
 from fedjax_lab.core.types import Algorithm, ClientOutput, Cohort, ServerState
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_WORKER_ID = re.compile(r"[0-9]{1,6}")
+DEFAULT_MAX_MESSAGE_BYTES = protocol.DEFAULT_MAX_MESSAGE_BYTES
+DEFAULT_RECEIVE_TIMEOUT = 60.0
+DEFAULT_MAX_CLOCK_SKEW = 300.0
+# Concurrent calls one worker may have in flight: an honest client makes one at a time (a
+# long-polling Fetch, then one Submit per client); a few more absorb its retries.
+CALLS_PER_WORKER = 4
+# Join, Fetch and a "failed" Submit are a header and nothing else.
+SMALL_REQUEST_BYTES = protocol.SMALL_FRAME_BYTES
+# HTTP/2 streams one connection may hold open (an honest client process needs 1 or 2).
+STREAMS_PER_CONNECTION = 16
+
+
+class _Rejected(ValueError):
+    """An authenticated, well-framed result whose content is refused (``reason``: short)."""
+
+    def __init__(self, reason: str, details: str) -> None:
+        super().__init__(details)
+        self.reason = reason
 
 
 class _ResultSchema:
@@ -66,24 +91,52 @@ class _ResultSchema:
             {"weight"} | {f"m:{k}" for k in self.metrics}
             | _common.tree_names("e", output.extra) | _common.tree_names("c", state)
         )
+        arrays = [output.weight, *output.metrics.values(), *jax.tree.leaves(output.extra),
+                  *jax.tree.leaves(state)]
+        # The largest valid result frame: prefix, header, every array at its template size
+        # and the largest payload the codec accepts. Submit requests announcing more are
+        # refused before a byte of their body is read.
+        self.max_bytes = (
+            SMALL_REQUEST_BYTES + codec.max_bytes
+            + sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays)
+        )
 
-    def parse(self, msg: protocol.Message) -> tuple[ClientOutput, Any, int]:
-        """``(ClientOutput, new client state, payload bytes)``; ValueError when invalid."""
+    def parse(self, msg: protocol.Message, real_weight: float) -> tuple[ClientOutput, Any, int]:
+        """``(ClientOutput, new client state, payload bytes)`` of an uploaded result.
+
+        Args:
+          msg: the decoded result frame.
+          real_weight: the slot's example count (``cohort.weight``), the largest weight a
+            client may claim.
+
+        Raises:
+          ValueError: a malformed result (:class:`protocol.ProtocolError`, the codec's checks)
+            or refused numbers (:class:`_Rejected`: weight out of range, non-finite values).
+        """
         msg.expect_names(self.names, {"payload"})
-        weight = msg.array("weight", (), np.float32)
+        weight = float(msg.array("weight", (), np.float32))
         metrics = {}
         for k in self.metrics:
             spec = self.output.metrics[k]
             metrics[k] = np.array(msg.array(f"m:{k}", spec.shape, spec.dtype))
-        if not np.isfinite(weight) or weight < 0:
-            raise protocol.ProtocolError(f"client weight must be finite and >= 0, got {weight}")
-        if not all(np.all(np.isfinite(v)) for v in metrics.values()):
-            raise protocol.ProtocolError("client metrics must be finite")
         extra = _common.read_tree(msg, "e", self.output.extra)
         state = _common.read_tree(msg, "c", self.state)
         data = msg.blobs["payload"]
         update = self.codec.from_bytes(data)
-        out = ClientOutput(update, np.array(weight), metrics, extra)
+        if not (math.isfinite(weight) and 0.0 <= weight <= real_weight):
+            raise _Rejected(
+                "weight out of range",
+                f"client weight {weight!r} is not in [0, {real_weight:g}] (the client's example "
+                "count)",
+            )
+        for what, tree in (("metrics", metrics), ("extra", extra), ("client state", state)):
+            if not _common.all_finite(tree):
+                raise _Rejected("non-finite values", f"the result's {what} are not all finite")
+        # After decoding: a payload of finite numbers can still decode to inf (e.g. a rand-k
+        # value of 3e38 scaled by d/k).
+        if not _common.all_finite(self.codec.decode(update)):
+            raise _Rejected("non-finite values", "the update decodes to non-finite values")
+        out = ClientOutput(update, np.float32(weight), metrics, extra)
         return out, state, len(data)
 
 
@@ -91,6 +144,7 @@ class _ResultSchema:
 class _Round:
     round_id: int
     owners: dict[int, tuple[int, int]]  # slot -> (worker, population client)
+    real_weights: dict[int, float]  # slot -> the client's example count (cohort.weight)
     tasks: dict[int, bytes]  # worker -> task frame
     schema: _ResultSchema
     pending: set[int] = field(default_factory=set)
@@ -111,16 +165,117 @@ class _Round:
         return [s for s in self.pending if self.owners[s][0] == worker]
 
 
+class _Refusal:
+    """A call refused from its metadata: aborts at once, without reading the request stream.
+
+    It runs on the server's small refusal pool (gRPC's ``experimental_thread_pool``), so a
+    flood of unauthenticated calls never occupies the threads that serve the workers.
+    """
+
+    def __init__(self, pool: futures.ThreadPoolExecutor, code: grpc.StatusCode,
+                 details: str) -> None:
+        self.experimental_thread_pool = pool
+        self.code = code
+        self.details = details
+
+    def __call__(self, request_iterator: Any, context: grpc.ServicerContext) -> None:
+        del request_iterator
+        context.abort(self.code, self.details)
+
+
+class _Gate(grpc.GenericRpcHandler):
+    """Admits a call from its metadata alone (runs in gRPC's poller thread, before the body)."""
+
+    def __init__(self, server: EdgeServer) -> None:
+        self._server = server
+        self._methods = {protocol.method_path(m): m for m in protocol.METHODS}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = self._methods.get(handler_call_details.method)
+        verdict = self._server._admit(method, handler_call_details.invocation_metadata)
+        if isinstance(verdict, _Refusal):
+            return grpc.stream_unary_rpc_method_handler(verdict)
+        return grpc.stream_unary_rpc_method_handler(
+            functools.partial(self._server._serve, method, verdict)
+        )
+
+
+class _Watch:
+    def __init__(self, deadline: float, context: grpc.ServicerContext) -> None:
+        self.deadline = deadline
+        self.context = context
+        self.fired = False
+
+
+class _Watchdog:
+    """Cancels calls whose request body has not fully arrived by its deadline (one thread).
+
+    gRPC's Python server has no receive deadline of its own and the client's deadline is the
+    client's choice: without this, an authenticated sender that stops mid-body would hold a
+    thread and a buffer for as long as it likes.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[_Watch] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="edge-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, context: grpc.ServicerContext, seconds: float) -> _Watch:
+        watch = _Watch(time.monotonic() + seconds, context)
+        with self._cond:
+            self._watches.add(watch)
+            self._cond.notify_all()
+        return watch
+
+    def unwatch(self, watch: _Watch) -> None:
+        with self._cond:
+            self._watches.discard(watch)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                expired = [w for w in self._watches if w.deadline <= now]
+                for w in expired:
+                    w.fired = True
+                    self._watches.discard(w)
+                if not expired:
+                    nearest = min((w.deadline for w in self._watches), default=now + 3600.0)
+                    self._cond.wait(nearest - now)
+            for w in expired:
+                w.context.cancel()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(5.0)
+
+
 class EdgeServer:
     """The gRPC service (thread-safe); :class:`EdgeBackend` drives its rounds.
 
+    Every call is admitted or refused from its metadata alone, before gRPC reads its body
+    (:class:`_Gate`): worker id, session, clock, nonce, announced length and the MAC under that
+    worker's own key (see :mod:`.protocol`). Refused calls are aborted on a separate two-thread
+    pool and counted (``refused_requests``); admitted ones are streamed in chunks up to the
+    announced length, which is capped per method (Join and Fetch: a header; Submit: the largest
+    valid result of the round's templates), within ``receive_timeout``.
+
     Args:
       num_workers: client processes allowed to connect, ids ``0..num_workers-1``.
-      token: shared secret (>= 16 bytes) keying the HMAC of every message.
+      token: the master secret (>= 16 bytes); worker ``w`` authenticates with
+        ``protocol.worker_key(token, w)`` and cannot pose as another worker.
       listen: ``host:port`` to bind (port 0 picks a free port; see :attr:`address`).
-      max_message_bytes: gRPC receive limit; larger requests are refused before they are read.
+      max_message_bytes: upper bound of any message; the round's largest valid upload must fit.
       tls: optional ``(certificate chain PEM, private key PEM)`` to serve over TLS.
-      poll_seconds: how long a ``Fetch`` waits for work before answering "idle".
+      poll_seconds: how long a ``Fetch`` (or an early ``Join``) waits before answering.
+      receive_timeout: seconds an admitted call may take to deliver its whole body.
+      max_clock_skew: seconds a request's timestamp may differ from the server's clock.
     """
 
     def __init__(
@@ -132,114 +287,239 @@ class EdgeServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: tuple[bytes, bytes] | None = None,
         poll_seconds: float = 2.0,
+        receive_timeout: float = DEFAULT_RECEIVE_TIMEOUT,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
     ) -> None:
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not (
+            1 <= num_workers <= protocol.MAX_WORKERS
+        ):
+            raise ValueError(
+                f"num_workers must be an int in [1, {protocol.MAX_WORKERS}], got {num_workers!r}"
+            )
         if not isinstance(token, bytes) or len(token) < protocol.MIN_TOKEN_BYTES:
             raise ValueError(
                 f"token must be bytes of length >= {protocol.MIN_TOKEN_BYTES} (a random secret)"
             )
-        if not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
-            raise ValueError(f"max_message_bytes must be an int >= 1024, got {max_message_bytes}")
-        if poll_seconds <= 0:
-            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
+        if not isinstance(max_message_bytes, int) or max_message_bytes < SMALL_REQUEST_BYTES:
+            raise ValueError(
+                f"max_message_bytes must be an int >= {SMALL_REQUEST_BYTES}, got "
+                f"{max_message_bytes!r}"
+            )
+        for name, value in (("poll_seconds", poll_seconds), ("receive_timeout", receive_timeout),
+                            ("max_clock_skew", max_clock_skew)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         self.num_workers = num_workers
         self.max_message_bytes = max_message_bytes
         self.poll_seconds = float(poll_seconds)
-        self._token = token
+        self.receive_timeout = float(receive_timeout)
+        self.max_clock_skew = float(max_clock_skew)
+        self._keys = [protocol.worker_key(token, w) for w in range(num_workers)]
         self._cond = threading.Condition()
         self._round: _Round | None = None
-        self._fingerprint: str | None = None
+        self._document: dict[str, Any] | None = None
+        self._limits = dict.fromkeys(protocol.METHODS, SMALL_REQUEST_BYTES)
+        self._joined: set[int] = set()
+        self._mismatched: dict[int, str] = {}  # worker -> why its configuration was refused
         self._ready: set[int] = set()
         self._told_stop: set[int] = set()
         self._seen: dict[int, float] = {}  # worker -> time of its last authenticated request
+        self._inflight = [0] * num_workers
+        self._nonces: dict[str, float] = {}  # nonce -> when it may be forgotten (monotonic)
         self._stopping = False
-        # A fresh id per server start: a client that worked for a previous (crashed) server
-        # must not skip the rounds a resumed server repeats.
+        # A fresh id per server start, covered by every MAC: requests signed for a previous
+        # (crashed) server are refused, and its clients re-join instead of skipping rounds.
         self.session = secrets.token_hex(8)
-        self._refused = 0  # unauthenticated / unknown-worker requests since the last round
-        handlers = {
-            m: grpc.unary_unary_rpc_method_handler(self._guard(m, fn))
-            for m, fn in ((protocol.JOIN, self._join), (protocol.FETCH, self._fetch),
-                          (protocol.SUBMIT, self._submit))
-        }
+        self._refused = 0  # calls refused before their message was accepted, since last round
+        self._watchdog = _Watchdog()
+        self._refusals = futures.ThreadPoolExecutor(2, thread_name_prefix="edge-refuse")
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2 * num_workers + 8),
+            futures.ThreadPoolExecutor(max_workers=CALLS_PER_WORKER * num_workers + 4,
+                                       thread_name_prefix="edge-serve"),
+            handlers=(_Gate(self),),
             options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", protocol.CHUNK_BYTES + 1024),
                 ("grpc.max_send_message_length", -1),
+                ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+                # Two servers silently sharing a port would split the clients between them.
+                ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=4 * num_workers + 16,
         )
-        self._grpc.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(protocol.SERVICE, handlers),)
-        )
-        if tls is not None:
-            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
-            port = self._grpc.add_secure_port(listen, creds)
+        try:
+            if tls is not None:
+                creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+                port = self._grpc.add_secure_port(listen, creds)
+            else:
+                port = self._grpc.add_insecure_port(listen)
+        except RuntimeError as err:  # grpcio raises instead of returning 0 since 1.60
+            port = 0
+            cause = str(err).split(";")[0]
         else:
-            port = self._grpc.add_insecure_port(listen)
+            cause = "port 0 returned"
         if not port:
-            raise OSError(f"could not bind the edge server to {listen!r}")
+            self._watchdog.close()
+            raise OSError(f"could not bind the edge server to {listen!r} ({cause})")
         self.address = f"{listen.rsplit(':', 1)[0]}:{port}"
         self._grpc.start()
 
-    # ------------------------------------------------------------------------------ handlers
-    def _guard(self, method: str, fn: Callable[[int, bytes, Any], bytes]):
-        """Authenticates, runs ``fn``, signs the answer; unexpected errors become INTERNAL."""
+    # ------------------------------------------------------------------------------- admission
+    def _refuse(self, code: grpc.StatusCode, details: str) -> _Refusal:
+        with self._cond:
+            self._refused += 1
+        return _Refusal(self._refusals, code, details)
 
-        def behavior(request: bytes, context: grpc.ServicerContext) -> bytes:
-            md = context.invocation_metadata()
-            worker = protocol.metadata_value(md, protocol.WORKER_KEY)
-            mac = protocol.metadata_value(md, protocol.MAC_KEY)
-            if worker is None or not protocol.verify(self._token, method, worker, request, mac):
-                self._count_refused()
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token MAC")
-            if not _WORKER_ID.fullmatch(worker) or int(worker) >= self.num_workers:
-                self._count_refused()
-                context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"unknown worker id {worker!r} (this server has {self.num_workers})",
+    def _admit(self, method: str | None, metadata: Any) -> protocol.RequestAuth | _Refusal:
+        """The call's verified authentication, or its refusal; reads nothing but metadata."""
+        if method is None:
+            return self._refuse(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
+        auth = protocol.parse_request_metadata(metadata)
+        if auth is None:
+            return self._refuse(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or malformed authentication metadata")
+        if auth.worker >= self.num_workers:
+            return self._refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"unknown worker id {auth.worker} (this server has {self.num_workers})",
+            )
+        if not protocol.verify_request(self._keys[auth.worker], method, auth):
+            return self._refuse(grpc.StatusCode.UNAUTHENTICATED,
+                                f"invalid MAC: not signed with worker {auth.worker}'s key")
+        skew = auth.time_ms / 1000.0 - time.time()
+        if abs(skew) > self.max_clock_skew:
+            return self._refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"request clock differs from the server's by {skew:+.0f} s (more than "
+                f"{self.max_clock_skew:.0f} s): synchronize the clocks",
+            )
+        now = time.monotonic()
+        with self._cond:
+            if auth.nonce in self._nonces:
+                self._refused += 1
+                return _Refusal(self._refusals, grpc.StatusCode.UNAUTHENTICATED,
+                                "replayed request (nonce already used)")
+            if len(self._nonces) > 1024:
+                self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+            # Remembered for as long as its timestamp stays acceptable.
+            self._nonces[auth.nonce] = now + 2 * self.max_clock_skew
+            if auth.session != self.session and not (method == protocol.JOIN
+                                                     and auth.session == ""):
+                self._refused += 1
+                return _Refusal(self._refusals, grpc.StatusCode.ABORTED,
+                                "session changed (the server restarted): join again")
+            limit = self._limits[method]
+            if auth.length > limit:
+                self._refused += 1
+                return _Refusal(
+                    self._refusals, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{method} request of {auth.length} bytes exceeds the largest valid one "
+                    f"({limit} bytes)",
                 )
-            with self._cond:
-                self._seen[int(worker)] = time.monotonic()
-            try:
-                answer = fn(int(worker), request, context)
-            except _Abort as err:
-                context.abort(err.code, err.details)
-            except Exception as err:  # never let one request take the server down
-                print(f"edge server: {method} from worker {worker} failed: {err!r}",
-                      file=sys.stderr)
-                context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            context.set_trailing_metadata(((
-                protocol.MAC_KEY,
-                protocol.sign(self._token, protocol.response_method(method), worker, answer),
-            ),))
-            return answer
+            if self._inflight[auth.worker] >= CALLS_PER_WORKER:
+                self._refused += 1
+                return _Refusal(self._refusals, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"more than {CALLS_PER_WORKER} concurrent calls")
+            self._inflight[auth.worker] += 1
+            self._seen[auth.worker] = time.monotonic()
+        return auth
 
-        return behavior
+    def _serve(self, method: str, auth: protocol.RequestAuth, request_iterator: Any,
+               context: grpc.ServicerContext) -> bytes | None:
+        """An admitted call: receive the body, run the method, sign the answer."""
+        handler = {protocol.JOIN: self._join, protocol.FETCH: self._fetch,
+                   protocol.SUBMIT: self._submit}[method]
+        try:
+            request = self._receive(auth, request_iterator, context)
+            if request is None:
+                return None  # cancelled: receive timeout, or the client went away
+            answer = handler(auth.worker, request, context)
+        except _Abort as err:
+            context.abort(err.code, err.details)
+        except Exception as err:  # never let one request take the server down
+            print(f"edge server: {method} from worker {auth.worker} failed: {err!r}",
+                  file=sys.stderr)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            with self._cond:
+                self._inflight[auth.worker] -= 1
+        context.set_trailing_metadata(((
+            protocol.MAC_KEY,
+            protocol.reply_mac(self._keys[auth.worker], method, auth, answer),
+        ),))
+        return answer
+
+    def _receive(self, auth: protocol.RequestAuth, request_iterator: Any,
+                 context: grpc.ServicerContext) -> bytearray | None:
+        """The body: at most the announced (already capped) length, by ``receive_timeout``."""
+        body = bytearray(auth.length)
+        digest = hashlib.sha256()
+        size = 0
+        watch = self._watchdog.watch(context, self.receive_timeout)
+        try:
+            for chunk in request_iterator:
+                end = size + len(chunk)
+                if end > auth.length:
+                    self._count_refused()
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"more than the announced {auth.length} bytes")
+                body[size:end] = chunk
+                digest.update(chunk)
+                size = end
+        except grpc.RpcError:
+            if watch.fired:
+                self._count_refused()
+            return None
+        finally:
+            self._watchdog.unwatch(watch)
+        if size != auth.length or not hmac.compare_digest(digest.hexdigest(), auth.digest):
+            self._count_refused()
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED,
+                         "the body is not the one the request's MAC covers")
+        return body
 
     def _count_refused(self) -> None:
         with self._cond:
             self._refused += 1
 
-    def _join(self, worker: int, request: bytes, context: Any) -> bytes:
-        del context
+    # ------------------------------------------------------------------------------ handlers
+    def _join(self, worker: int, request: bytearray, context: Any) -> bytes:
         msg = _decode(request, "join")
-        del msg
+        deadline = time.monotonic() + self.poll_seconds
+        with self._cond:
+            # The server knows its own document from its first round on; until then, early
+            # clients are told to ask again.
+            while self._document is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not context.is_active() or self._stopping:
+                    return protocol.encode_message({"kind": "wait"})
+                self._cond.wait(remaining)
+            problems = _common.compare_documents(self._document, msg.header.get("program"))
+            if problems:
+                reason = "; ".join(problems)
+                if self._mismatched.get(worker) != reason:
+                    print(f"edge: worker {worker} refused at join: its configuration differs "
+                          f"from the server's: {reason}", file=sys.stderr, flush=True)
+                self._mismatched[worker] = reason
+                self._refused += 1
+                self._cond.notify_all()
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"configuration mismatch with the server: {reason}; start the client with "
+                    "the server's problem and flags",
+                )
+            self._mismatched.pop(worker, None)
+            self._joined.add(worker)
         return protocol.encode_message({
-            "kind": "welcome", "num_workers": self.num_workers,
+            "kind": "welcome", "session": self.session, "num_workers": self.num_workers,
             "poll_seconds": self.poll_seconds, "max_message_bytes": self.max_message_bytes,
         })
 
-    def _fetch(self, worker: int, request: bytes, context: Any) -> bytes:
+    def _fetch(self, worker: int, request: bytearray, context: Any) -> bytes:
         msg = _decode(request, "fetch")
         after = _field(msg, "after_round", int)
-        if _field(msg, "session", str) != self.session:
-            after = -1
-        fingerprint = _field(msg, "fingerprint", str)
         deadline = time.monotonic() + self.poll_seconds
         with self._cond:
+            if worker not in self._joined:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "join first")
             self._ready.add(worker)
             self._cond.notify_all()
             while True:
@@ -247,12 +527,6 @@ class EdgeServer:
                     self._told_stop.add(worker)
                     self._cond.notify_all()
                     return protocol.encode_message({"kind": "stop"})
-                if self._fingerprint is not None and fingerprint != self._fingerprint:
-                    raise _Abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        "configuration mismatch: the client's algorithm/model/data layout "
-                        "differs from the server's; start both with the same flags",
-                    )
                 rnd = self._round
                 if rnd is not None and rnd.round_id > after and worker in rnd.tasks:
                     task = rnd.tasks[worker]
@@ -263,7 +537,7 @@ class EdgeServer:
                     return protocol.encode_message({"kind": "idle"})
                 self._cond.wait(remaining)
 
-    def _submit(self, worker: int, request: bytes, context: Any) -> bytes:
+    def _submit(self, worker: int, request: bytearray, context: Any) -> bytes:
         del context
         with self._cond:
             rnd = self._round
@@ -298,7 +572,10 @@ class EdgeServer:
         try:
             if kind != "result":
                 raise protocol.ProtocolError(f"unexpected message kind {kind!r}")
-            out, state, payload_bytes = rnd.schema.parse(msg)
+            out, state, payload_bytes = rnd.schema.parse(msg, rnd.real_weights[slot])
+        except _Rejected as err:  # well-formed, but numbers that must not reach the model
+            self._reject(rnd, [slot], f"rejected result: {err.reason}")
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"rejected result: {err}") from err
         except ValueError as err:  # ProtocolError and the codec's own checks
             self._reject(rnd, [slot], "invalid result")
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid result: {err}") from err
@@ -321,18 +598,27 @@ class EdgeServer:
             self._cond.notify_all()
 
     # ------------------------------------------------------------------------- round control
-    def set_fingerprint(self, value: str) -> None:
+    def configure(self, document: dict[str, Any], submit_limit: int) -> None:
+        """Sets what joining clients must match and the size cap of a Submit request."""
         with self._cond:
-            self._fingerprint = value
+            self._document = document
+            self._limits[protocol.SUBMIT] = max(submit_limit, SMALL_REQUEST_BYTES)
             self._cond.notify_all()
 
     def ready_workers(self) -> set[int]:
         with self._cond:
             return set(self._ready)
 
+    def mismatched_workers(self) -> dict[int, str]:
+        """Workers refused at join (configuration mismatch) and why."""
+        with self._cond:
+            return dict(self._mismatched)
+
     def open_round(self, rnd: _Round) -> None:
         with self._cond:
             rnd.pending = set(rnd.owners)
+            for worker, reason in self._mismatched.items():
+                rnd.drop(rnd.slots_of(worker), f"configuration mismatch: {reason[:120]}")
             self._round = rnd
             self._cond.notify_all()
 
@@ -364,6 +650,8 @@ class EdgeServer:
             self._stopping = True
             self._cond.notify_all()
         self._grpc.stop(grace).wait(grace + 5.0)
+        self._watchdog.close()
+        self._refusals.shutdown(wait=False)
 
     def announce_stop(self) -> None:
         """Tells polling clients to exit and waits (bounded) until the live ones heard it.
@@ -386,7 +674,7 @@ class _Abort(Exception):
         self.details = details
 
 
-def _decode(request: bytes, kind: str) -> protocol.Message:
+def _decode(request: bytes | bytearray, kind: str) -> protocol.Message:
     try:
         msg = protocol.decode_message(request)
     except protocol.ProtocolError as err:
@@ -424,17 +712,16 @@ class WorkerLauncher:
 
 
 class _Supervisor:
-    def __init__(self, launcher: WorkerLauncher, address: str, token: bytes, num_workers: int,
+    def __init__(self, launcher: WorkerLauncher, address: str, master: bytes, num_workers: int,
                  max_message_bytes: int, tls_ca: bytes | None) -> None:
         self.launcher = launcher
         self.address = address
         self.num_workers = num_workers
         self.max_message_bytes = max_message_bytes
         self._secret_dir = tempfile.mkdtemp(prefix="fedjax-edge-")  # mode 0700
-        self.token_path = os.path.join(self._secret_dir, "token")
-        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(token)
+        # Each process gets only its own worker key; the master secret never leaves memory.
+        for w in range(num_workers):
+            protocol.write_worker_key(self.key_path(w), master, w)
         self.ca_path = None
         if tls_ca is not None:
             self.ca_path = os.path.join(self._secret_dir, "ca.pem")
@@ -448,14 +735,17 @@ class _Supervisor:
         for w in range(num_workers):
             self._spawn(w)
 
+    def key_path(self, worker: int) -> str:
+        return os.path.join(self._secret_dir, f"worker{worker}.key")
+
     def log_path(self, worker: int) -> str:
         return os.path.join(self.log_dir, f"worker{worker}.log")
 
     def _spawn(self, worker: int) -> None:
         cmd = [
             sys.executable, "-m", "fedjax_lab.backends.edge", "client",
-            "--server", self.address, "--worker-id", str(worker),
-            "--token-file", self.token_path, "--parent-pid", str(os.getpid()),
+            "--server", self.address, "--key-file", self.key_path(worker),
+            "--parent-pid", str(os.getpid()),
             "--max-message-bytes", str(self.max_message_bytes),
             "--problem", self.launcher.problem,
         ]
@@ -485,7 +775,8 @@ class _Supervisor:
             del self.procs[w]
             print(f"edge: client process {w} exited with code {proc.returncode}; last log "
                   f"lines:\n{self.log_tail(w)}", file=sys.stderr)
-            if self.restarts[w] < self.launcher.max_restarts:
+            # A refused process (configuration mismatch, bad key) would be refused again.
+            if proc.returncode != EXIT_REFUSED and self.restarts[w] < self.launcher.max_restarts:
                 self.restarts[w] += 1
                 self._spawn(w)
             else:
@@ -514,26 +805,37 @@ class _Supervisor:
 class _Setup:
     algorithm: Algorithm
     schema: _ResultSchema
-    finish: Callable[[ServerState, ClientOutput], tuple[ServerState, Any]]
+    finish: Callable[[ServerState, ClientOutput], tuple[ServerState, Any, jax.Array]]
 
 
 class EdgeBackend:
     """Runs rounds on separate CPU client processes over gRPC (DESIGN.md "Backends").
 
+    Nothing a client sends reaches the model unchecked (``docs/threat_model.md``): results are
+    bounded (weight within ``[0, the client's example count]``), finite after decoding, and a
+    server update that still comes out non-finite is not committed: the round keeps the
+    previous server and client states (its round counter advances) and reports
+    ``rejected_server_updates``.
+
     Args:
       num_workers: client processes; population client ``i`` lives on process ``i % num_workers``.
-      token: shared secret authenticating every message (>= 16 random bytes).
+      token: the master secret (>= 16 random bytes); worker ``w`` gets only its derived key
+        (``protocol.worker_key``, written by ``python -m fedjax_lab.backends.edge keys``).
       compressor: the compressor the algorithm encodes with (its wire codec carries the
         update); None when the algorithm uploads raw deltas (sent as 32-bit floats).
       listen: address the server binds (``127.0.0.1:0``: loopback, any free port).
       round_timeout: seconds a round waits for its clients; late ones are dropped.
       join_timeout: seconds the first round waits for all client processes to be ready.
-      max_message_bytes: gRPC message size limit, both directions.
+      max_message_bytes: upper bound of any message (the largest valid upload must fit).
       tls: optional ``(certificate chain PEM, private key PEM)`` for the server.
       tls_ca: root certificate PEM given to spawned clients (with ``tls``).
       launcher: spawn and supervise the client processes on this host; None when they are
         started by hand (``python -m fedjax_lab.backends.edge client ...``).
       poll_seconds: long-poll duration of ``Fetch``.
+      receive_timeout: seconds an admitted request may take to deliver its body.
+      problem_config: the JSON-able config that clients' ``EdgeProblem.config`` must equal
+        (derived from the same source, e.g. the experiment's flags); None when the problem
+        factory gives none.
     """
 
     name = "edge"
@@ -553,8 +855,10 @@ class EdgeBackend:
         tls_ca: bytes | None = None,
         launcher: WorkerLauncher | None = None,
         poll_seconds: float = 2.0,
+        receive_timeout: float = DEFAULT_RECEIVE_TIMEOUT,
+        problem_config: Mapping[str, Any] | None = None,
     ) -> None:
-        if round_timeout <= 0 or join_timeout <= 0:
+        if not (round_timeout > 0 and join_timeout > 0):
             raise ValueError(
                 f"round_timeout and join_timeout must be > 0, got {round_timeout}, {join_timeout}"
             )
@@ -568,9 +872,11 @@ class EdgeBackend:
         self.compressor = compressor
         self.round_timeout = float(round_timeout)
         self.join_timeout = float(join_timeout)
+        self.problem_config = _common.canonical_config(problem_config)
         self.server = EdgeServer(
             num_workers=num_workers, token=token, listen=listen,
             max_message_bytes=max_message_bytes, tls=tls, poll_seconds=poll_seconds,
+            receive_timeout=receive_timeout,
         )
         self.num_workers = num_workers
         self._setup: _Setup | None = None
@@ -594,30 +900,24 @@ class EdgeBackend:
     def _prepare(self, algorithm: Algorithm, server_state, client_states, cohort: Cohort):
         if self._setup is not None and self._setup.algorithm is algorithm:
             return self._setup
-        steps, batch = (int(s) for s in cohort.mask.shape[1:])
-        table = _common.shape_structs(cohort.arrays)
-        state_t = _common.unstacked_specs(client_states)
-        server_t = _common.shape_structs(server_state)
-        output = _common.output_template(algorithm, server_t, state_t, steps, batch, table)
+        spec = _common.ProgramSpec.of_round(server_state, client_states, cohort)
+        output = spec.output(algorithm)
         codec = _common.PayloadCodec(self.compressor, output.update)
-        features = {k: (tuple(v.shape[1:]), str(np.dtype(v.dtype))) for k, v in table.items()}
-        self.server.set_fingerprint(
-            _common.fingerprint(algorithm, server_t, state_t, output, steps, batch, features)
-        )
-        largest = (protocol.MAX_HEADER_BYTES + codec.max_bytes
-                   + sum(int(np.prod(s)) * 8 for s, _ in _common.leaf_specs(output))
-                   + sum(int(np.prod(s)) * 8 for s, _ in _common.leaf_specs(state_t)))
-        if largest > self.server.max_message_bytes:
+        schema = _ResultSchema(output, spec.state, codec)
+        if schema.max_bytes > self.server.max_message_bytes:
             raise ValueError(
                 f"max_message_bytes={self.server.max_message_bytes} is below the largest valid "
-                f"upload of this model/compressor (~{largest} bytes); raise it"
+                f"upload of this model/compressor ({schema.max_bytes} bytes); raise it"
             )
+        self.server.configure(spec.document(algorithm, self.problem_config), schema.max_bytes)
 
         @jax.jit
         def finish(state, outputs):
-            return algorithm.server_update(state, algorithm.aggregate(outputs))
+            new_state, metrics = algorithm.server_update(state, algorithm.aggregate(outputs))
+            committed = tree_all_finite((new_state.params, new_state.opt_state, new_state.extra))
+            return new_state, metrics, committed
 
-        self._setup = _Setup(algorithm, _ResultSchema(output, state_t, codec), finish)
+        self._setup = _Setup(algorithm, schema, finish)
         return self._setup
 
     def _check_workers(self) -> None:
@@ -633,15 +933,22 @@ class EdgeBackend:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.join_timeout
-        while time.monotonic() < deadline:
+        everyone = set(range(self.num_workers))
+        while True:
             self._check_workers()
-            alive = self.num_workers - len(self.supervisor.gone if self.supervisor else ())
-            if len(self.server.ready_workers()) >= alive:
-                return
+            gone = self.supervisor.gone if self.supervisor else set()
+            refused = set(self.server.mismatched_workers())
+            missing = everyone - self.server.ready_workers() - gone - refused
+            if not missing or time.monotonic() >= deadline:
+                break
             time.sleep(0.1)
-        missing = sorted(set(range(self.num_workers)) - self.server.ready_workers())
-        print(f"edge: client processes {missing} not ready after {self.join_timeout:.0f}s; "
-              "their clients are dropped until they connect", file=sys.stderr)
+        if refused:
+            print(f"edge: client processes {sorted(refused)} were refused (configuration "
+                  "mismatch, see above); their clients are dropped", file=sys.stderr)
+        if missing:
+            print(f"edge: client processes {sorted(missing)} not ready after "
+                  f"{self.join_timeout:.0f}s; their clients are dropped until they connect",
+                  file=sys.stderr)
 
     # ------------------------------------------------------------------------------ running
     def run_round(
@@ -669,6 +976,7 @@ class EdgeBackend:
         round_id = int(jax.device_get(server_state.round))
         ids = np.asarray(jax.device_get(cohort.client_ids)).astype(np.int64)
         mask = np.asarray(jax.device_get(cohort.mask))
+        weights = np.asarray(jax.device_get(cohort.weight), np.float32)
         layout = np.where(mask > 0, np.asarray(jax.device_get(cohort.index)), -1)
         keys = np.asarray(jax.random.key_data(client_keys(key, c)))
         host_server = jax.device_get(server_state)
@@ -691,10 +999,10 @@ class EdgeBackend:
                 one = jax.tree.map(lambda x, s=slot: x[s], host_states)
                 arrays.update(_common.tree_arrays(f"c{t}_", one))
             tasks[w] = protocol.encode_message(
-                {"kind": "task", "round": round_id, "session": self.server.session,
-                 "tasks": entries}, arrays
+                {"kind": "task", "round": round_id, "tasks": entries}, arrays
             )
-        rnd = _Round(round_id, owners, tasks, setup.schema)
+        rnd = _Round(round_id, owners, {s: float(weights[s]) for s in owners}, tasks,
+                     setup.schema)
         self.server.open_round(rnd)
         if self.supervisor is not None:
             for w in self.supervisor.gone:
@@ -713,8 +1021,16 @@ class EdgeBackend:
             states.append(state)
         stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *outputs)
         new_states = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
-        new_server, metrics = setup.finish(server_state, stacked)
+        new_server, metrics, committed = setup.finish(server_state, stacked)
         metrics = dict(metrics)
+        if not bool(committed):
+            # Bounded, finite uploads can still overflow together (or with the server
+            # optimizer): keep the last good model. The round is void for the clients too
+            # (e.g. error-feedback residuals assumed their payload was applied).
+            print(f"edge: round {round_id}: the server update is not finite; kept the previous "
+                  "server and client states", file=sys.stderr)
+            new_server = server_state._replace(round=new_server.round)
+            new_states = host_states
         metrics.update({
             "dropped_clients": float(len(rnd.dropped)),
             "uplink_bytes": float(rnd.uplink_bytes),
@@ -722,6 +1038,7 @@ class EdgeBackend:
             "downlink_bytes": float(rnd.downlink_bytes),
             "rejected_messages": float(rnd.rejected_messages),
             "refused_requests": float(refused),
+            "rejected_server_updates": 0.0 if bool(committed) else 1.0,
         })
         if rnd.dropped:
             reasons = sorted(set(rnd.dropped.values()))
