@@ -88,7 +88,12 @@ def layout_digest(index: np.ndarray) -> str:
 
     The server sends it with each task and the client recomputes it from its own layout: a
     different seed, population, data spec or round number is caught instead of trained on.
+    Trailing all-padding steps are left out: the server's ``S`` follows the round's clients,
+    the client lays out its own steps, and both describe the same batches.
     """
+    index = np.asarray(index)
+    real = np.flatnonzero((index >= 0).any(axis=1))
+    index = index[: real[-1] + 1 if len(real) else 0]
     return hashlib.sha256(np.ascontiguousarray(index, dtype="<i8").tobytes()).hexdigest()
 
 
@@ -134,6 +139,9 @@ def client_program(algorithm: Algorithm) -> Callable[..., Any]:
     return one_client
 
 
+FINGERPRINT_STEPS = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
     """Shapes of one client's update; both sides derive it, the server from its first round.
@@ -141,7 +149,10 @@ class ProgramSpec:
     Attributes:
       server: ShapeDtypeStructs of the server state.
       state: ShapeDtypeStructs of one client's state.
-      steps: local steps per client (``[S, B]`` data layout).
+      steps: local steps of the ``[S, B]`` layout the program is lowered with for the join
+        fingerprint. Rounds lay out each client's own steps (``S`` follows the clients), so the
+        fingerprint uses a canonical :data:`FINGERPRINT_STEPS`: hyperparameters are constants
+        of the program whatever its length.
       batch: batch size.
       features: ``{name: (per-example shape, dtype name)}`` of the example table as the
         compiled program sees it (JAX-canonical dtypes).
@@ -171,17 +182,17 @@ class ProgramSpec:
         return cls(
             server=shape_structs(problem.algorithm.init(problem.init_params)),
             state=shape_structs(problem.algorithm.client_init(problem.init_params)),
-            steps=builder.steps, batch=builder.batch, features=features,
+            steps=FINGERPRINT_STEPS, batch=builder.batch, features=features,
         )
 
     @classmethod
     def of_round(cls, server_state: Any, client_states: Any, cohort: Cohort) -> ProgramSpec:
         """The server's view, from its first round (stacked client states, device table)."""
-        steps, batch = (int(s) for s in cohort.mask.shape[1:])
+        batch = int(cohort.mask.shape[2])
         features = {k: (tuple(int(d) for d in v.shape[1:]), np.dtype(v.dtype).name)
                     for k, v in cohort.arrays.items()}
         return cls(server=shape_structs(server_state), state=unstacked_specs(client_states),
-                   steps=steps, batch=batch, features=features)
+                   steps=FINGERPRINT_STEPS, batch=batch, features=features)
 
     def table(self, rows: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
         return {k: jax.ShapeDtypeStruct((rows, *shape), np.dtype(dtype))

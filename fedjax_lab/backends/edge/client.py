@@ -15,6 +15,7 @@ gone (so a killed experiment does not leave clients behind).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -25,8 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.backends import packed
 from fedjax_lab.backends.edge import _common, protocol
+from fedjax_lab.backends.vmap import has_conv
+from fedjax_lab.core.local import is_local_update
+from fedjax_lab.core.types import Cohort
 from fedjax_lab.data.cohort import CohortBuilder
+from fedjax_lab.data.packing import pack, split_layout
+
+# Steps per call of a stepwise client update: small, so a client's last call wastes little.
+SEGMENT_STEPS = 4
 
 EXIT_OK = 0
 EXIT_REFUSED = 3
@@ -132,7 +141,18 @@ class EdgeWorker:
         self.output_template = spec.output(algorithm)
         self.codec = _common.PayloadCodec(problem.compressor, self.output_template.update)
         self.key_template = jax.random.key_data(jax.random.key(0))
-        self._client_fn = jax.jit(_common.client_program(algorithm))
+        local = algorithm.client_update
+        self.stepwise = is_local_update(local)
+        if self.stepwise:
+            # Only the client's real steps run, SEGMENT_STEPS per call (the packed round of
+            # fedjax_lab.backends.packed with one slot): a small client does not pay for the
+            # population's largest. Conv models on CPU take straight-line steps.
+            mode = "unrolled" if has_conv(self.server_template) else "vmap"
+            self._init = jax.jit(packed.init_fn(local, 1))
+            self._segment = jax.jit(packed.segment_fn(local, mode), donate_argnums=(2, 3))
+            self._finish = jax.jit(functools.partial(packed.finish_clients, local))
+        else:
+            self._client_fn = jax.jit(_common.client_program(algorithm))
 
     def warm_up(self) -> None:
         """Compiles the client update before the first task (so rounds time only training)."""
@@ -140,11 +160,26 @@ class EdgeWorker:
             return
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.server_template)
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.state_template)
-        s, b = self.builder.steps, self.builder.batch
-        out = self._client_fn(zeros, state, jnp.zeros((s, b), jnp.int32),
-                              jnp.zeros((s, b), jnp.float32), jnp.float32(0.0),
-                              jax.random.key(0), self.table)
-        jax.block_until_ready(out)
+        b = self.builder.batch
+        index = np.zeros((1, self.builder.steps, b), np.int32)
+        jax.block_until_ready(self._train(zeros, state, index, np.zeros(index.shape, np.float32),
+                                          np.float32(0.0), jax.random.key(0)))
+
+    def _train(self, server_state, state, index, mask, weight, key):
+        """``(ClientOutput, new state)`` of one client laid out as ``index``/``mask`` [1, S, B]."""
+        if not self.stepwise:
+            return self._client_fn(server_state, state, jnp.asarray(index[0]),
+                                   jnp.asarray(mask[0]), jnp.asarray(weight), key, self.table)
+        states = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
+        weights = jnp.asarray(weight, jnp.float32)[None]
+        carry, buffer, ctx = self._init(server_state, states, weights)
+        one = Cohort(arrays=self.table, index=index, mask=mask, weight=weights,
+                     client_ids=np.zeros(1, np.int32))
+        for piece in split_layout(pack(one, 1, SEGMENT_STEPS)):
+            carry, buffer = self._segment(server_state, ctx, carry, buffer, self.table,
+                                          *packed.segment_inputs(piece))
+        out, new_states = self._finish(server_state, states, buffer, weights, key[None])
+        return jax.tree.map(lambda x: x[0], (out, new_states))
 
     def run_task(self, round_id: int, entry: dict, server_state: Any, key_data: np.ndarray,
                  state: Any) -> bytes:
@@ -156,14 +191,13 @@ class EdgeWorker:
         index = self.builder.client_index(client, round_id)
         if _common.layout_digest(index) != entry.get("layout"):
             return _failed(head, "data layout mismatch (seed/population/round differ)")
-        one = self.builder.build(round_id, [client])
         local = np.where(
             index >= 0, index - int(self.problem.data.offsets[client]) + self.local_lo[client], 0
         ).astype(np.int32)
         key = jax.random.wrap_key_data(jnp.asarray(key_data))
-        out, new_state = self._client_fn(
-            server_state, state, jnp.asarray(local), jnp.asarray(one.mask[0]),
-            jnp.asarray(one.weight[0]), key, self.table,
+        out, new_state = self._train(
+            server_state, state, local[None], (index >= 0).astype(np.float32)[None],
+            np.float32(self.builder.client_weight(client, index)), key,
         )
         out, new_state = jax.device_get((out, new_state))
         try:
