@@ -141,3 +141,60 @@ def test_padded_cohort_size():
     assert padded_cohort_size(10, 4) == 12
     assert padded_cohort_size(10, 4, multiple=3) == 12
     assert padded_cohort_size(5, None, multiple=4) == 8
+
+
+def test_max_examples_per_client_trains_on_a_fresh_subset_each_round():
+    data = make_population([50, 7], seed=0)
+    b = CohortBuilder(data, batch_size=4, local_epochs=2, cohort_size=2, seed=0,
+                      device_table=False, max_examples_per_client=10)
+    assert b.steps == 2 * 3  # ceil(10 / 4) batches per epoch, from the capped size
+    subsets = []
+    for r in range(3):
+        idx = b.client_index(0, r)
+        epoch1, epoch2 = idx[:3], idx[3:6]
+        subset = np.sort(epoch1[epoch1 >= 0])
+        assert len(subset) == 10 and len(np.unique(subset)) == 10  # 10 distinct examples
+        np.testing.assert_array_equal(np.sort(epoch2[epoch2 >= 0]), subset)  # same subset
+        assert np.all((subset >= 0) & (subset < 50))
+        subsets.append(tuple(subset))
+    assert len(set(subsets)) == 3  # a new subset every round
+    co = b.build(0, [0, 1])
+    np.testing.assert_array_equal(co.weight, [10.0, 7.0])  # the capped size; 7 < 10 untouched
+    assert b.cap_stats([0, 1]) == {"capped_clients": 1.0, "capped_steps": 2 * (13 - 3)}
+
+
+def test_max_local_steps_stops_clients_and_weighs_what_they_visited():
+    data = make_population([50, 7], seed=0)
+    b = CohortBuilder(data, batch_size=4, local_epochs=1, cohort_size=2, seed=0,
+                      device_table=False, max_local_steps=3)
+    co = b.build(0, [0, 1])
+    np.testing.assert_array_equal((co.mask.sum(axis=2) > 0).sum(axis=1), [3, 2])
+    # Client 0 stops after 3 of its 13 batches: it visited 12 distinct examples.
+    np.testing.assert_array_equal(co.weight, [12.0, 7.0])
+    uncapped = CohortBuilder(data, batch_size=4, local_epochs=1, cohort_size=2, seed=0,
+                             device_table=False).client_index(0, 0)
+    np.testing.assert_array_equal(co.arrays["x"][0][:3], data.arrays["x"][uncapped[:3]])
+    assert b.cap_stats([0, 1]) == {"capped_clients": 1.0, "capped_steps": 10.0}
+    fixed = CohortBuilder(data, batch_size=4, local_epochs=None, num_steps=5, cohort_size=2,
+                          seed=0, device_table=False, max_local_steps=3)
+    # Fixed-step clients keep weighing their dataset size.
+    np.testing.assert_array_equal(fixed.build(0, [0, 1]).weight, [50.0, 7.0])
+
+
+def test_caps_are_reported_in_every_round_record():
+    import jax
+    import optax
+
+    from fedjax_lab.algorithms import fedavg
+    from fedjax_lab.backends import VmapBackend
+    from fedjax_lab.runner import run
+    from tests.helpers import LinearModel
+
+    model = LinearModel(5, 3)
+    data = make_population([50, 7, 30, 2], seed=0)
+    result = run(fedavg(model, optax.sgd(0.1), batch_size=4), VmapBackend(), data,
+                 model.init(jax.random.key(0)), rounds=3, clients_per_round=4, seed=0,
+                 max_examples_per_client=20, max_local_steps=4)
+    for h in result.history:
+        assert h["capped_clients"] == 2.0  # clients of 50 and 30 examples
+        assert h["train_examples"] == 16 + 7 + 16 + 2  # 4 steps of 4, or all their examples
