@@ -138,6 +138,7 @@ def run(
     availability: Availability | None = None,
     time_model: TimeModel | None = None,
     state_callbacks: Sequence[StateCallback] = (),
+    num_classes: int | None = None,
 ) -> RunResult:
     """Runs ``rounds`` federated rounds and returns the final state and the history.
 
@@ -154,8 +155,14 @@ def run(
     ``wall_time`` (seconds since the call started; only with a time model, so that records
     without one stay deterministic). Both draw from
     ``host_rng(seed, SYSTEM_STREAM, round, ...)``; cumulative fields restart with each call.
+
+    ``num_classes`` is the model's output size: the population's labels are checked against it
+    (and against ``data.num_classes`` when set) before anything compiles, because JAX clamps
+    out-of-range labels silently.
     """
     validate_run_args(data, clients_per_round, rounds)
+    if num_classes is not None:
+        data = data.with_num_classes(num_classes)
     if availability is not None and not isinstance(availability, Availability):
         raise TypeError(
             f"availability must be a fedjax_lab.systems.Availability, got {availability!r}"
