@@ -8,6 +8,8 @@ Modes:
   caught    rank 1 raises after round 1 inside ``backend.failure_guard()`` while the caller
             catches the exception (as experiment.main does with ValueError): the guard must abort.
   killed    rank 1 is SIGKILLed after round 1 (mpirun must tear the job down).
+  stopped   rank 1 SIGSTOPs itself after round 1 (alive to mpirun, but never arrives): rank 0's
+            round watchdog (round_timeout STUCK_TIMEOUT s) must name rank 1 and abort the job.
   ckpt_full ALGS     the stateful algorithms (comma-separated names) for CKPT_ROUNDS rounds,
                      uninterrupted; every rank saves OUT/<phase>_rank<r>_<name>.npz.
   ckpt_killed ALGS   the same, checkpointing to OUT/ckpt_<name> every 2 rounds; rank 1 dies
@@ -42,8 +44,9 @@ from tests.helpers import LinearModel, lazy_population, make_population  # noqa:
 SIZES = [4, 9, 2, 7, 5, 11, 3, 6]
 CPR = 5
 CKPT_ROUNDS = 5
-MODES = ("stateful", "uncaught", "caught", "killed", "ckpt_full", "ckpt_killed", "ckpt_resume",
-         "lazy")
+STUCK_TIMEOUT = 4.0
+MODES = ("stateful", "uncaught", "caught", "killed", "stopped", "ckpt_full", "ckpt_killed",
+         "ckpt_resume", "lazy")
 
 
 def stateful_algorithms(model):
@@ -103,7 +106,7 @@ def main(mode: str, out: str, algorithms: str = "") -> None:
     if mode not in MODES:
         raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
     model = LinearModel(dim=5, classes=3)
-    backend = MpiBackend(plan="vmap")
+    backend = MpiBackend(plan="vmap", round_timeout=STUCK_TIMEOUT if mode == "stopped" else 300)
     rank = backend.rank
     if mode.startswith("ckpt_"):
         checkpointed(mode, algorithms, out, backend, model)
@@ -121,6 +124,8 @@ def main(mode: str, out: str, algorithms: str = "") -> None:
         if rank == 1 and r == 0:
             if mode == "killed":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "stopped":
+                os.kill(os.getpid(), signal.SIGSTOP)
             if mode in ("uncaught", "caught"):
                 raise RuntimeError("injected failure on rank 1 after round 1")
 
