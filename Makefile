@@ -16,7 +16,7 @@ export OMPI_MCA_btl := self,sm
 .PHONY: run test lint bench clean
 
 run: $(VENV)/.core
-	$(BIN)/python experiments/fedavg.py
+	$(BIN)/python experiments/fedavg.py --overwrite true
 
 test: $(VENV)/.test
 	bash scripts/run_tests.sh

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -25,6 +26,11 @@ from fedjax_lab.io.writers import JsonlWriter, plot_curves, write_json
 
 BACKENDS = ("vmap", "edge", "sharded", "mpi")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+DIVERGENCE_POLICIES = ("warn", "stop")
+# Seeds feed numpy's SeedSequence and jax.random.key: one unsigned 32-bit word.
+MAX_SEED = 2**32 - 1
+# Exit status of a run that --on-divergence stop ended early (2 is bad input).
+EXIT_DIVERGED = 3
 
 
 @dataclass
@@ -55,14 +61,44 @@ class FedAvgConfig:
     edge_clients: int = 2  # --backend edge: client processes (population split over them)
     edge_round_timeout: float = 60.0  # --backend edge: seconds a round waits for its clients
     checkpoint_every: int = 0  # checkpoint to <out>/checkpoints every N rounds (0: off)
-    resume: bool = False  # continue from the newest checkpoint in <out>/checkpoints
+    resume: bool = False  # continue from the newest intact checkpoint in <out>/checkpoints
+    overwrite: bool = False  # replace the results of an earlier run in <out> (else refused)
+    on_divergence: str = "stop"  # a round whose clients were all rejected: warn, or stop...
+    divergence_patience: int = 3  # ... after this many such rounds in a row (exit status 3)
+    mpi_round_timeout: float | None = 300.0  # --backend mpi: seconds before a stuck job aborts
 
     def validate(self) -> None:
         """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
-        positive = ("num_clients", "clients_per_round", "local_epochs", "batch_size")
+        positive = ("num_clients", "clients_per_round", "local_epochs", "batch_size",
+                    "divergence_patience")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("client_lr", "server_lr", "alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{_flag(name)} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.client_momentum) and 0 <= self.client_momentum < 1):
+            raise ValueError(
+                f"--client-momentum must be in [0, 1) (0: plain SGD), got {self.client_momentum}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer in [0, 2**32 - 1], got {self.seed}")
+        if self.on_divergence not in DIVERGENCE_POLICIES:
+            raise ValueError(
+                f"--on-divergence must be one of {DIVERGENCE_POLICIES}, got {self.on_divergence!r}"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it; "
+                             "pass one of them")
+        if self.mpi_round_timeout is not None and not (
+            math.isfinite(self.mpi_round_timeout) and self.mpi_round_timeout > 0
+        ):
+            raise ValueError(
+                f"--mpi-round-timeout must be a finite number of seconds > 0 (or none), got "
+                f"{self.mpi_round_timeout}"
+            )
+        check_data_dir(self.dataset, self.data_dir)
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
         if self.eval_every < 0:
@@ -72,10 +108,6 @@ class FedAvgConfig:
                 f"--clients-per-round={self.clients_per_round} > --num-clients="
                 f"{self.num_clients}; lower --clients-per-round"
             )
-        if self.client_lr <= 0 or self.server_lr <= 0:
-            raise ValueError("--client-lr and --server-lr must be > 0")
-        if self.alpha <= 0:
-            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
             raise ValueError(
                 f"--server-optimizer must be one of {SERVER_OPTIMIZERS}, "
@@ -113,6 +145,25 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def check_data_dir(dataset: str, data_dir: str | None) -> None:
+    """Raises ValueError when ``--data-dir`` is given for a dataset that reads no directory."""
+    from fedjax_lab.data.datasets import LAZY_DATASETS
+
+    # The TFDS loaders (those with lazy=True) are the ones the CLI passes a data_dir to.
+    if data_dir and dataset not in LAZY_DATASETS:
+        raise ValueError(
+            f"--data-dir is read only by the TFDS datasets ({', '.join(LAZY_DATASETS)}); "
+            f"--dataset {dataset} takes none: drop --data-dir"
+        )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -133,7 +184,9 @@ def _field_parser(tp: Any) -> Callable[[str], Any]:
         return optional
     if tp is bool:
         return _parse_bool
-    if tp in (int, float, str):
+    if tp is float:  # nan/inf are never a valid hyperparameter or timeout
+        return _finite_float
+    if tp in (int, str):
         return tp
     raise TypeError(f"unsupported config field type {tp}")
 
@@ -178,8 +231,29 @@ def client_optimizer(lr: float, momentum: float = 0.0) -> optax.GradientTransfor
     return optax.sgd(lr, momentum=momentum or None)
 
 
+def check_round_memory(cfg: Any, train: Any) -> None:
+    """Refuses (ValueError) a config whose round cohort cannot fit in this machine's memory.
+
+    Runs on the population before the model is initialised or anything compiled; the bound is
+    the cohort of the largest client (``fedjax_lab.data.budget``).
+    """
+    from fedjax_lab.data.budget import check_cohort_memory
+    from fedjax_lab.data.cohort import padded_cohort_size
+
+    check_cohort_memory(
+        train, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, num_steps=None,
+        cohort_size=padded_cohort_size(cfg.clients_per_round, getattr(cfg, "chunk_size", None)),
+        # MPI ranks and lazily read data gather each round's examples on the host.
+        with_examples=train.is_lazy or getattr(cfg, "backend", None) == "mpi",
+    )
+
+
 def build_problem(cfg: FedAvgConfig):
-    """Dataset, federated train split, model, evaluator and initial params for a config."""
+    """Dataset, federated train split, model, evaluator and initial params for a config.
+
+    The labels (train and test) and the round's memory are checked before the model is
+    initialised, i.e. before anything is compiled.
+    """
     from fedjax_lab.data.datasets import LAZY_DATASETS, federate, load_dataset
     from fedjax_lab.metrics.evaluation import make_evaluator
     from fedjax_lab.models import get_model
@@ -193,7 +267,8 @@ def build_problem(cfg: FedAvgConfig):
     train = federate(
         dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
     )
-    evaluate = make_evaluator(model.apply, dataset.test)
+    check_round_memory(cfg, train)
+    evaluate = make_evaluator(model.apply, dataset.test, num_classes=model.num_classes)
     params = model.init(jax.random.key(cfg.seed))
     return dataset, train, model, evaluate, params
 
@@ -274,7 +349,8 @@ def build_backend(cfg: FedAvgConfig):
     if cfg.backend == "mpi":  # imported only here: importing mpi4py initialises MPI
         from fedjax_lab.backends.mpi import MpiBackend
 
-        return MpiBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
+        return MpiBackend(plan=cfg.plan, chunk_size=cfg.chunk_size,
+                          round_timeout=cfg.mpi_round_timeout)
     from fedjax_lab.backends.vmap import VmapBackend
 
     return VmapBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
@@ -304,12 +380,28 @@ class ProgressBar:
 
 
 def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The summary.json content of a run."""
+    """The summary.json content of a run.
+
+    Besides the final metrics it says whether the run finished (``status``: ``"completed"``,
+    or ``"stopped"`` with ``stop_reason``), the last round's ``final_train_loss`` (NaN, written
+    ``"nan"``, when no client contributed to it) and how many rounds had every client rejected
+    (``rounds_all_rejected``) or no contributing client at all (``rounds_without_update``).
+    """
+    from fedjax_lab.metrics.divergence import all_rejected
+
     evals = [h for h in result.history if "test_accuracy" in h]
     last = evals[-1] if evals else {}
+    stop_reason = getattr(result, "stop_reason", None)
     summary = {
+        "status": "stopped" if stop_reason else "completed",
+        "stop_reason": stop_reason,
         "final_test_accuracy": last.get("test_accuracy"),
         "final_test_loss": last.get("test_loss"),
+        "final_train_loss": result.history[-1].get("train_loss") if result.history else None,
+        "rounds_all_rejected": sum(all_rejected(h) for h in result.history),
+        "rounds_without_update": sum(
+            float(h.get("train_examples", 1.0)) == 0.0 for h in result.history
+        ),
         "rounds": len(result.history),
         "wall_seconds": result.wall_seconds,
         "train_seconds": result.train_seconds,
@@ -322,16 +414,32 @@ def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dic
     return summary
 
 
+def _number(value: Any) -> str:
+    """A metric for the summary screen: 4 decimals, ``nan``/``inf`` as such, n/a when absent."""
+    if value is None:
+        return "n/a"
+    try:
+        return f"{float(value):.4f}"  # float("nan") parses the "nan" of a resumed history
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def print_summary(summary: dict[str, Any], out: str) -> None:
-    acc = summary["final_test_accuracy"]
     lines = [
         "",
         "=" * 60,
         f" {summary['config'].get('dataset')} / {summary['config'].get('model')}"
         f" / {summary.get('algorithm', 'fedavg')}",
-        f" final test accuracy : {acc:.4f}" if acc is not None else " final test accuracy : n/a",
-        f" final test loss     : {summary['final_test_loss']:.4f}"
-        if summary["final_test_loss"] is not None else " final test loss     : n/a",
+    ]
+    if summary.get("stop_reason"):
+        lines.append(f" STOPPED EARLY       : {summary['stop_reason']}")
+    if summary.get("rounds_all_rejected"):
+        lines.append(f" all-rejected rounds : {summary['rounds_all_rejected']} (every client's "
+                     "update was non-finite; the model did not move)")
+    lines += [
+        f" final test accuracy : {_number(summary['final_test_accuracy'])}",
+        f" final test loss     : {_number(summary['final_test_loss'])}",
+        f" final train loss    : {_number(summary.get('final_train_loss'))}",
         f" rounds              : {summary['rounds']}",
         f" wall time           : {summary['wall_seconds']:.1f} s",
         f" examples / second   : {summary['examples_per_second']:.0f}",
@@ -341,41 +449,88 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     print("\n".join(lines))
 
 
+def open_run_folder(cfg: Any, process: Any = None) -> Any:
+    """Locks ``cfg.out`` for this run (``fedjax_lab.io.run_folder.RunFolder``) on the primary.
+
+    With several processes (``process``: an ``MpiBackend``) only the primary touches the folder
+    and every process raises the same ValueError when it is refused (collective).
+    """
+    from fedjax_lab.io.run_folder import RunFolder
+
+    folder, error = None, None
+    if getattr(process, "is_primary", True):
+        try:
+            folder = RunFolder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+        except ValueError as e:
+            error = str(e)
+    broadcast = getattr(process, "broadcast", None)
+    if broadcast is not None:
+        error = broadcast(error)
+    if error is not None:
+        if folder is not None:
+            folder.close()
+        raise ValueError(error)
+    return folder
+
+
 def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, Any]:
     """Builds everything from ``cfg``, trains, writes metrics.jsonl/summary.json/accuracy.png.
 
-    ``backend`` overrides ``build_backend(cfg)`` (the caller then closes it). With
-    ``--checkpoint-every``/``--resume`` the run checkpoints to and resumes from
-    ``<out>/checkpoints`` (fedjax_lab.io.checkpoint); metrics.jsonl then holds the checkpointed
-    rounds followed by the resumed ones.
+    ``backend`` overrides ``build_backend(cfg)`` (the caller then closes it). ``cfg.out`` is
+    locked for the run and an earlier run's results there are kept unless ``--resume`` or
+    ``--overwrite`` (``fedjax_lab.io.run_folder``). With ``--checkpoint-every``/``--resume``
+    the run checkpoints to and resumes from ``<out>/checkpoints`` (fedjax_lab.io.checkpoint);
+    metrics.jsonl then holds the checkpointed rounds followed by the resumed ones. Every check
+    (flags, folder, checkpoint checksums, labels, memory) runs before anything is compiled and
+    raises ValueError. A run that ``--on-divergence stop`` ends early returns a summary with
+    ``status`` ``"stopped"`` (``main`` exits 3).
     """
     from fedjax_lab.io.checkpoint import RunCheckpointing
+    from fedjax_lab.metrics.divergence import DivergenceMonitor
     from fedjax_lab.runner import ClientStateStore, run
 
     start = time.perf_counter()
-    _, train, model, evaluate, params = build_problem(cfg)
-    algorithm = build_algorithm(cfg, model)
     owned = backend is None
-    ckpt = None
+    folder = ckpt = None
     try:
-        if owned:
-            backend = build_backend(cfg)
-        ckpt = RunCheckpointing(
+        if owned and cfg.backend == "mpi":
+            backend = build_backend(cfg)  # the ranks agree on the checks below through it
+        folder = open_run_folder(cfg, backend)
+        ckpt = RunCheckpointing(  # verifies the checkpoints' checksums (no model needed)
             os.path.join(cfg.out, "checkpoints"), every=cfg.checkpoint_every, resume=cfg.resume,
             config=dataclasses.asdict(cfg), total_rounds=cfg.rounds, process=backend,
+            overwrite=cfg.overwrite,
         )
+        _, train, model, evaluate, params = build_problem(cfg)
+        algorithm = build_algorithm(cfg, model)
         # MPI: each rank's store keeps the states of the clients it owns.
         store = getattr(backend, "client_store", ClientStateStore)(algorithm.client_init(params))
         server_state, start_round = ckpt.restore(algorithm.init(params), store)
-        if not getattr(backend, "is_primary", True):  # MPI ranks > 0: train, write nothing
+        if folder is not None:
+            folder.start_fresh()  # --overwrite: every check passed, the old results go now
+        if owned and backend is None:
+            backend = build_backend(cfg)
+        primary = getattr(backend, "is_primary", True)
+        monitor = DivergenceMonitor(
+            cfg.on_divergence, cfg.divergence_patience, log=None if not primary else (
+                lambda message: print(message, file=sys.stderr, flush=True)),
+            hint=f"(--on-divergence {cfg.on_divergence}, --divergence-patience "
+                 f"{cfg.divergence_patience}: stop ends the run after that many such rounds in "
+                 "a row, with exit status 3)",
+        )
+        monitor.replay(ckpt.history)  # a resumed run continues the count of its rounds
+        common = dict(
+            rounds=cfg.rounds - start_round, clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed, chunk_size=cfg.chunk_size, server_state=server_state,
+            start_round=start_round, client_store=store, state_callbacks=[ckpt.save_state],
+            num_classes=model.num_classes,
+        )
+        if not primary:  # MPI ranks > 0: train, write nothing
             with getattr(backend, "failure_guard", contextlib.nullcontext)():
-                run(algorithm, backend, train, params, rounds=cfg.rounds - start_round,
-                    clients_per_round=cfg.clients_per_round, seed=cfg.seed,
-                    chunk_size=cfg.chunk_size, server_state=server_state,
-                    start_round=start_round, client_store=store,
-                    state_callbacks=[ckpt.save_state])  # collective with rank 0's saves
-            return {"primary_process": False}
-        os.makedirs(cfg.out, exist_ok=True)
+                # The monitor sees the same (replicated) metrics as rank 0's and stops the same
+                # round; the state callback is collective with rank 0's saves.
+                result = run(algorithm, backend, train, params, callbacks=[monitor], **common)
+            return {"primary_process": False, "stop_reason": result.stop_reason}
         writer = JsonlWriter(os.path.join(cfg.out, "metrics.jsonl"))
         for record in ckpt.history:  # resumed: the rounds of the checkpoint, then the new ones
             writer.write(record)
@@ -384,13 +539,10 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
         try:
             with guard():  # MPI: a failing rank aborts every rank instead of hanging them
                 result = run(
-                    algorithm, backend, train, params,
-                    rounds=cfg.rounds - start_round, clients_per_round=cfg.clients_per_round,
-                    seed=cfg.seed, evaluate=evaluate, eval_every=cfg.eval_every,
-                    chunk_size=cfg.chunk_size, server_state=server_state,
-                    start_round=start_round, client_store=store,
-                    callbacks=[ckpt.record, lambda r, rec: writer.write(rec), bar],
-                    state_callbacks=[ckpt.save_state],
+                    algorithm, backend, train, params, evaluate=evaluate,
+                    eval_every=cfg.eval_every,
+                    callbacks=[ckpt.record, lambda r, rec: writer.write(rec), bar, monitor],
+                    **common,
                 )
         finally:
             bar.close()
@@ -400,6 +552,8 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
             ckpt.close()
         if owned and backend is not None and hasattr(backend, "close"):
             backend.close()
+        if folder is not None:
+            folder.close()
     result.history = ckpt.history
     result.wall_seconds = time.perf_counter() - start
     evals = [h for h in result.history if "test_accuracy" in h]
@@ -418,7 +572,11 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
 
 
 def main(cls: type, runner: Callable[[Any], dict[str, Any]], argv=None, prog=None) -> int:
-    """CLI entry: parse, validate (exit 2 with a clear message), run, print the summary."""
+    """CLI entry: parse, validate (exit 2 with a clear message), run, print the summary.
+
+    Exit status: 0 done, 2 bad input (flags, data, folder, checkpoint; nothing was run), 3 the
+    run was stopped early because it diverged (``--on-divergence stop``; summary.json says why).
+    """
     try:
         cfg = parse_config(cls, argv, prog)
     except ValueError as e:
@@ -426,9 +584,13 @@ def main(cls: type, runner: Callable[[Any], dict[str, Any]], argv=None, prog=Non
         return 2
     try:
         summary = runner(cfg)
-    except ValueError as e:  # bad names (dataset/model/partition) found while building
+    except ValueError as e:  # bad names, data, folders or checkpoints found while building
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("primary_process", True):  # MPI: only rank 0 reports
         print_summary(summary, cfg.out)
+    if summary.get("stop_reason"):
+        if summary.get("primary_process", True):
+            print(f"error: the run stopped early: {summary['stop_reason']}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0

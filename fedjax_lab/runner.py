@@ -17,6 +17,7 @@ import numpy as np
 
 from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import Algorithm, ServerState
+from fedjax_lab.data.budget import check_cohort_memory
 from fedjax_lab.data.cohort import CohortBuilder, padded_cohort_size
 from fedjax_lab.data.federated import FederatedData, sample_clients
 from fedjax_lab.systems.availability import Availability
@@ -25,6 +26,14 @@ from fedjax_lab.systems.time_model import SimulatedClock, TimeModel
 RoundCallback = Callable[[int, dict[str, float]], None]
 # (round index, server state after it, client state store) -> None
 StateCallback = Callable[[int, ServerState, "ClientStateStore"], None]
+
+
+class StopRun(Exception):
+    """Raised by a round callback to end :func:`run` after the current round.
+
+    The round's other callbacks and its state callbacks still run; the run returns normally
+    with ``RunResult.stop_reason = str(exception)``.
+    """
 
 
 class ClientStateStore:
@@ -86,6 +95,7 @@ class RunResult:
     real_steps: float = 0.0
     computed_steps: float = 0.0
     compiles: dict[str, int] = field(default_factory=dict)
+    stop_reason: str | None = None  # why a callback ended the run early (StopRun), else None
 
     @property
     def padding_efficiency(self) -> float:
@@ -169,6 +179,7 @@ def run(
     max_examples_per_client: int | None = None,
     max_local_steps: int | None = None,
     step_ladder: float | None = 2.0,
+    num_classes: int | None = None,
 ) -> RunResult:
     """Runs ``rounds`` federated rounds and returns the final state and the history.
 
@@ -192,8 +203,15 @@ def run(
     largest client every round). ``RunResult`` reports the run's real and computed local steps
     (``padding_efficiency``) and the programs the backend compiled (``compiles``, by kind, when
     the backend counts them).
+
+    ``num_classes`` is the model's output size: the population's labels are checked against it
+    (and against ``data.num_classes`` when set) before anything compiles, because JAX clamps
+    out-of-range labels silently. A callback may raise :class:`StopRun` to end the run after
+    the current round (``RunResult.stop_reason``), e.g. a ``DivergenceMonitor``.
     """
     validate_run_args(data, clients_per_round, rounds)
+    if num_classes is not None:
+        data = data.with_num_classes(num_classes)
     if availability is not None and not isinstance(availability, Availability):
         raise TypeError(
             f"availability must be a fedjax_lab.systems.Availability, got {availability!r}"
@@ -208,6 +226,14 @@ def run(
             f"{getattr(backend, 'name', 'given')} backend trains only {len(owned)} of them in "
             "this process; run system simulations with --backend vmap or sharded"
         )
+    # Refuse a cohort that cannot fit before allocating it (a ValueError, not a MemoryError
+    # or the OOM killer mid-run).
+    check_cohort_memory(
+        data, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
+        num_steps=spec.num_steps, cohort_size=len(owned),
+        with_examples=data.is_lazy or not (device_table and getattr(backend, "device_table", True)),
+        max_examples_per_client=max_examples_per_client, max_local_steps=max_local_steps,
+    )
     builder = CohortBuilder(
         data,
         batch_size=spec.batch_size,
@@ -283,10 +309,17 @@ def run(
         if clock is not None:  # wall time next to simulated time (non-deterministic field)
             record["wall_time"] = time.perf_counter() - start
         result.history.append(record)
+        stop: StopRun | None = None
         for cb in callbacks:
-            cb(r, record)
+            try:
+                cb(r, record)
+            except StopRun as stopped:  # the other callbacks still see this round
+                stop = stop or stopped
         for state_cb in state_callbacks:  # e.g. checkpointing (fedjax_lab.io.checkpoint)
             state_cb(r, server_state, store)
+        if stop is not None:
+            result.stop_reason = str(stop)
+            break
     result.server_state = server_state
     result.wall_seconds = time.perf_counter() - start
     result.compiles = dict(getattr(backend, "compiles", {}))

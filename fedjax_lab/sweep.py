@@ -49,8 +49,10 @@ import numpy as np
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import Algorithm, Cohort, Params
+from fedjax_lab.data.budget import check_cohort_memory
 from fedjax_lab.data.cohort import CohortBuilder
 from fedjax_lab.data.federated import FederatedData, sample_clients
+from fedjax_lab.io.run_folder import RunFolder
 from fedjax_lab.io.writers import write_json
 
 MakeAlgorithm = Callable[[dict[str, jax.Array]], Algorithm]
@@ -302,6 +304,10 @@ def sweep(
     probe = _build_algorithm(make_algorithm, {n: v[0] for n, v in hvals.items()})
     spec = probe.data_spec
 
+    # Every round of every seed is built up front: refuse before allocating what cannot fit.
+    check_cohort_memory(data, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
+                        num_steps=spec.num_steps, with_examples=False,
+                        cohort_size=clients_per_round * rounds * len(seeds))
     t0 = time.perf_counter()
     table, cohorts = prepare_cohorts(data, spec, seeds, rounds, clients_per_round)
     if callable(init_params):
@@ -447,6 +453,8 @@ class SweepConfig:
     out: str = "runs/sweep"
 
     def validate(self) -> None:
+        from fedjax_lab.experiment import MAX_SEED, check_data_dir
+
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs",
                      "batch_size", "seeds"):
             if getattr(self, name) < 1:
@@ -458,10 +466,14 @@ class SweepConfig:
         if self.points_per_batch is not None and self.points_per_batch < 1:
             raise ValueError(f"--points-per-batch must be >= 1 or none, got "
                              f"{self.points_per_batch}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        if self.alpha <= 0:
-            raise ValueError(f"--alpha must be > 0, got {self.alpha}")
+        if self.seed < 0 or self.seed + self.seeds - 1 > MAX_SEED:
+            raise ValueError(
+                f"--seed must be >= 0 and --seed + --seeds - 1 <= 2**32 - 1, got --seed "
+                f"{self.seed} --seeds {self.seeds}"
+            )
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha}")
+        check_data_dir(self.dataset, self.data_dir)
         for flag in ("client_lrs", "server_lrs"):
             values = parse_values(getattr(self, flag))
             if min(values) <= 0:
@@ -470,12 +482,18 @@ class SweepConfig:
 
 def run_sweep_experiment(cfg: SweepConfig) -> dict[str, Any]:
     """Sweeps FedAvg's client x server learning rate over seeds; writes CSV/JSON/heatmap."""
+    start = time.perf_counter()
+    # Locked for this sweep, and found writable before anything runs (results are replaced).
+    with RunFolder(cfg.out, overwrite=True, results=()):
+        return _run_sweep_experiment(cfg, start)
+
+
+def _run_sweep_experiment(cfg: SweepConfig, start: float) -> dict[str, Any]:
     import optax
 
     from fedjax_lab.algorithms.fedavg import fedavg
     from fedjax_lab.experiment import build_problem
 
-    start = time.perf_counter()
     _, train, model, evaluate, _ = build_problem(cfg)
     client_lrs, server_lrs = parse_values(cfg.client_lrs), parse_values(cfg.server_lrs)
 

@@ -60,7 +60,9 @@ def make_fedavg_family(
     """The shared body of FedAvg / FedOpt / FedProx (they differ only in these arguments).
 
     Non-finite client deltas are rejected: the client gets weight 0, its compressor state is
-    kept, and the ``rejected`` metric counts it (DESIGN.md "Errors").
+    kept, and the ``rejected`` metric counts it (DESIGN.md "Errors"). A round to which no
+    client contributed reports ``train_loss`` and ``update_norm`` as NaN (a mean over nobody),
+    and leaves the server state unchanged.
     """
     if weighting not in ("examples", "uniform"):
         raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
@@ -148,15 +150,22 @@ def make_fedavg_family(
             extra=state.extra,
         )
         m = agg.metric_sums
+        # A mean over no contributing client is undefined: NaN, never 0.0 (which would make a
+        # round whose every client was rejected look like a perfect one).
+        nan = jnp.float32(jnp.nan)
         metrics = {
-            "train_loss": m["train_loss_sum"] / jnp.maximum(m["train_examples"], 1.0),
+            "train_loss": jnp.where(
+                m["train_examples"] > 0,
+                m["train_loss_sum"] / jnp.maximum(m["train_examples"], 1.0), nan,
+            ),
             "train_examples": m["train_examples"],
             "clients": m["clients"],
             "rejected": m["rejected"],
             "upload_bits": m["upload_bits"],
             "local_steps": m["local_steps"] / jnp.maximum(m["clients"], 1.0),
-            "update_norm": jnp.sqrt(
-                sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(mean))
+            "update_norm": jnp.where(
+                any_client,
+                jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(mean))), nan,
             ),
         }
         return new_state, metrics

@@ -133,7 +133,8 @@ def fednova(
         scaled = agg._replace(update_sum=tree_scale(agg.update_sum, tau_eff), extra=())
         new_state, metrics = base.server_update(state, scaled)
         metrics = dict(metrics)
-        metrics["tau_eff"] = jnp.where(agg.weight_sum > 0, tau_eff, 0.0)
+        # No contributing client: tau_eff is a mean over nobody (NaN, not 0).
+        metrics["tau_eff"] = jnp.where(agg.weight_sum > 0, tau_eff, jnp.nan)
         return new_state, metrics
 
     return base._replace(

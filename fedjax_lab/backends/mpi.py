@@ -34,17 +34,27 @@ to 1e-5; bit-identical with the same backend and rank count).
 
 Failures never hang the job: an exception that leaves a rank (uncaught, or caught by
 ``failure_guard``) prints the error and calls ``MPI_Abort``, so ``mpirun`` terminates every
-rank and exits non-zero; a rank that dies is detected by ``mpirun``, which does the same.
+rank and exits non-zero; a rank that dies is detected by ``mpirun``, which does the same. A
+rank that is alive but stuck (stopped, swapped out, hung in I/O) is caught by the
+:class:`RoundWatchdog` (``round_timeout``): a host thread per rank exchanges heartbeats with the
+other ranks and, when a collective step of this rank (a round, a client-state exchange, a
+broadcast) has waited longer than ``round_timeout``, prints which rank stopped responding or did
+not arrive, and aborts the job. It runs outside the compiled round (the round only gets a
+``block_until_ready`` inside the deadline, which the runner's metrics read did anyway).
 
 Requires ``mpi4py`` and ``mpi4jax`` (CPU build). Non-additive algorithms are rejected.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import math
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -129,6 +139,147 @@ def install_abort_on_uncaught(rank: int, size: int) -> None:
     sys.excepthook = hook
 
 
+def check_timeout(timeout: Any) -> float:
+    """``timeout`` as a float, or a ValueError naming ``round_timeout``."""
+    ok = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not (ok and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(
+            f"round_timeout must be a finite number of seconds > 0 (or None), got {timeout!r}"
+        )
+    return float(timeout)
+
+
+class RoundWatchdog:
+    """Aborts the job when a collective step waits longer than ``timeout`` for another rank.
+
+    Every rank runs one daemon thread that, every ``interval`` seconds, sends its status
+    (rounds done, current step, whether it is inside a collective step) to the other ranks on
+    a dedicated communicator and reads theirs (non-blocking ``isend``/``iprobe``). While this
+    rank is inside a step marked with :meth:`step` for more than ``timeout`` seconds, the
+    thread names the ranks to blame: those whose heartbeats stopped (stopped, swapped out, dead
+    without ``mpirun`` noticing) or that are alive but have not reached the step. It then
+    prints that and calls ``MPI_Abort`` on ``COMM_WORLD``. Requires ``MPI_THREAD_MULTIPLE``
+    (mpi4py's default).
+
+    Args:
+      comm: a communicator for the heartbeats only (e.g. a ``Dup``); collective to create.
+      timeout: seconds a step may wait (includes the first round's compilation).
+      interval: seconds between heartbeats (default ``timeout / 10`` within [0.05, 5]).
+      abort: called with the message instead of printing it and aborting (tests).
+    """
+
+    _TAG = 7
+
+    def __init__(self, comm: MPI.Comm, timeout: float, *, interval: float | None = None,
+                 abort: Callable[[str], None] | None = None) -> None:
+        check_timeout(timeout)
+        if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            raise RuntimeError(
+                "the MPI round watchdog needs MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level = "
+                "'multiple', the default); pass round_timeout=None to run without it"
+            )
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.timeout = float(timeout)
+        self.interval = float(interval) if interval else min(5.0, max(0.05, timeout / 10))
+        # A peer is silent when it missed several heartbeats in a row.
+        self.silent_after = max(3 * self.interval, 1.0)
+        self._abort = abort or self._print_and_abort
+        self._lock = threading.Lock()
+        self._rounds_done = 0
+        self._what = "starting"
+        self._since: float | None = None  # when the current collective step began
+        now = time.monotonic()
+        self._peers = {r: {"rounds_done": 0, "what": "starting", "busy": False, "seen": now}
+                       for r in range(self.size) if r != self.rank}
+        self._sends: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedjax_lab-mpi-watchdog",
+                                        daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # before mpi4py finalizes MPI: no MPI call after that
+
+    @contextlib.contextmanager
+    def step(self, what: str, round_done: bool = False) -> Iterator[None]:
+        """Marks a collective step; ``round_done`` counts a finished round when it ends."""
+        with self._lock:
+            self._what, self._since = what, time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._since = None
+                self._rounds_done += round_done
+                self._what = f"after {what}"
+
+    def _status(self) -> tuple[int, str, bool]:
+        with self._lock:
+            return self._rounds_done, self._what, self._since is not None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+            self._receive()
+            self._check()
+
+    def _beat(self) -> None:
+        status = self._status()
+        self._sends = [r for r in self._sends if not r.Test()]
+        for peer in self._peers:
+            self._sends.append(self.comm.isend(status, dest=peer, tag=self._TAG))
+
+    def _receive(self) -> None:
+        info = MPI.Status()
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=self._TAG, status=info):
+            source = info.Get_source()
+            rounds_done, what, busy = self.comm.recv(source=source, tag=self._TAG)
+            self._peers[source] = {"rounds_done": rounds_done, "what": what, "busy": busy,
+                                   "seen": time.monotonic()}
+
+    def _check(self) -> None:
+        with self._lock:
+            since, rounds_done, what = self._since, self._rounds_done, self._what
+        if since is None:
+            return
+        now = time.monotonic()
+        waited = now - since
+        if waited < self.timeout:
+            return
+        blame = []
+        for peer, st in sorted(self._peers.items()):
+            last = f"round {st['rounds_done'] + 1}, {st['what']}"
+            if now - st["seen"] > self.silent_after:
+                blame.append(
+                    f"rank {peer} stopped responding: no heartbeat for {now - st['seen']:.1f} s "
+                    f"(last seen in {last}); it is stopped, swapped out or hung"
+                )
+            elif st["rounds_done"] < rounds_done or not st["busy"]:
+                blame.append(f"rank {peer} did not arrive: it is alive but still in {last}")
+        if not blame:
+            blame.append("every rank is alive and in this step: it is slower than the timeout; "
+                         "raise it if rounds legitimately take this long")
+        self._abort(
+            f"rank {self.rank}/{self.size}: round {rounds_done + 1} ({what}) waited "
+            f"{waited:.1f} s for the other ranks, more than round_timeout="
+            f"{self.timeout:g} s (--mpi-round-timeout). " + "; ".join(blame) + "."
+        )
+        self._stop.set()
+
+    def _print_and_abort(self, message: str) -> None:
+        sys.stderr.write(
+            f"\nfedjax_lab.backends.mpi watchdog: {message}\nAborting all {self.size} ranks "
+            "(MPI_Abort).\n"
+        )
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+    def close(self) -> None:
+        """Stops the thread (idempotent); heartbeats still in flight are left to MPI."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 class MpiClientStateStore(ClientStateStore):
     """Client states kept by their owning rank ``client_id % size``; see the module docstring.
 
@@ -136,10 +287,15 @@ class MpiClientStateStore(ClientStateStore):
     rank calls them once per round (the runner does), exchanging only the states needed.
     """
 
-    def __init__(self, initial_state: Any, comm: MPI.Comm) -> None:
+    def __init__(self, initial_state: Any, comm: MPI.Comm,
+                 watchdog: RoundWatchdog | None = None) -> None:
         super().__init__(initial_state)
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.watchdog = watchdog
+
+    def _step(self, what: str) -> contextlib.AbstractContextManager:
+        return self.watchdog.step(what) if self.watchdog else contextlib.nullcontext()
 
     def owner(self, client_id: int) -> int:
         return int(client_id) % self.size
@@ -148,12 +304,13 @@ class MpiClientStateStore(ClientStateStore):
         if self.stateless:
             return ()
         local = [int(c) for c in client_ids]
-        wanted = self.comm.allgather(local)
-        # Only owned clients are ever stored here, so this sends each state from its owner.
-        outgoing = [{c: self.states[c] for c in ids if c in self.states} for ids in wanted]
-        received: dict[int, Any] = {}
-        for part in self.comm.alltoall(outgoing):
-            received.update(part)
+        with self._step("gathering client states"):
+            wanted = self.comm.allgather(local)
+            # Only owned clients are ever stored here, so this sends each state from its owner.
+            outgoing = [{c: self.states[c] for c in ids if c in self.states} for ids in wanted]
+            received: dict[int, Any] = {}
+            for part in self.comm.alltoall(outgoing):
+                received.update(part)
         trees = [received.get(c, self.initial) for c in local]
         return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *trees)
 
@@ -167,12 +324,15 @@ class MpiClientStateStore(ClientStateStore):
                 outgoing[self.owner(cid)][int(cid)] = jax.tree.map(
                     lambda x, s=slot: np.array(x[s]), host
                 )
-        for part in self.comm.alltoall(outgoing):
+        with self._step("returning client states"):
+            parts = self.comm.alltoall(outgoing)
+        for part in parts:
             self.states.update(part)
 
     def snapshot(self) -> ClientStateStore | None:
         """Every rank's states gathered on rank 0 (None on the others); collective."""
-        parts = self.comm.gather(self.states, root=0)
+        with self._step("gathering client states for a checkpoint"):
+            parts = self.comm.gather(self.states, root=0)
         if self.rank != 0:
             return None
         full = ClientStateStore(self.initial)
@@ -192,7 +352,8 @@ class MpiClientStateStore(ClientStateStore):
             outgoing = [{} for _ in range(self.size)]
             for cid, state in full.states.items():
                 outgoing[self.owner(cid)][int(cid)] = state
-        self.states = dict(self.comm.scatter(outgoing, root=0))
+        with self._step("restoring client states"):
+            self.states = dict(self.comm.scatter(outgoing, root=0))
 
 
 class MpiBackend:
@@ -212,6 +373,10 @@ class MpiBackend:
         exception on one rank leaves the others blocked in the next collective).
       packing: as ``VmapBackend``'s, applied to this rank's clients: a rank packs its own slots
         and runs its own number of segments (no collective until the finish step).
+      round_timeout: seconds a round (or another collective step: client-state exchange,
+        broadcast) may wait for the other ranks before a :class:`RoundWatchdog` aborts the job,
+        naming the rank that is stuck; it includes the first round's compilation. None: no
+        watchdog (a stopped rank then blocks the job until an outer timeout).
     """
 
     name = "mpi"
@@ -228,8 +393,11 @@ class MpiBackend:
         unroll_limit: int = 128,
         abort_on_error: bool = True,
         packing: str | packed.PackingPolicy = "auto",
+        round_timeout: float | None = 300.0,
     ) -> None:
         _shard.check_plan(plan, chunk_size, self.name, PLANS)
+        if round_timeout is not None:
+            check_timeout(round_timeout)
         if chunk_size is not None and plan == "loop":
             raise ValueError("chunk_size only applies to the 'vmap' plan, not 'loop'")
         base = MPI.COMM_WORLD if comm is None else comm
@@ -244,6 +412,20 @@ class MpiBackend:
         self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
         if abort_on_error:
             install_abort_on_uncaught(self.rank, self.size)
+        # Its own communicator: heartbeats never match the rounds' collectives (collective).
+        self.watchdog = (
+            RoundWatchdog(base.Dup(), round_timeout) if round_timeout is not None else None
+        )
+
+    def _step(self, what: str, round_done: bool = False) -> contextlib.AbstractContextManager:
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        return self.watchdog.step(what, round_done)
+
+    def close(self) -> None:
+        """Stops the watchdog thread (the communicators are left to MPI_Finalize)."""
+        if self.watchdog is not None:
+            self.watchdog.close()
 
     @property
     def cohort_multiple(self) -> int:
@@ -281,11 +463,12 @@ class MpiBackend:
 
     def client_store(self, initial_state: Any) -> MpiClientStateStore:
         """The per-rank store of stateful clients (used by ``fedjax_lab.runner.run``)."""
-        return MpiClientStateStore(initial_state, self.comm)
+        return MpiClientStateStore(initial_state, self.comm, self.watchdog)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (checkpoint restore); collective."""
-        return self.comm.bcast(obj, root=0)
+        with self._step("a broadcast from rank 0"):
+            return self.comm.bcast(obj, root=0)
 
     @contextlib.contextmanager
     def failure_guard(self) -> Iterator[None]:
@@ -323,17 +506,20 @@ class MpiBackend:
         validate_round_inputs(algorithm, cohort, self.chunk_size)
         plan = self.resolve_plan(algorithm, server_state, cohort)
         layout = self._vmap.layout(algorithm, server_state, client_states, cohort, plan)
-        if layout is None:
-            stats = padded_stats(cohort)
-            out = self._compiled(algorithm, plan)(server_state, client_states, cohort, key)
-        else:
-            stats = packed_stats(layout)
-            out = self._compiled(algorithm, "packed-" + packing_mode(plan))(
-                server_state, client_states, cohort, key, layout
-            )
-        # The round's steps over every rank (a host collective of three numbers).
-        for k in ("real_steps", "computed_steps"):
-            stats[k] = float(self.comm.allreduce(stats[k], op=MPI.SUM))
+        with self._step("the round's allreduce", round_done=True):
+            # Waited for inside the deadline: the allreduce is where a stuck rank blocks us.
+            if layout is None:
+                stats = padded_stats(cohort)
+                out = self._compiled(algorithm, plan)(server_state, client_states, cohort, key)
+            else:
+                stats = packed_stats(layout)
+                out = self._compiled(algorithm, "packed-" + packing_mode(plan))(
+                    server_state, client_states, cohort, key, layout
+                )
+            out = jax.block_until_ready(out)
+            # The round's steps over every rank (a host collective of two numbers).
+            for k in ("real_steps", "computed_steps"):
+                stats[k] = float(self.comm.allreduce(stats[k], op=MPI.SUM))
         return out[0], out[1], {**out[2], **stats}
 
     def _compiled(self, algorithm: Algorithm, plan: str):

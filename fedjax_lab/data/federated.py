@@ -13,11 +13,14 @@ client's own clients), never the whole dataset.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from fedjax_lab.data.labels import check_label_spec, check_labels, check_num_classes
 
 FeatureSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -64,16 +67,29 @@ class ReorderedSource:
 class FederatedData:
     """A federated dataset: an ordered population of clients, each a dict of arrays.
 
+    Class labels (the ``label_key`` array) are validated on the host, because JAX clamps
+    out-of-range label indices silently: they must be integers, one per example, never
+    negative, and below ``num_classes`` when it is given. In-memory arrays are checked at
+    construction; a :class:`RowSource`'s label spec at construction and its labels on every
+    read (:meth:`take`). ``fedjax_lab.runner.run(num_classes=...)`` checks a population
+    against the model's output size.
+
     Attributes:
       client_ids: population ids (strings), position ``i`` is client index ``i``.
       arrays: dict name -> array ``[N, ...]`` with the examples of all clients, grouped by client;
         or a :class:`RowSource` whose rows are grouped that way (read on demand, ``is_lazy``).
       offsets: ``[num_clients + 1]`` int64; client ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+      num_classes: number of classes; labels must lie in ``[0, num_classes)``. None: unknown
+        (only the dtype, the shape and the sign of the labels are checked).
+      label_key: the array holding class labels (checked as above); None when the population
+        has no class labels (e.g. a custom per-example loss with real-valued targets).
     """
 
     client_ids: tuple[str, ...]
     arrays: dict[str, np.ndarray] | RowSource
     offsets: np.ndarray
+    num_classes: int | None = None
+    label_key: str | None = "y"
 
     def __post_init__(self) -> None:
         if isinstance(self.arrays, Mapping):
@@ -111,11 +127,68 @@ class FederatedData:
             )
         if len(set(self.client_ids)) != len(self.client_ids):
             raise ValueError("FederatedData: `client_ids` must be unique")
+        self._check_labels_at_construction()
+
+    def _check_labels_at_construction(self) -> None:
+        if self.num_classes is not None:
+            object.__setattr__(
+                self, "num_classes", check_num_classes(self.num_classes, "FederatedData")
+            )
+        key = self.label_key
+        if key is None:
+            return
+        names = self.arrays if not self.is_lazy else self.arrays.feature_spec()
+        if key not in names:
+            if self.num_classes is not None:
+                raise ValueError(
+                    f"FederatedData: num_classes={self.num_classes} is given but there is no "
+                    f"label array {key!r} (arrays: {sorted(names)}); pass label_key=<the label "
+                    "array>"
+                )
+            return
+        if self.is_lazy:
+            shape, dtype = names[key]
+            check_label_spec(shape, dtype, f"FederatedData: label array {key!r} of the source")
+        else:
+            check_labels(self.arrays[key], self.num_classes,
+                         f"FederatedData: label array {key!r}", self._locate)
+
+    def _locate(self, row: int) -> str:
+        """``client 'id' example j`` for population row ``row`` (error messages)."""
+        client = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return f"client {self.client_ids[client]!r} example {row - int(self.offsets[client])}"
+
+    def with_num_classes(self, num_classes: int) -> FederatedData:
+        """This population with ``num_classes`` set (labels checked against it).
+
+        Raises:
+          ValueError: the population already has another ``num_classes``, or a label is out of
+            range.
+        """
+        num_classes = check_num_classes(num_classes, "with_num_classes")
+        if self.num_classes == num_classes:
+            return self
+        if self.num_classes is not None:
+            raise ValueError(
+                f"the population's labels have num_classes={self.num_classes}, but the model "
+                f"outputs {num_classes} classes; build the model with num_classes="
+                f"{self.num_classes} (or relabel the data)"
+            )
+        return dataclasses.replace(self, num_classes=num_classes)
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
-    def from_clients(cls, clients: Mapping[str, Mapping[str, np.ndarray]]) -> FederatedData:
-        """Build from ``{client_id: {"x": array, "y": array}}`` (insertion order is kept)."""
+    def from_clients(
+        cls,
+        clients: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        num_classes: int | None = None,
+        label_key: str | None = "y",
+    ) -> FederatedData:
+        """Build from ``{client_id: {"x": array, "y": array}}`` (insertion order is kept).
+
+        ``num_classes`` and ``label_key`` are the class attributes (labels are checked).
+        """
         if not clients:
             raise ValueError("FederatedData.from_clients: `clients` is empty")
         ids = tuple(str(c) for c in clients)
@@ -146,7 +219,7 @@ class FederatedData:
                 )
         arrays = {n: np.concatenate(parts, axis=0) for n, parts in per_name.items()}
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        return cls(ids, arrays, offsets)
+        return cls(ids, arrays, offsets, num_classes, label_key)
 
     @classmethod
     def from_partition(
@@ -154,10 +227,15 @@ class FederatedData:
         arrays: Mapping[str, np.ndarray] | RowSource,
         partition: Sequence[np.ndarray],
         client_ids: Sequence[str] | None = None,
+        *,
+        num_classes: int | None = None,
+        label_key: str | None = "y",
     ) -> FederatedData:
         """Build from centralized ``arrays`` and a list of per-client example-index arrays.
 
-        ``arrays`` may be a :class:`RowSource`: the population then reads examples on demand.
+        ``arrays`` may be a :class:`RowSource`: the population then reads examples on demand
+        (and checks the labels of every read). ``num_classes`` and ``label_key`` are the class
+        attributes.
         """
         lazy = isinstance(arrays, RowSource) and not isinstance(arrays, Mapping)
         if not lazy:
@@ -174,8 +252,10 @@ class FederatedData:
         sizes = [len(p) for p in partition]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if lazy:
-            return cls(tuple(client_ids), ReorderedSource(arrays, order), offsets)
-        return cls(tuple(client_ids), {k: v[order] for k, v in arrays.items()}, offsets)
+            return cls(tuple(client_ids), ReorderedSource(arrays, order), offsets, num_classes,
+                       label_key)
+        return cls(tuple(client_ids), {k: v[order] for k, v in arrays.items()}, offsets,
+                   num_classes, label_key)
 
     # ------------------------------------------------------------------------------- accessors
     @property
@@ -206,6 +286,11 @@ class FederatedData:
             return {k: v[rows] for k, v in self.arrays.items()}
         uniq, inverse = np.unique(rows, return_inverse=True)  # each row is read once
         got = self.arrays.take(uniq)
+        if self.label_key is not None and self.label_key in got:
+            # Read on demand: these labels were never seen before this read.
+            check_labels(got[self.label_key], self.num_classes,
+                         f"FederatedData.take: labels {self.label_key!r} read from the source",
+                         lambda i: self._locate(int(uniq[i])))
         return {k: v[inverse] for k, v in got.items()}
 
     def client(self, i: int) -> dict[str, np.ndarray]:
@@ -220,7 +305,8 @@ class FederatedData:
     def subset(self, indices: Sequence[int]) -> FederatedData:
         """A population made of the given client indices (e.g. one MPI rank's clients)."""
         return FederatedData.from_clients(
-            {self.client_ids[i]: self.client(int(i)) for i in indices}
+            {self.client_ids[i]: self.client(int(i)) for i in indices},
+            num_classes=self.num_classes, label_key=self.label_key,
         )
 
     def feature_spec(self) -> FeatureSpec:

@@ -43,6 +43,8 @@ from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import qsgd
 from fedjax_lab.core.tree import tree_size
 from fedjax_lab.data.datasets import Dataset, federate, load_dataset
+from fedjax_lab.experiment import MAX_SEED
+from fedjax_lab.io.run_folder import RunFolder, check_output_file
 from fedjax_lab.io.writers import JsonlWriter, plot_curves, write_json
 from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import get_model, mlp
@@ -93,6 +95,11 @@ class FedPAQFigureConfig:
             raise ValueError(f"--settings must be a subset of {SETTINGS}, got {self.settings}")
         if self.dataset not in ("digits", "mnist"):
             raise ValueError(f"--dataset must be 'digits' or 'mnist', got {self.dataset!r}")
+        if self.data_dir and self.dataset == "digits":
+            raise ValueError("--data-dir is read only by --dataset mnist (TFDS); --dataset digits "
+                             "takes none: drop --data-dir")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer in [0, 2**32 - 1], got {self.seed}")
         for name in ("num_clients", "total_iterations", "batch_size", "nn_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -297,7 +304,9 @@ def run_figure(cfg: FedPAQFigureConfig) -> dict[str, Any]:
     """Runs every configured setting; returns the JSON-able results."""
     cfg.validate()
     start = time.perf_counter()
-    settings = {s: run_setting(cfg, s) for s in cfg.settings}
+    # Locked for this run, and found writable before anything runs (results are replaced).
+    with RunFolder(cfg.out, overwrite=True, results=()):
+        settings = {s: run_setting(cfg, s) for s in cfg.settings}
     first = settings[cfg.settings[0]]
     return {
         "config": dataclasses.asdict(cfg),
@@ -338,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              **args)
     try:
         cfg.validate()
+        if json_out:
+            check_output_file(json_out, "--json")
         results = run_figure(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -56,7 +56,10 @@ from fedjax_lab.compressors.accounting import (
 from fedjax_lab.core.local import is_local_update
 from fedjax_lab.core.tree import tree_size
 from fedjax_lab.core.types import Aggregate, Algorithm
+from fedjax_lab.data.budget import check_cohort_memory
 from fedjax_lab.data.datasets import federate, load_dataset
+from fedjax_lab.experiment import MAX_SEED
+from fedjax_lab.io.run_folder import RunFolder, check_output_file
 from fedjax_lab.io.writers import plot_curves, write_json
 from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import femnist_cnn
@@ -96,6 +99,13 @@ class SSTCConfig:
                 f"--dataset {self.dataset} needs --data-dir (TFDS data dir for emnist, the "
                 "LEAF femnist root for femnist); the offline default is --dataset digits"
             )
+        if self.dataset == "digits" and self.data_dir:
+            raise ValueError("--data-dir is read only by --dataset emnist and femnist; "
+                             "--dataset digits takes none: drop --data-dir")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+            0 <= self.seed <= MAX_SEED
+        ):
+            raise ValueError(f"--seed must be an integer in [0, 2**32 - 1], got {self.seed}")
         if self.partition not in PARTITIONS:
             raise ValueError(f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
         for name in ("num_clients", "clients_per_round", "rounds", "batch_size", "local_epochs"):
@@ -219,6 +229,9 @@ def build_problem(cfg: SSTCConfig) -> Problem:
         data = federate(dataset, "natural", None, seed=cfg.seed)
     else:
         data = federate(dataset, cfg.partition, cfg.num_clients, seed=cfg.seed)
+    # Before the model is initialised (compiled): a round that cannot fit is refused here.
+    check_cohort_memory(data, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                        num_steps=None, cohort_size=cfg.clients_per_round, with_examples=False)
     model = femnist_cnn(dataset.input_shape, dataset.num_classes)
     params = model.init(jax.random.key(cfg.seed))
     conv = conv_leaves(params)
@@ -269,6 +282,12 @@ def run_experiment(cfg: SSTCConfig) -> dict[str, Any]:
     """Runs the three methods; returns the JSON-able results and writes the PNG."""
     cfg.validate()
     start = time.perf_counter()
+    # Locked for this run, and found writable before anything runs (results are replaced).
+    with RunFolder(cfg.out, overwrite=True, results=()):
+        return _run_experiment(cfg, start)
+
+
+def _run_experiment(cfg: SSTCConfig, start: float) -> dict[str, Any]:
     problem = build_problem(cfg)
     initial = problem.evaluate(problem.params)["test_accuracy"]
     runs: dict[str, dict[str, list[float]]] = {}
@@ -339,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = SSTCConfig(**{**(QUICK if quick else {}), **given})
     try:
         cfg.validate()
+        if json_out:
+            check_output_file(json_out, "--json")
         results = run_experiment(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

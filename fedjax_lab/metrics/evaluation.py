@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.core.losses import correct_predictions, softmax_cross_entropy
+from fedjax_lab.data.labels import check_labels
 
 
 def make_evaluator(
@@ -18,14 +19,24 @@ def make_evaluator(
     *,
     batch_size: int = 1024,
     per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    num_classes: int | None = None,
 ) -> Callable[[Any], dict[str, float]]:
     """Returns ``evaluate(params) -> {"test_loss", "test_accuracy"}`` over ``arrays``.
 
     The test set is put on the device once and cut into fixed-size masked batches, so the
     jitted batch function compiles once. Batches are a Python loop rather than ``lax.map``
     because XLA:CPU runs convolutions much slower inside loops.
+
+    The labels ``arrays["y"]`` are checked on the host (JAX would clamp an out-of-range label
+    to another class and count a wrong accuracy): integers of shape ``[n]`` in
+    ``[0, num_classes)``. Without ``num_classes`` the range is checked against the model's
+    output size on the first call (``jax.eval_shape``: nothing is compiled for it).
+
+    Raises:
+      ValueError: an empty set, or labels that are not integers in ``[0, num_classes)``.
     """
-    n = len(arrays["y"])
+    labels = check_labels(arrays["y"], num_classes, "evaluation set: labels 'y'")
+    n = len(labels)
     if n == 0:
         raise ValueError("the evaluation set is empty; pass a test split with examples")
     if batch_size < 1:
@@ -47,7 +58,15 @@ def make_evaluator(
             jnp.sum(correct_predictions(logits, y) * m),
         )
 
+    checked = num_classes is not None
+
     def evaluate(params: Any) -> dict[str, float]:
+        nonlocal checked
+        if not checked:  # the model's output size is known once params are
+            logits = jax.eval_shape(apply_fn, params, device["x"][:1])
+            check_labels(labels, logits.shape[-1], "evaluation set: labels 'y' (against the "
+                         f"model's {logits.shape[-1]} outputs)")
+            checked = True
         loss = acc = 0.0
         for i in range(num_batches):
             sl = slice(i * b, (i + 1) * b)

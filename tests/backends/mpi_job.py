@@ -9,6 +9,8 @@ Modes:
   caught    rank 1 raises after round 1 inside ``backend.failure_guard()`` while the caller
             catches the exception (as experiment.main does with ValueError): the guard must abort.
   killed    rank 1 is SIGKILLed after round 1 (mpirun must tear the job down).
+  stopped   rank 1 SIGSTOPs itself after round 1 (alive to mpirun, but never arrives): rank 0's
+            round watchdog (round_timeout STUCK_TIMEOUT s) must name rank 1 and abort the job.
   ckpt_full ALGS     the stateful algorithms (comma-separated names) for CKPT_ROUNDS rounds,
                      uninterrupted; every rank saves OUT/<phase>_rank<r>_<name>.npz.
   ckpt_killed ALGS   the same, checkpointing to OUT/ckpt_<name> every 2 rounds; rank 1 dies
@@ -45,8 +47,9 @@ SIZES = [4, 9, 2, 7, 5, 11, 3, 6]
 SKEWED_SIZES = [1, 60, 2, 30, 5, 11, 3, 200]
 CPR = 5
 CKPT_ROUNDS = 5
-MODES = ("stateful", "uncaught", "caught", "killed", "ckpt_full", "ckpt_killed", "ckpt_resume",
-         "lazy")
+STUCK_TIMEOUT = 4.0
+MODES = ("stateful", "uncaught", "caught", "killed", "stopped", "ckpt_full", "ckpt_killed",
+         "ckpt_resume", "lazy")
 
 
 def stateful_algorithms(model):
@@ -107,7 +110,8 @@ def main(mode: str, out: str, algorithms: str = "") -> None:
         raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
     model = LinearModel(dim=5, classes=3)
     packing = PackingPolicy(slots=2, segment_steps=2) if mode == "stateful" else "auto"
-    backend = MpiBackend(plan="vmap", packing=packing)
+    backend = MpiBackend(plan="vmap", packing=packing,
+                         round_timeout=STUCK_TIMEOUT if mode == "stopped" else 300)
     rank = backend.rank
     if mode.startswith("ckpt_"):
         checkpointed(mode, algorithms, out, backend, model)
@@ -125,6 +129,8 @@ def main(mode: str, out: str, algorithms: str = "") -> None:
         if rank == 1 and r == 0:
             if mode == "killed":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "stopped":
+                os.kill(os.getpid(), signal.SIGSTOP)
             if mode in ("uncaught", "caught"):
                 raise RuntimeError("injected failure on rank 1 after round 1")
 

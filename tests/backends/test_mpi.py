@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -14,7 +15,7 @@ import optax
 import pytest
 
 from fedjax_lab.algorithms.fedavg import fedavg
-from fedjax_lab.backends.mpi import MpiBackend, allreduce_sum
+from fedjax_lab.backends.mpi import MpiBackend, RoundWatchdog, allreduce_sum
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.core.rng import SAMPLING_STREAM, host_rng
 from fedjax_lab.data.cohort import padded_cohort_size
@@ -78,8 +79,10 @@ def test_cli_two_ranks_equal_vmap_and_only_rank0_writes(tmp_path):
     for a, b in zip(ref, got, strict=True):
         for k, v in a.items():
             assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (a["round"], k)
-    # Rank 0 wrote the outputs once; rank 1 wrote and printed nothing.
-    assert sorted(os.listdir(mpi_out)) == ["accuracy.png", "metrics.jsonl", "summary.json"]
+    # Rank 0 wrote the outputs once (and held the folder's lock); rank 1 wrote and printed
+    # nothing.
+    assert sorted(os.listdir(mpi_out)) == [".fedjax_lab.lock", "accuracy.png", "metrics.jsonl",
+                                           "summary.json"]
     assert os.listdir(cwd) == []
     assert proc.stdout.count("final test accuracy") == 1
 
@@ -135,8 +138,10 @@ def test_stateful_clients_equal_vmap_and_stay_on_their_owner(mpi_stateful_job, v
     ("mode", "message"),
     [("uncaught", "rank 1/2 failed with RuntimeError: injected failure on rank 1 after round 1"),
      ("caught", "rank 1/2 failed with RuntimeError: injected failure on rank 1 after round 1"),
-     ("killed", "rank 1 with PID")],
-    ids=["uncaught-exception", "exception-caught-by-caller", "rank-killed"],
+     ("killed", "rank 1 with PID"),
+     # SIGSTOP: rank 1 stays alive for mpirun; only rank 0's watchdog can end the job.
+     ("stopped", "rank 1 stopped responding: no heartbeat for")],
+    ids=["uncaught-exception", "exception-caught-by-caller", "rank-killed", "rank-stopped"],
 )
 def test_a_failing_rank_aborts_the_job_instead_of_hanging(tmp_path, mode, message):
     proc = _mpirun([os.path.join(ROOT, "tests", "backends", "mpi_job.py"), mode,
@@ -162,6 +167,30 @@ def test_single_rank_loop_plan_equals_vmap(vmap_reference):
     ref, ref_store = vmap_reference["ef_qsgd"]
     chex.assert_trees_all_close(got.server_state.params, ref.server_state.params, atol=1e-5)
     assert sorted(store.states) == sorted(ref_store.states)
+
+
+def test_watchdog_fires_only_when_a_step_outlasts_the_timeout():
+    from mpi4py import MPI
+
+    fired = []
+    dog = RoundWatchdog(MPI.COMM_SELF.Dup(), 0.3, interval=0.05, abort=fired.append)
+    try:
+        with dog.step("a quick step", round_done=True):
+            pass
+        time.sleep(0.5)  # idle between steps: not waiting for anyone
+        assert fired == []
+        with dog.step("the round's allreduce"):
+            deadline = time.monotonic() + 10
+            while not fired and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        dog.close()
+    assert len(fired) == 1, fired
+    assert fired[0].startswith("rank 0/1: round 2 (the round's allreduce) waited")
+    assert "round_timeout=0.3 s (--mpi-round-timeout)" in fired[0]
+    assert "every rank is alive and in this step" in fired[0]  # one rank: nobody to blame
+    with pytest.raises(ValueError, match="round_timeout must be a finite number"):
+        MpiBackend(MPI.COMM_SELF, round_timeout=float("nan"), abort_on_error=False)
 
 
 def test_allreduce_sum_of_one_rank_is_the_identity_and_rejects_non_numeric_leaves():

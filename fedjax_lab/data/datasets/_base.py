@@ -8,6 +8,7 @@ import numpy as np
 
 from fedjax_lab.core.rng import PARTITION_STREAM, host_rng
 from fedjax_lab.data.federated import FederatedData, RowSource
+from fedjax_lab.data.labels import check_labels
 from fedjax_lab.data.partition import natural_client_ids
 from fedjax_lab.data.partition import partition as partition_by_name
 
@@ -46,8 +47,7 @@ def check_dataset(ds: Dataset) -> Dataset:
                              f"input_shape={ds.input_shape}")
         if y.shape != (len(ds.train),) or y.dtype != np.int32:
             raise ValueError(f"{ds.name}: lazy `train` labels must be int32 [{len(ds.train)}]")
-        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):
-            raise ValueError(f"{ds.name}: `train` labels outside [0, {ds.num_classes})")
+        check_labels(y, ds.num_classes, f"{ds.name}: `train` labels")
     for split in ("train", "test"):
         arrays = getattr(ds, split)
         if split == "train" and not isinstance(arrays, dict):
@@ -62,8 +62,7 @@ def check_dataset(ds: Dataset) -> Dataset:
             )
         if y.dtype != np.int32 or x.dtype not in (np.float32, np.int32):
             raise ValueError(f"{ds.name}: `{split}` dtypes x {x.dtype} y {y.dtype}")
-        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):
-            raise ValueError(f"{ds.name}: `{split}` labels outside [0, {ds.num_classes})")
+        check_labels(y, ds.num_classes, f"{ds.name}: `{split}` labels")
     if ds.train_client_ids is not None and ds.train_client_ids.shape != ds.train["y"].shape:
         raise ValueError(f"{ds.name}: `train_client_ids` must have one id per train example")
     return ds
@@ -97,10 +96,17 @@ def federate(
       min_size: minimum client size of ``"dirichlet_per_class"``.
 
     Returns:
-      `FederatedData` over ``dataset.train``; client ids are the natural ids for ``"natural"``,
-      else ``"0" ... "num_clients - 1"``.
+      `FederatedData` over ``dataset.train`` with ``num_classes = dataset.num_classes`` (its
+      labels are checked against it: here, and on every read of a lazy split); client ids are
+      the natural ids for ``"natural"``, else ``"0" ... "num_clients - 1"``.
+
+    Raises:
+      ValueError: a train label is not an integer in ``[0, dataset.num_classes)``.
     """
-    labels = dataset.train["y"]
+    # The partitioners index by label too: check them (and the class count) before use. A lazy
+    # split's examples are checked again on every read.
+    labels = check_labels(dataset.train["y"], dataset.num_classes,
+                          f"federate({dataset.name!r}): train labels 'y'")
     kwargs: dict[str, Any] = {}
     client_ids = None
     if partition == "natural":
@@ -121,4 +127,5 @@ def federate(
     parts = partition_by_name(
         partition, labels, num_clients, host_rng(seed, PARTITION_STREAM), **kwargs
     )
-    return FederatedData.from_partition(dataset.train, parts, client_ids)
+    return FederatedData.from_partition(dataset.train, parts, client_ids,
+                                        num_classes=dataset.num_classes)

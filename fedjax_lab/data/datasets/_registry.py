@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -42,4 +43,12 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    return _LOADERS[name](**kwargs)
+    loader = _LOADERS[name]
+    signature = inspect.signature(loader)
+    try:  # a wrong argument is bad input (ValueError), not a TypeError from inside the loader
+        signature.bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(
+            f"load_dataset({name!r}): {e}; the loader's arguments are {name}{signature}"
+        ) from None
+    return loader(**kwargs)
