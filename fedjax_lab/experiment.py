@@ -66,6 +66,11 @@ class FedAvgConfig:
     on_divergence: str = "stop"  # a round whose clients were all rejected: warn, or stop...
     divergence_patience: int = 3  # ... after this many such rounds in a row (exit status 3)
     mpi_round_timeout: float | None = 300.0  # --backend mpi: seconds before a stuck job aborts
+    packing: str = "auto"  # run clients back to back in slots: auto (cost model), on, off
+    slots: int | None = None  # pack into exactly this many client slots (implies packing)
+    segment_steps: int | None = None  # local steps per packed call (default: cost model)
+    max_examples_per_client: int | None = None  # train each client on a fresh random subset
+    max_local_steps: int | None = None  # stop each client after this many local steps
 
     def validate(self) -> None:
         """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
@@ -99,6 +104,24 @@ class FedAvgConfig:
                 f"{self.mpi_round_timeout}"
             )
         check_data_dir(self.dataset, self.data_dir)
+        from fedjax_lab.backends.packed import PACKING
+
+        if self.packing not in PACKING:
+            raise ValueError(f"--packing must be one of {PACKING}, got {self.packing!r}")
+        for name in ("slots", "segment_steps", "max_examples_per_client", "max_local_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1 (or none), got {value}")
+        if self.packing == "off" and (self.slots is not None or self.segment_steps is not None):
+            raise ValueError("--slots/--segment-steps shape packed rounds; they contradict "
+                             "--packing off")
+        if self.slots is not None and self.chunk_size is not None:
+            raise ValueError("--slots (packing) and --chunk-size exclude each other; drop one")
+        if self.slots is not None and self.slots > self.clients_per_round:
+            raise ValueError(
+                f"--slots={self.slots} > --clients-per-round={self.clients_per_round}: a slot "
+                "would never hold a client; lower --slots"
+            )
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
         if self.eval_every < 0:
@@ -245,6 +268,8 @@ def check_round_memory(cfg: Any, train: Any) -> None:
         cohort_size=padded_cohort_size(cfg.clients_per_round, getattr(cfg, "chunk_size", None)),
         # MPI ranks and lazily read data gather each round's examples on the host.
         with_examples=train.is_lazy or getattr(cfg, "backend", None) == "mpi",
+        max_examples_per_client=getattr(cfg, "max_examples_per_client", None),
+        max_local_steps=getattr(cfg, "max_local_steps", None),
     )
 
 
@@ -342,18 +367,21 @@ def build_edge_backend(cfg: FedAvgConfig):
 def build_backend(cfg: FedAvgConfig):
     if cfg.backend == "edge":
         return build_edge_backend(cfg)
+    from fedjax_lab.backends.packed import PackingPolicy
+
+    packing = PackingPolicy(cfg.packing, slots=cfg.slots, segment_steps=cfg.segment_steps)
     if cfg.backend == "sharded":
         from fedjax_lab.backends.sharded import ShardedBackend
 
-        return ShardedBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
+        return ShardedBackend(plan=cfg.plan, chunk_size=cfg.chunk_size, packing=packing)
     if cfg.backend == "mpi":  # imported only here: importing mpi4py initialises MPI
         from fedjax_lab.backends.mpi import MpiBackend
 
         return MpiBackend(plan=cfg.plan, chunk_size=cfg.chunk_size,
-                          round_timeout=cfg.mpi_round_timeout)
+                          round_timeout=cfg.mpi_round_timeout, packing=packing)
     from fedjax_lab.backends.vmap import VmapBackend
 
-    return VmapBackend(plan=cfg.plan, chunk_size=cfg.chunk_size)
+    return VmapBackend(plan=cfg.plan, chunk_size=cfg.chunk_size, packing=packing)
 
 
 class ProgressBar:
@@ -407,11 +435,22 @@ def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dic
         "train_seconds": result.train_seconds,
         "examples_per_second": result.train_examples / max(result.train_seconds, 1e-9),
         "uplink_bits": sum(h.get("upload_bits", 0.0) for h in result.history),
+        # Local steps with a real example / slot-steps computed, over the whole run (packing).
+        "padding_efficiency": _efficiency(result.history),
+        "compiled_programs": dict(getattr(result, "compiles", {})),
         "config": dataclasses.asdict(cfg),
         "jax_backend": jax.default_backend(),
     }
     summary.update(extra or {})
     return summary
+
+
+def _efficiency(history: list[dict[str, float]]) -> float | None:
+    """Real / computed local steps of the rounds that report them (None if none does)."""
+    computed = sum(h.get("computed_steps", 0.0) for h in history)
+    if not computed:
+        return None
+    return sum(h.get("real_steps", 0.0) for h in history) / computed
 
 
 def _number(value: Any) -> str:
@@ -443,6 +482,8 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
         f" rounds              : {summary['rounds']}",
         f" wall time           : {summary['wall_seconds']:.1f} s",
         f" examples / second   : {summary['examples_per_second']:.0f}",
+        f" padding efficiency  : {_number(summary.get('padding_efficiency'))}"
+        f" ({sum(summary.get('compiled_programs', {}).values())} programs compiled)",
         f" outputs             : {out}/metrics.jsonl, summary.json, accuracy.png",
         "=" * 60,
     ]
@@ -523,7 +564,8 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
             rounds=cfg.rounds - start_round, clients_per_round=cfg.clients_per_round,
             seed=cfg.seed, chunk_size=cfg.chunk_size, server_state=server_state,
             start_round=start_round, client_store=store, state_callbacks=[ckpt.save_state],
-            num_classes=model.num_classes,
+            num_classes=model.num_classes, max_examples_per_client=cfg.max_examples_per_client,
+            max_local_steps=cfg.max_local_steps,
         )
         if not primary:  # MPI ranks > 0: train, write nothing
             with getattr(backend, "failure_guard", contextlib.nullcontext)():

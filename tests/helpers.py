@@ -10,6 +10,10 @@ import numpy as np
 
 from fedjax_lab.data.federated import FederatedData
 
+# Round-record fields that say how a backend laid out the round (slot-steps computed, packed
+# slots), not what it computed: they differ between backends and plans by design.
+LAYOUT_FIELDS = frozenset({"computed_steps", "packed_slots"})
+
 
 class LinearModel(NamedTuple):
     """Multinomial logistic regression with the ``apply`` of fedjax_lab models."""

@@ -197,6 +197,10 @@ class ShardedBackend:
                 server_state, client_states, self._place_cohort(cohort), key
             )
         else:
+            # The packed round reads the cohort's index and mask on the host; arrays committed
+            # outside the mesh are refused there too, as by the padded program's placement.
+            for path, leaf in jax.tree_util.tree_flatten_with_path(cohort)[0]:
+                self._check_foreign(leaf, "cohort" + jax.tree_util.keystr(path))
             stats = packed_stats(layout)
             new_server, new_states, metrics = self._compiled(
                 algorithm, "packed-" + packing_mode(plan)
@@ -355,17 +359,24 @@ class ShardedBackend:
         ]
         return jax.tree_util.tree_unflatten(treedef, placed)
 
+    def _check_foreign(self, x: Any, what: str) -> None:
+        """Raises for an array committed outside the mesh (``on_foreign_device="raise"``)."""
+        if (
+            isinstance(x, jax.Array) and x.committed
+            and not x.sharding.device_set <= self._device_set
+            and self.on_foreign_device == "raise"
+        ):
+            raise ValueError(
+                f"{what} is committed to device(s) "
+                f"{sorted(d.id for d in x.sharding.device_set)} but this ShardedBackend's "
+                f"mesh is devices {sorted(d.id for d in self._device_set)}; move it with "
+                "jax.device_put(x, backend.replicated) (or backend.client_sharded for "
+                "per-client arrays), or build the backend with on_foreign_device='move'"
+            )
+
     def _place_leaf(self, x: Any, sharding: NamedSharding, what: str) -> jax.Array:
+        self._check_foreign(x, what)
         if isinstance(x, jax.Array):
-            if x.committed and not x.sharding.device_set <= self._device_set:
-                if self.on_foreign_device == "raise":
-                    raise ValueError(
-                        f"{what} is committed to device(s) "
-                        f"{sorted(d.id for d in x.sharding.device_set)} but this ShardedBackend's "
-                        f"mesh is devices {sorted(d.id for d in self._device_set)}; move it with "
-                        "jax.device_put(x, backend.replicated) (or backend.client_sharded for "
-                        "per-client arrays), or build the backend with on_foreign_device='move'"
-                    )
             if x.sharding.is_equivalent_to(sharding, x.ndim):
                 return x
             if sharding.is_fully_addressable:

@@ -370,6 +370,8 @@ OPERATIONAL_FIELDS = (
     "rounds", "resume", "checkpoint_every", "progress", "out", "backend", "plan", "chunk_size",
     "eval_every", "data_dir", "edge_clients", "edge_round_timeout", "overwrite", "on_divergence",
     "divergence_patience", "mpi_round_timeout",
+    # How rounds are laid out (packing) changes no number (to float rounding), only speed.
+    "packing", "slots", "segment_steps",
 )
 
 

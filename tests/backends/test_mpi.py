@@ -33,6 +33,7 @@ from tests.backends import mpi_job
 from tests.helpers import (
     CKPT_FLAGS,
     KILL_AFTER,
+    LAYOUT_FIELDS,
     LinearModel,
     experiment_server_state,
     lazy_population,
@@ -42,7 +43,7 @@ from tests.helpers import (
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 MPIRUN = shutil.which("mpirun", path=BIN) or shutil.which("mpirun")
-TIMINGS = {"round_seconds", "wall_time"}
+TIMINGS = {"round_seconds", "wall_time"} | LAYOUT_FIELDS
 # The CLI flags of the equivalence test: 3 of 8 clients per round -> 4 slots over 2 ranks, so
 # rank 1 trains one real client and one weight-0 padding slot.
 CLI = ["--rounds", "3", "--num-clients", "8", "--clients-per-round", "3", "--eval-every", "2",

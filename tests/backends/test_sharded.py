@@ -12,19 +12,20 @@ import optax
 import pytest
 
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.backends.packed import PackingPolicy
 from fedjax_lab.backends.sharded import ShardedBackend
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import qsgd, with_error_feedback
 from fedjax_lab.data.cohort import CohortBuilder
 from fedjax_lab.experiment import FedAvgConfig, build_backend, main, run_fedavg_experiment
 from fedjax_lab.runner import ClientStateStore, run
-from tests.helpers import LinearModel, make_population
+from tests.helpers import LAYOUT_FIELDS, LinearModel, make_population
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = LinearModel(dim=5, classes=3)
 SIZES = (4, 9, 2, 7, 5, 11, 3, 6)
 CPR = 5  # not a multiple of 2 or 4: the runner pads with weight-0 slots
-TIMINGS = {"round_seconds", "wall_time"}
+TIMINGS = {"round_seconds", "wall_time"} | LAYOUT_FIELDS
 
 
 def _stateful_stochastic():
@@ -98,17 +99,27 @@ FOREIGN = jax.devices()[3]
 
 @pytest.fixture(scope="module")
 def one_round():
-    """One algorithm object and backends shared by the placement tests (one compile each)."""
+    """One algorithm object and backends shared by the placement tests (one compile each).
+
+    The padded program: these tests place every input of it (packed rounds read the cohort's
+    index and mask on the host; test_packed_round_rejects_foreign_arrays covers them).
+    """
     alg = _stateful_stochastic()
-    ref = jax.device_get(_one_round(alg, VmapBackend("vmap"), 4))
-    return alg, ref, ShardedBackend(MESH, plan="vmap"), ShardedBackend(
-        MESH, plan="vmap", on_foreign_device="move")
+    ref = _computed(_one_round(alg, VmapBackend("vmap", packing="off"), 4))
+    return alg, ref, ShardedBackend(MESH, plan="vmap", packing="off"), ShardedBackend(
+        MESH, plan="vmap", on_foreign_device="move", packing="off")
+
+
+def _computed(out):
+    """A round's outputs on the host, without the layout fields of its metrics."""
+    state, states, metrics = jax.device_get(out)
+    return state, states, {k: v for k, v in metrics.items() if k not in LAYOUT_FIELDS}
 
 
 def test_outputs_live_on_the_mesh_with_the_documented_shardings(one_round):
     alg, ref, backend, _ = one_round
     out = _one_round(alg, backend, 4)
-    chex.assert_trees_all_close(jax.device_get(out), ref, atol=1e-5)
+    chex.assert_trees_all_close(_computed(out), ref, atol=1e-5)
     state, states, metrics = out
     for leaf in jax.tree.leaves(state):
         assert leaf.sharding.device_set == set(MESH)
@@ -116,16 +127,20 @@ def test_outputs_live_on_the_mesh_with_the_documented_shardings(one_round):
     for leaf in jax.tree.leaves(states):
         assert leaf.sharding.device_set == set(MESH)
         assert [s.data.shape[0] for s in leaf.addressable_shards] == [2, 2]  # 4 slots / 2 devs
-    assert all(m.sharding.is_fully_replicated for m in metrics.values())
+    assert all(m.sharding.is_fully_replicated for m in metrics.values()
+               if isinstance(m, jax.Array))  # (layout counts are host floats)
 
 
-def test_one_compile_per_run():
+@pytest.mark.parametrize("packing", ["off", "on"])
+def test_bounded_compiles_per_run(packing):
     alg = fedavg(MODEL, optax.sgd(0.1), batch_size=3)
-    traced = alg._replace(client_update=chex.assert_max_traces(alg.client_update, n=1))
-    result = run(traced, ShardedBackend(MESH, plan="vmap"),
-                 make_population([1, 12, 4, 9, 2], seed=3), MODEL.init(jax.random.key(0)),
-                 rounds=4, clients_per_round=3, seed=1)
+    backend = ShardedBackend(MESH, plan="vmap", packing=packing)
+    result = run(alg, backend, make_population([1, 12, 4, 9, 2], seed=3),
+                 MODEL.init(jax.random.key(0)), rounds=4, clients_per_round=3, seed=1)
     assert len({h["train_examples"] for h in result.history}) > 1
+    # padded: one program per ladder rung (S_max = 4: rungs 4, 2, 1); packed: init + segment +
+    # finish of the run's layout (at most two layouts).
+    assert sum(backend.compiles.values()) <= (3 if packing == "off" else 5)
 
 
 def test_empty_and_scalar_parameter_leaves():
@@ -173,9 +188,25 @@ def test_arrays_on_devices_outside_the_mesh_are_rejected_or_moved(one_round, pla
                        r"ShardedBackend's mesh is devices \[0, 1\]"):
         _one_round(alg, raising, 4, place)
     moved = _one_round(alg, moving, 4, place)
-    chex.assert_trees_all_close(jax.device_get(moved), ref, atol=1e-5)
+    chex.assert_trees_all_close(_computed(moved), ref, atol=1e-5)
     for leaf in jax.tree.leaves(moved):
-        assert leaf.sharding.device_set == set(MESH)
+        if isinstance(leaf, jax.Array):  # (layout counts are host floats)
+            assert leaf.sharding.device_set == set(MESH)
+
+
+@pytest.mark.parametrize(
+    ("place", "name"),
+    [(_server_on_foreign, r"server_state\.params\['b'\]"),
+     (_mask_on_foreign, r"cohort\.mask"),
+     (_table_on_foreign, r"cohort\.arrays\['x'\]")],
+    ids=["server-state", "cohort-mask", "cohort-table"],
+)
+def test_packed_round_rejects_foreign_arrays(place, name):
+    alg = _stateful_stochastic()
+    backend = ShardedBackend(MESH, plan="vmap", packing=PackingPolicy(slots=1))
+    with pytest.raises(ValueError, match=name + r" is committed to device\(s\) \[3\]"):
+        _one_round(alg, backend, 4, place)
+    assert not backend.compiles
 
 
 def test_arrays_committed_inside_the_mesh_are_resharded_not_rejected(one_round):
@@ -185,7 +216,7 @@ def test_arrays_committed_inside_the_mesh_are_resharded_not_rejected(one_round):
         return jax.device_put(state, MESH[1]), jax.device_put(states, MESH[0]), cohort
 
     got = _one_round(alg, raising, 4, inside_mesh)
-    chex.assert_trees_all_close(jax.device_get(got), ref, atol=1e-5)
+    chex.assert_trees_all_close(_computed(got), ref, atol=1e-5)
 
 
 def test_non_additive_algorithm_is_rejected_before_compiling():
