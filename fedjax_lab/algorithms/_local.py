@@ -45,7 +45,13 @@ def masked_mean_objective(
     """Masked-mean loss of a model over one batch ``{"x": [B, ...], "y": [B, ...]}``."""
 
     def objective(params: Params, arrays: dict[str, jax.Array], mask: jax.Array) -> jax.Array:
-        losses = per_example_loss(apply_fn(params, arrays["x"]), arrays["y"])
+        # Padded positions hold some other example (row 0 of a device table): zero them, so
+        # that a non-finite value there cannot leak into this client's loss or gradient (a 0
+        # mask times NaN is NaN, in the forward and the backward pass alike).
+        x = arrays["x"]
+        x = jnp.where((mask > 0).reshape(mask.shape + (1,) * (x.ndim - 1)), x,
+                      jnp.zeros((), x.dtype))
+        losses = per_example_loss(apply_fn(params, x), arrays["y"])
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     return objective

@@ -163,7 +163,7 @@ def test_single_rank_loop_plan_equals_vmap(vmap_reference):
     backend = MpiBackend(MPI.COMM_SELF, plan="loop", abort_on_error=False)
     assert backend.is_primary and backend.cohort_multiple == 1
     store = backend.client_store(alg.client_init(params))
-    got = run(alg, backend, make_population(mpi_job.SIZES, seed=2), params, rounds=3,
+    got = run(alg, backend, make_population(mpi_job.SKEWED_SIZES, seed=2), params, rounds=3,
               clients_per_round=mpi_job.CPR, seed=0, client_store=store)
     ref, ref_store = vmap_reference["ef_qsgd"]
     chex.assert_trees_all_close(got.server_state.params, ref.server_state.params, atol=1e-5)

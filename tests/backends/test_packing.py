@@ -358,3 +358,15 @@ def test_cohort_type_is_unchanged_for_callers():
     cohort = CohortBuilder(make_population([4, 6]), batch_size=2, local_epochs=1, cohort_size=2,
                            seed=0).build(0, [0, 1])
     assert isinstance(cohort, Cohort) and cohort.index.shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("packing", ["off", "on"])
+def test_a_non_finite_example_rejects_only_its_own_client(packing):
+    """Padded positions read table row 0; a NaN there must not reject the other clients."""
+    data = make_population([3, 9, 14, 5], seed=0)
+    data.arrays["x"][0, 0] = np.nan  # client 0's first example
+    alg = fedavg(MODEL, optax.sgd(0.1), batch_size=4)
+    result = run(alg, VmapBackend("vmap", packing=packing), data, MODEL.init(jax.random.key(0)),
+                 rounds=1, clients_per_round=4, seed=0)
+    assert result.history[0]["rejected"] == 1.0
+    assert np.isfinite(result.history[0]["train_loss"])
