@@ -40,7 +40,12 @@ import numpy as np
 from fedjax_lab.core.local import LocalUpdate
 from fedjax_lab.core.tree import tree_where
 from fedjax_lab.core.types import ClientOutput, PyTree, ServerState
-from fedjax_lab.data.packing import PackedLayout, group_makespan
+from fedjax_lab.data.packing import (
+    PackedLayout,
+    group_makespan,
+    padded_length,
+    segment_lengths,
+)
 
 MODES = ("vmap", "unrolled")
 
@@ -255,9 +260,10 @@ class PackingPolicy:
         ``w = P t (1 + b) + o`` (vmapped slots), ``t (1 + b1) + o`` (one slot) or
         ``ceil(P/k) t (1 + b1)`` (unrolled),
     plus ``compile_seconds`` per program: one padded program per distinct ``S``; for packed
-    layouts one finish, one init per ``P`` and one segment per ``(P, L)``. ``P`` ranges over
-    powers of two below the cohort size and ``L`` over 8..128 (``vmap``) or 2..8 (``unrolled``:
-    every step is compiled code).
+    layouts one finish, one init per ``P`` and up to three segment programs per ``(P, L)``
+    (a round's last call runs a half and/or quarter segment, ``data.packing.segment_lengths``).
+    ``P`` ranges over powers of two below the cohort size and ``L`` over 8..128 (``vmap``) or
+    2..8 (``unrolled``: every step is compiled code).
 
     Args:
       packing: ``"auto"`` (cost model), ``"on"`` (always pack) or ``"off"`` (always pad).
@@ -322,14 +328,17 @@ class PackingPolicy:
                  for p in {d.slots for d in candidates}}
         costs = np.zeros((len(schedule), len(candidates)))
         for j, d in enumerate(candidates):
-            calls = np.maximum(1, np.ceil(np.asarray(spans[d.slots]) / d.segment))
+            pieces = [segment_lengths(padded_length(span, d.segment), d.segment)
+                      for span in spans[d.slots]]
+            calls = np.array([len(p) for p in pieces])
+            length = np.array([sum(p) for p in pieces])
             if mode == "unrolled":
                 per_step = math.ceil(d.slots / cm.cores) * slot_seconds * (1 + cm.branch_boundary)
             elif d.slots == 1:
                 per_step = slot_seconds * (1 + cm.branch_boundary) + overhead
             else:
                 per_step = d.slots * slot_seconds * (1 + cm.boundary) + overhead
-            costs[:, j] = calls * (d.segment * per_step + cm.call_seconds)
+            costs[:, j] = length * per_step + calls * cm.call_seconds
         padded = None
         if self.packing == "auto" and self.slots is None:
             width = math.ceil(clients / cm.cores) if mode == "unrolled" else clients
@@ -339,7 +348,8 @@ class PackingPolicy:
         return candidates, costs, padded
 
     def _compile_seconds(self, layouts: tuple[Decision, ...]) -> float:
-        programs = 1 + len({d.slots for d in layouts}) + len(set(layouts))
+        # finish, an init per slot count, and up to three segment lengths per layout
+        programs = 1 + len({d.slots for d in layouts}) + 3 * len(set(layouts))
         return programs * self.cost_model().compile_seconds
 
     def plan(

@@ -144,7 +144,7 @@ def pack(
 
         steps = active_steps(np.asarray(cohort.mask)).sum(axis=1)
         need = group_makespan(steps, slots, groups)
-        length = max(1, math.ceil(need / segment)) * segment if length is None else length
+        length = padded_length(need, segment) if length is None else length
         parts = [pack(block(g), slots, segment, length=length) for g in range(groups)]
 
         def cat(name):
@@ -166,10 +166,11 @@ def pack(
     assignment = assign_slots(steps, slots)
     need = max((int(steps[a].sum()) for a in assignment if a), default=0)
     if length is None:
-        length = max(1, math.ceil(need / segment)) * segment
-    elif length < need or length % segment:
+        length = padded_length(need, segment)
+    elif length < need or length % tail_unit(segment):
         raise ValueError(
-            f"length {length} must be a multiple of segment {segment} that holds {need} steps"
+            f"length {length} must be a multiple of {tail_unit(segment)} (segment {segment}) "
+            f"that holds {need} steps"
         )
     src_client = np.full((length, slots), -1, np.int64)
     src_step = np.zeros((length, slots), np.int64)
@@ -205,12 +206,44 @@ def pack(
     )
 
 
+def tail_unit(segment: int) -> int:
+    """Granularity of a layout's last steps: a quarter segment (see :func:`segment_lengths`)."""
+    return max(1, segment // 4)
+
+
+def segment_lengths(length: int, segment: int) -> list[int]:
+    """The calls that run ``length`` steps: full segments, then at most a half and a quarter.
+
+    A round rarely ends on a segment boundary; rounding its last call down to half or quarter
+    segments bounds the idle steps by a quarter segment instead of a whole one, for at most two
+    more (small) compiled programs.
+    """
+    unit = tail_unit(segment)
+    if length % unit:
+        raise ValueError(f"length {length} is not a multiple of {unit}")
+    out = [segment] * (length // segment)
+    rest = length % segment
+    for piece in (segment // 2, unit):
+        if piece and rest >= piece:
+            out.append(piece)
+            rest -= piece
+    if rest:
+        raise ValueError(f"length {length} does not split into segments of {segment}")
+    return out
+
+
+def padded_length(need: int, segment: int) -> int:
+    """The length of a layout holding ``need`` steps (at least one step)."""
+    unit = tail_unit(segment)
+    return max(1, math.ceil(need / unit)) * unit
+
+
 def split_layout(layout: PackedLayout) -> list[PackedLayout]:
-    """The consecutive ``layout.segment``-step pieces of ``layout`` (one backend call each)."""
-    seg = layout.segment
+    """The pieces of ``layout`` that the backend runs one call each (:func:`segment_lengths`)."""
+    starts = np.cumsum([0, *segment_lengths(layout.length, layout.segment)])
 
     def piece(x, i):
-        return None if x is None else x[i * seg : (i + 1) * seg]
+        return None if x is None else x[starts[i] : starts[i + 1]]
 
     return [
         layout._replace(
@@ -220,5 +253,5 @@ def split_layout(layout: PackedLayout) -> list[PackedLayout]:
             mask=piece(layout.mask, i), position=piece(layout.position, i),
             first=piece(layout.first, i), last=piece(layout.last, i),
         )
-        for i in range(layout.length // seg)
+        for i in range(len(starts) - 1)
     ]

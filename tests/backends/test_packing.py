@@ -36,7 +36,14 @@ from fedjax_lab.compressors import qsgd, top_k, with_error_feedback
 from fedjax_lab.core.local import LocalUpdate, is_local_update
 from fedjax_lab.core.types import Cohort
 from fedjax_lab.data.cohort import CohortBuilder
-from fedjax_lab.data.packing import assign_slots, makespan, pack, split_layout
+from fedjax_lab.data.packing import (
+    assign_slots,
+    makespan,
+    pack,
+    padded_length,
+    segment_lengths,
+    split_layout,
+)
 from fedjax_lab.runner import ClientStateStore, run
 from fedjax_lab.systems.availability import Availability
 from tests.helpers import LinearModel, make_population
@@ -152,7 +159,9 @@ def test_auto_fixes_one_layout_and_packs_a_skewed_run():
     slots = {h["packed_slots"] for h in result.history}
     assert len(slots) == 1 and slots.pop() >= 1  # one packed layout for the whole run
     assert result.padding_efficiency > 0.85
-    assert sum(result.compiles.values()) == 3
+    # finish + init + the segment lengths used (full, half, quarter)
+    assert result.compiles["packed_finish"] == result.compiles["packed_init"] == 1
+    assert 1 <= result.compiles["packed_segment"] <= 3
     # The padded program would have computed ~C x S_round: far more.
     padded, _ = _run(ALGORITHMS["fedavg"], VmapBackend("vmap", packing="off"), rounds=6)
     assert padded.padding_efficiency < 0.5
@@ -244,7 +253,7 @@ def test_pack_runs_each_clients_real_steps_in_order():
     cohort = cohort._replace(mask=cohort.mask.copy())
     cohort.mask[0, 1:] = 0  # a straggler cut after one step: its later steps are not packed
     layout = pack(cohort, 2, 5)
-    assert layout.length % 5 == 0 and layout.slots == 2
+    assert layout.slots == 2 and layout.length == sum(segment_lengths(layout.length, 5))
     np.testing.assert_array_equal(layout.client_steps, [1, 16, 2, 6, 0])
     for c in range(4):
         where = np.argwhere(layout.position == c)
@@ -327,7 +336,8 @@ def test_a_layout_that_cannot_hold_a_client_is_refused():
     with pytest.raises(ValueError, match="client 1 takes 10 local steps; 4 cannot hold them"):
         builder.client_index(1, 0, steps=4)
     cohort = builder.build(0, [0, 1])
-    with pytest.raises(ValueError, match="length 8 must be a multiple of segment 4 that holds"):
+    with pytest.raises(ValueError, match=r"length 8 must be a multiple of 1 \(segment 4\) that "
+                                         "holds 11 steps"):
         pack(cohort, 1, 4, length=8)
 
 
@@ -370,3 +380,17 @@ def test_a_non_finite_example_rejects_only_its_own_client(packing):
                  rounds=1, clients_per_round=4, seed=0)
     assert result.history[0]["rejected"] == 1.0
     assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_a_rounds_last_call_is_a_half_or_quarter_segment():
+    assert segment_lengths(64, 16) == [16] * 4
+    assert segment_lengths(60, 16) == [16, 16, 16, 8, 4]
+    assert segment_lengths(12, 16) == [8, 4]
+    assert segment_lengths(7, 4) == [4, 2, 1]
+    assert padded_length(61, 16) == 64 and padded_length(57, 16) == 60
+    assert padded_length(0, 16) == 4  # a round with no real step still runs one small call
+    for need in range(1, 200):
+        length = padded_length(need, 32)
+        assert need <= length < need + 8 and sum(segment_lengths(length, 32)) == length
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        segment_lengths(10, 16)

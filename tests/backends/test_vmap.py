@@ -52,8 +52,8 @@ def test_bounded_compiles_per_run_with_varying_client_sizes(packing):
     sizes_seen = {h["train_examples"] for h in result.history}
     assert len(sizes_seen) > 1  # the sampled clients really had different sizes
     # padded: one program per ladder rung used (S_max = 8: rungs 8, 4, 2, 1); packed: the run's
-    # one layout is init + segment + finish.
-    assert sum(backend.compiles.values()) <= (4 if packing == "off" else 3)
+    # one layout is init + finish + up to three segment lengths (full, half, quarter).
+    assert sum(backend.compiles.values()) <= (4 if packing == "off" else 5)
     assert result.compiles == dict(backend.compiles)
 
 
