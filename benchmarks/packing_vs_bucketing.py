@@ -67,7 +67,7 @@ def bucketed(alg, data, params, rounds: int) -> dict:
                 builders[size] = CohortBuilder(data, batch_size=BATCH, local_epochs=1,
                                                cohort_size=size, seed=0)
             cohort = builders[size].build(r, clients[positions])
-            pad = np.concatenate([positions, [positions[0]] * (size - len(positions))])
+            pad = np.asarray(positions + [positions[0]] * (size - len(positions)), np.int32)
             part = partial_fn(state, cohort, keys[jnp.asarray(pad)])
             agg = part if agg is None else add_aggregates(agg, part)
             mask = cohort.mask

@@ -45,6 +45,7 @@ from fedjax_lab.data.packing import (
     group_makespan,
     padded_length,
     segment_lengths,
+    tail_unit,
 )
 
 MODES = ("vmap", "unrolled")
@@ -156,6 +157,28 @@ def segment_fn(local: LocalUpdate, mode: str, unroll: int = 2) -> Callable[..., 
         return jax.tree.map(lambda *xs: jnp.stack(xs), *per_slot), buffer
 
     return segment
+
+
+def warm_lengths(segment: int) -> list[int]:
+    """Every call length a layout with this segment can run (full, half, quarter)."""
+    return sorted({segment, *(n for n in (segment // 2, tail_unit(segment)) if n)}, reverse=True)
+
+
+def idle_inputs(layout: PackedLayout, slots: int, length: int, clients: int) -> tuple:
+    """Segment inputs of ``length`` idle steps in ``slots`` slots (compiles, changes nothing).
+
+    Shapes and dtypes follow ``layout``; ``clients`` is the position that means "no client" (the
+    buffer's row count, per device for a sharded layout).
+    """
+    batch = layout.mask.shape[2]
+    if layout.index is not None:
+        examples = np.zeros((length, slots, batch), layout.index.dtype)
+    else:
+        examples = {k: np.zeros((length, slots, batch, *v.shape[3:]), v.dtype)
+                    for k, v in layout.arrays.items()}
+    return (examples, np.zeros((length, slots, batch), np.float32),
+            np.full((length, slots), clients, np.int32), np.zeros((length, slots), bool),
+            np.zeros((length, slots), bool))
 
 
 def finish_clients(

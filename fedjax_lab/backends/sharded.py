@@ -262,16 +262,39 @@ class ShardedBackend:
             out_shardings=(self.replicated, self.client_sharded, self.replicated),
         )
 
-        def round_fn(server_state, client_states, cohort, key, layout: PackedLayout):
-            slots = layout.slots
+        def init(slots):
             if slots not in init_fns:
                 init_fns[slots] = jax.jit(
                     counted("packed_init", packed.init_fn(local, slots)), out_shardings=sharded
                 )
+            return init_fns[slots]
+
+        warmed: set[tuple[int, int]] = set()
+        devices = self.num_devices
+
+        def warm(server_state, client_states, weight, table, layout):
+            # As VmapBackend.packed_round: compile every planned layout's segments up front.
+            planned = [d for d in self.packing.layouts or () if d.slots] or [
+                packed.Decision(layout.slots // devices, layout.segment)
+            ]
+            for d in planned:
+                if (d.slots, d.segment) in warmed:
+                    continue
+                warmed.add((d.slots, d.segment))
+                for length in packed.warm_lengths(d.segment):
+                    carry, buffer, ctx = init(d.slots * devices)(
+                        server_state, client_states, weight)
+                    idle = self._place(packed.idle_inputs(
+                        layout, d.slots * devices, length, weight.shape[0] // devices),
+                        self.time_sharded, "packed segment")
+                    segment(server_state, ctx, carry, buffer, table, *idle)
+
+        def round_fn(server_state, client_states, cohort, key, layout: PackedLayout):
             weight = self._place(np.asarray(cohort.weight, np.float32), self.client_sharded,
                                  "cohort.weight")
-            carry, buffer, ctx = init_fns[slots](server_state, client_states, weight)
             table = None if cohort.index is None else self._place_table(cohort.arrays)
+            warm(server_state, client_states, weight, table, layout)
+            carry, buffer, ctx = init(layout.slots)(server_state, client_states, weight)
             for piece in split_layout(layout):
                 inputs = self._place(packed.segment_inputs(piece), self.time_sharded,
                                      "packed segment")

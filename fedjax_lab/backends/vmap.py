@@ -232,7 +232,10 @@ class VmapBackend:
 
         ``groups``: the cohort runs as that many contiguous blocks (devices), each packed alone.
         """
-        if not is_local_update(algorithm.client_update) or self.chunk_size is not None:
+        if (
+            not is_local_update(algorithm.client_update) or self.chunk_size is not None
+            or self.packing.packing == "off" or self.packing.layouts == (packed.PADDED,)
+        ):
             return None
         mode = packing_mode(plan)
         seconds = self.slot_seconds(algorithm, server_state, client_states, cohort)
@@ -326,15 +329,35 @@ class VmapBackend:
 
         finish = jax.jit(self.counted("packed_finish", finish_fn))
 
-        def round_fn(server_state, client_states, cohort, key, layout: PackedLayout):
-            slots = layout.slots
+        def init(slots):
             if slots not in init_fns:
                 init_fns[slots] = jax.jit(
                     self.counted("packed_init", packed.init_fn(local, slots))
                 )
+            return init_fns[slots]
+
+        warmed: set[tuple[int, int]] = set()
+
+        def warm(server_state, client_states, weight, table, layout):
+            # Every program of the run's planned layouts is compiled at its first round, on idle
+            # steps, so that no later round stops to compile a half or quarter segment.
+            planned = [d for d in self.packing.layouts or () if d.slots] or [
+                packed.Decision(layout.slots, layout.segment)
+            ]
+            for d in planned:
+                if (d.slots, d.segment) in warmed:
+                    continue
+                warmed.add((d.slots, d.segment))
+                for length in packed.warm_lengths(d.segment):
+                    carry, buffer, ctx = init(d.slots)(server_state, client_states, weight)
+                    segment(server_state, ctx, carry, buffer, table, *packed.idle_inputs(
+                        layout, d.slots, length, weight.shape[0]))
+
+        def round_fn(server_state, client_states, cohort, key, layout: PackedLayout):
             weight = jnp.asarray(cohort.weight, jnp.float32)
-            carry, buffer, ctx = init_fns[slots](server_state, client_states, weight)
             table = device_table(cohort)
+            warm(server_state, client_states, weight, table, layout)
+            carry, buffer, ctx = init(layout.slots)(server_state, client_states, weight)
             for piece in split_layout(layout):
                 carry, buffer = segment(
                     server_state, ctx, carry, buffer, table, *packed.segment_inputs(piece)
