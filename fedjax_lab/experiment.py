@@ -6,7 +6,6 @@ that builds datasets, models, algorithms and backends lives here so it is tested
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -34,11 +33,19 @@ EXIT_DIVERGED = 3
 
 
 @dataclass
-class FedAvgConfig:
-    """Configuration of a FedAvg-family run; every field is a ``--flag-name`` CLI flag."""
+class RunConfig:
+    """Settings every experiment run shares; every field is a ``--flag-name`` CLI flag.
+
+    Subclasses add the algorithm's settings and say how to build it (:meth:`make_algorithm`).
+    """
 
     dataset: str = "digits"
     data_dir: str | None = None
+    download: bool = False  # TFDS datasets: download and prepare them when not in --data-dir
+    synthetic_alpha: float | None = None  # --dataset synthetic: model heterogeneity (default 1)
+    synthetic_beta: float | None = None  # --dataset synthetic: feature heterogeneity (default 1)
+    leaf_root: str | None = None  # --dataset leaf: folder with train/ and test/ JSON files
+    leaf_task: str | None = None  # --dataset leaf: femnist, shakespeare or synthetic
     partition: str = "dirichlet_per_class"
     alpha: float = 0.5
     num_clients: int = 50
@@ -48,8 +55,6 @@ class FedAvgConfig:
     batch_size: int = 20
     client_lr: float = 0.2
     client_momentum: float = 0.0
-    server_lr: float = 1.0
-    server_optimizer: str = "sgd"
     model: str = "mlp"
     seed: int = 0
     backend: str = "vmap"
@@ -79,7 +84,7 @@ class FedAvgConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("client_lr", "server_lr", "alpha"):
+        for name in ("client_lr", "alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{_flag(name)} must be a finite number > 0, got {value}")
@@ -103,7 +108,7 @@ class FedAvgConfig:
                 f"--mpi-round-timeout must be a finite number of seconds > 0 (or none), got "
                 f"{self.mpi_round_timeout}"
             )
-        check_data_dir(self.dataset, self.data_dir)
+        check_dataset_flags(self)
         from fedjax_lab.backends.packed import PACKING
 
         if self.packing not in PACKING:
@@ -130,11 +135,6 @@ class FedAvgConfig:
             raise ValueError(
                 f"--clients-per-round={self.clients_per_round} > --num-clients="
                 f"{self.num_clients}; lower --clients-per-round"
-            )
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(
-                f"--server-optimizer must be one of {SERVER_OPTIMIZERS}, "
-                f"got {self.server_optimizer!r}"
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -163,6 +163,53 @@ class FedAvgConfig:
                 f"--checkpoint-every must be >= 0 (0 disables), got {self.checkpoint_every}"
             )
 
+    @classmethod
+    def parse(cls, argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
+        """The validated config of a command line (:func:`parse_config`)."""
+        return parse_config(cls, argv, prog)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting by field name (summary.json, checkpoints, the edge join)."""
+        return dataclasses.asdict(self)
+
+    def to_argv(self) -> list[str]:
+        """The command line that parses back into this config (edge client processes)."""
+        return config_argv(self)
+
+    def make_algorithm(self, model: Any) -> Any:
+        """The ``Algorithm`` of this config for ``model``; ValueError names a bad flag."""
+        raise NotImplementedError
+
+    def systems(self, num_params: int) -> dict[str, Any]:
+        """``run`` keywords of the system simulation (availability, time model); none here."""
+        del num_params
+        return {}
+
+    # The edge client processes' problem factory (``module:function`` of the flags).
+    EDGE_PROBLEM: typing.ClassVar[str] = "fedjax_lab.experiment:edge_problem"
+
+
+@dataclass
+class FedAvgConfig(RunConfig):
+    """Configuration of a FedAvg-family run; every field is a ``--flag-name`` CLI flag."""
+
+    server_lr: float = 1.0
+    server_optimizer: str = "sgd"
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
+        super().validate()
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ValueError(f"--server-lr must be a finite number > 0, got {self.server_lr}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"--server-optimizer must be one of {SERVER_OPTIMIZERS}, "
+                f"got {self.server_optimizer!r}"
+            )
+
+    def make_algorithm(self, model: Any) -> Any:
+        return build_algorithm(self, model)
+
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
@@ -180,54 +227,151 @@ def check_data_dir(dataset: str, data_dir: str | None) -> None:
         )
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+# Dataset-specific flags and the datasets that read them.
+DATASET_FLAGS = {
+    "synthetic_alpha": ("synthetic",),
+    "synthetic_beta": ("synthetic",),
+    "leaf_root": ("leaf",),
+    "leaf_task": ("leaf",),
+}
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def check_dataset_flags(cfg: Any) -> None:
+    """Raises ValueError for a dataset flag the chosen ``--dataset`` does not read, or missing.
+
+    A flag of another dataset would otherwise be ignored silently.
+    """
+    from fedjax_lab.data.datasets import DATASET_NAMES, LAZY_DATASETS, LEAF_TASKS
+
+    if cfg.dataset not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; valid names: "
+                         f"{', '.join(DATASET_NAMES)} (--dataset)")
+    check_data_dir(cfg.dataset, cfg.data_dir)
+    if cfg.download and cfg.dataset not in LAZY_DATASETS:
+        raise ValueError(f"--download fetches the TFDS datasets ({', '.join(LAZY_DATASETS)}); "
+                         f"--dataset {cfg.dataset} needs none: drop --download")
+    for name, readers in DATASET_FLAGS.items():
+        if getattr(cfg, name, None) is not None and cfg.dataset not in readers:
+            raise ValueError(f"--{_flag(name)} needs --dataset {'|'.join(readers)} (got "
+                             f"--dataset {cfg.dataset}): drop it")
+    if cfg.dataset == "leaf":
+        if cfg.leaf_root is None or cfg.leaf_task is None:
+            raise ValueError("--dataset leaf reads LEAF's preprocessed JSON: pass --leaf-root "
+                             f"DIR (with train/ and test/) and --leaf-task {'|'.join(LEAF_TASKS)}")
+        if cfg.leaf_task not in LEAF_TASKS:
+            raise ValueError(f"--leaf-task must be one of {', '.join(LEAF_TASKS)}, got "
+                             f"{cfg.leaf_task!r}")
+    for name in ("synthetic_alpha", "synthetic_beta"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {value}")
 
 
-def _field_parser(tp: Any) -> Callable[[str], Any]:
+def dataset_kwargs(cfg: Any) -> dict[str, Any]:
+    """``load_dataset`` keywords of a config's ``--dataset`` and its dataset flags."""
+    from fedjax_lab.data.datasets import LAZY_DATASETS
+
+    # Configs without the dataset flags (e.g. sweep.py's) read the loaders' defaults.
+    alpha, beta = getattr(cfg, "synthetic_alpha", None), getattr(cfg, "synthetic_beta", None)
+    if cfg.dataset == "synthetic":
+        # FedProx's generator makes the population: one natural client per --num-clients.
+        return {"alpha": 1.0 if alpha is None else alpha, "beta": 1.0 if beta is None else beta,
+                "num_clients": cfg.num_clients, "seed": cfg.seed}
+    if cfg.dataset == "synthetic_iid":
+        return {"num_clients": cfg.num_clients, "seed": cfg.seed}
+    if cfg.dataset == "leaf":
+        return {"root_dir": getattr(cfg, "leaf_root", None),
+                "task": getattr(cfg, "leaf_task", None)}
+    kwargs: dict[str, Any] = {}
+    if cfg.dataset in LAZY_DATASETS:
+        kwargs["download"] = getattr(cfg, "download", False)
+        if cfg.data_dir:
+            kwargs["data_dir"] = cfg.data_dir
+        if getattr(cfg, "backend", None) == "mpi":
+            # Each rank reads only the examples of the clients it trains in a round.
+            kwargs["lazy"] = True
+    return kwargs
+
+
+# One line of --help per run setting (the default and the valid choices are added to it).
+FIELD_HELP = {
+    "dataset": "dataset: digits (embedded), synthetic, synthetic_iid, leaf, or a TFDS dataset "
+               "(mnist, fashion_mnist, emnist, cifar10, cifar100)",
+    "data_dir": "TFDS data directory (TFDS datasets only)",
+    "download": "download and prepare a TFDS dataset missing from --data-dir (needs network)",
+    "synthetic_alpha": "FedProx Synthetic(alpha, beta): model heterogeneity (none: 1)",
+    "synthetic_beta": "FedProx Synthetic(alpha, beta): feature heterogeneity (none: 1)",
+    "leaf_root": "LEAF data folder holding train/ and test/ JSON (--dataset leaf)",
+    "leaf_task": "LEAF task: femnist, shakespeare or synthetic (--dataset leaf)",
+    "partition": "how the train set is split into clients: iid, dirichlet_label_mix, "
+                 "dirichlet_per_class, shards, natural",
+    "alpha": "Dirichlet concentration of the dirichlet_* partitions",
+    "num_clients": "clients in the population",
+    "clients_per_round": "clients sampled per round",
+    "rounds": "communication rounds",
+    "local_epochs": "local passes over each client's data per round",
+    "batch_size": "local minibatch size",
+    "client_lr": "local (client) learning rate",
+    "client_momentum": "local heavy-ball momentum in [0, 1) (0: plain SGD)",
+    "server_lr": "server learning rate",
+    "server_optimizer": "server optimizer on the averaged update (FedOpt, Reddi et al. 2021)",
+    "model": "model: logreg, mlp, cnn, resnet18, char_lstm",
+    "seed": "run seed: partition, sampling, init, local shuffles",
+    "backend": "where rounds run: vmap, sharded (devices), mpi (mpirun), edge (gRPC processes)",
+    "plan": "how the vmap backend runs a round: auto, vmap, unrolled, loop",
+    "chunk_size": "clients per chunk of a round (bounds memory; none: all at once)",
+    "eval_every": "evaluate every N rounds (and after the last; 0: never)",
+    "out": "output folder (metrics.jsonl, summary.json, config.yaml, plots)",
+    "progress": "show a progress bar",
+    "edge_clients": "--backend edge: client processes (the population is split over them)",
+    "edge_round_timeout": "--backend edge: seconds a round waits for its clients",
+    "checkpoint_every": "checkpoint to OUT/checkpoints every N rounds (0: off)",
+    "resume": "continue the run in --out from its newest intact checkpoint",
+    "overwrite": "replace the results of an earlier run in --out (else refused)",
+    "on_divergence": "a round whose clients were all rejected: warn, or stop (exit 3)",
+    "divergence_patience": "rounds in a row with every client rejected before stop",
+    "mpi_round_timeout": "--backend mpi: seconds before a stuck job aborts (none: never)",
+    "packing": "run clients back to back in slots: auto (cost model), on, off",
+    "slots": "pack into exactly this many client slots (none: cost model)",
+    "segment_steps": "local steps per packed call (none: cost model)",
+    "max_examples_per_client": "train each client on a fresh random subset of this size",
+    "max_local_steps": "stop each client after this many local steps",
+}
+
+
+def optional_type(tp: Any) -> tuple[type, bool]:
+    """``(base type, whether None is allowed)`` of a config field annotation."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = _field_parser(inner[0])
+        return inner[0], True
+    return tp, False
 
-        def optional(text: str) -> Any:
-            return None if text.lower() == "none" else base(text)
 
-        return optional
-    if tp is bool:
-        return _parse_bool
-    if tp is float:  # nan/inf are never a valid hyperparameter or timeout
-        return _finite_float
-    if tp in (int, str):
-        return tp
-    raise TypeError(f"unsupported config field type {tp}")
+def add_config_fields(parser: Any, cls: type, exclude: Sequence[str] = ()) -> None:
+    """Adds one flag per field of the config dataclass ``cls`` to a ``StrictParser``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        tp, optional = optional_type(hints[f.name])
+        parser.add_flag(f.name, tp, f.default, FIELD_HELP.get(f.name, f.name.replace("_", " ")),
+                        optional=optional)
 
 
 def parse_config(cls: type, argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
-    """Builds a config dataclass from ``--flag-name value`` arguments.
+    """Builds a config dataclass from ``--flag-name value`` arguments (and ``--config``).
 
-    Unknown flags and unparsable values exit with status 2 and argparse's message; values
-    that parse but are invalid raise ValueError from ``cfg.validate()`` (callers exit 2).
+    Unknown flags (with the closest valid one), abbreviations, unparsable values and bad
+    config files exit with status 2 and argparse's message; values that parse but are invalid
+    raise ValueError from ``cfg.validate()`` (callers exit 2).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        parser.add_argument(
-            f"--{_flag(f.name)}", dest=f.name, type=_field_parser(hints[f.name]),
-            default=f.default, help=f"(default: {f.default})",
-        )
-    cfg = cls(**vars(parser.parse_args(argv)))
+    from fedjax_lab.cli import StrictParser
+
+    parser = StrictParser(prog=prog, description=cls.__doc__)
+    add_config_fields(parser, cls)
+    values = vars(parser.parse_args(argv))
+    values.pop("config")
+    cfg = cls(**values)
     cfg.validate()
     return cfg
 
@@ -279,15 +423,11 @@ def build_problem(cfg: FedAvgConfig):
     The labels (train and test) and the round's memory are checked before the model is
     initialised, i.e. before anything is compiled.
     """
-    from fedjax_lab.data.datasets import LAZY_DATASETS, federate, load_dataset
+    from fedjax_lab.data.datasets import federate, load_dataset
     from fedjax_lab.metrics.evaluation import make_evaluator
     from fedjax_lab.models import get_model
 
-    kwargs: dict[str, Any] = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
-    if getattr(cfg, "backend", None) == "mpi" and cfg.dataset in LAZY_DATASETS:
-        # Each rank reads only the examples of the clients it trains in a round.
-        kwargs["lazy"] = True
-    dataset = load_dataset(cfg.dataset, **kwargs)
+    dataset = load_dataset(cfg.dataset, **dataset_kwargs(cfg))
     model = get_model(cfg.model, dataset.input_shape, dataset.num_classes)
     train = federate(
         dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
@@ -334,7 +474,7 @@ def problem_config(cfg: Any) -> dict[str, Any]:
     """
     from fedjax_lab.io.checkpoint import OPERATIONAL_FIELDS
 
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL_FIELDS}
+    return {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL_FIELDS}
 
 
 def edge_problem(argv: Sequence[str]):
@@ -354,7 +494,7 @@ def build_edge_backend(cfg: FedAvgConfig):
     from fedjax_lab.backends.edge import EdgeBackend, WorkerLauncher
 
     launcher = WorkerLauncher(
-        "fedjax_lab.experiment:edge_problem", config_argv(cfg),
+        cfg.EDGE_PROBLEM, cfg.to_argv(),
         log_dir=os.path.join(cfg.out, "edge_logs"),
     )
     return EdgeBackend(
@@ -438,11 +578,28 @@ def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dic
         # Local steps with a real example / slot-steps computed, over the whole run (packing).
         "padding_efficiency": _efficiency(result.history),
         "compiled_programs": dict(getattr(result, "compiles", {})),
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.as_dict(),
         "jax_backend": jax.default_backend(),
     }
     summary.update(extra or {})
     return summary
+
+
+# Settings that say how to run, not what: left out of the config.yaml that reproduces a run.
+NOT_REPRODUCED = ("resume", "overwrite", "progress")
+
+
+def write_config_yaml(path: str, cfg: Any) -> None:
+    """Writes the resolved flags of ``cfg`` as YAML (keys: flag names); ``--config`` reads it.
+
+    ``--resume``/``--overwrite``/``--progress`` are left out: re-running the file must not
+    replace or continue a folder's results unless asked on the command line.
+    """
+    import yaml
+
+    flags = {k.replace("_", "-"): v for k, v in cfg.as_dict().items() if k not in NOT_REPRODUCED}
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(flags, f, sort_keys=False)
 
 
 def _efficiency(history: list[dict[str, float]]) -> float | None:
@@ -539,16 +696,18 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
         folder = open_run_folder(cfg, backend)
         ckpt = RunCheckpointing(  # verifies the checkpoints' checksums (no model needed)
             os.path.join(cfg.out, "checkpoints"), every=cfg.checkpoint_every, resume=cfg.resume,
-            config=dataclasses.asdict(cfg), total_rounds=cfg.rounds, process=backend,
+            config=cfg.as_dict(), total_rounds=cfg.rounds, process=backend,
             overwrite=cfg.overwrite,
         )
         _, train, model, evaluate, params = build_problem(cfg)
-        algorithm = build_algorithm(cfg, model)
+        algorithm = cfg.make_algorithm(model)
+        systems = cfg.systems(sum(x.size for x in jax.tree.leaves(params)))
         # MPI: each rank's store keeps the states of the clients it owns.
         store = getattr(backend, "client_store", ClientStateStore)(algorithm.client_init(params))
         server_state, start_round = ckpt.restore(algorithm.init(params), store)
         if folder is not None:
             folder.start_fresh()  # --overwrite: every check passed, the old results go now
+            write_config_yaml(os.path.join(cfg.out, "config.yaml"), cfg)
         if owned and backend is None:
             backend = build_backend(cfg)
         primary = getattr(backend, "is_primary", True)
@@ -565,7 +724,7 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
             seed=cfg.seed, chunk_size=cfg.chunk_size, server_state=server_state,
             start_round=start_round, client_store=store, state_callbacks=[ckpt.save_state],
             num_classes=model.num_classes, max_examples_per_client=cfg.max_examples_per_client,
-            max_local_steps=cfg.max_local_steps,
+            max_local_steps=cfg.max_local_steps, **systems,
         )
         if not primary:  # MPI ranks > 0: train, write nothing
             with getattr(backend, "failure_guard", contextlib.nullcontext)():
@@ -620,7 +779,7 @@ def main(cls: type, runner: Callable[[Any], dict[str, Any]], argv=None, prog=Non
     run was stopped early because it diverged (``--on-divergence stop``; summary.json says why).
     """
     try:
-        cfg = parse_config(cls, argv, prog)
+        cfg = cls.parse(argv, prog) if issubclass(cls, RunConfig) else parse_config(cls, argv, prog)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,7 @@
 """Federated algorithms as pure functions (DESIGN.md ``Algorithm``)."""
 
+# Registers the constructors by name for the experiment CLI (fedjax_lab.registry).
+from fedjax_lab.algorithms import _registered  # noqa: F401
 from fedjax_lab.algorithms.dp_fedavg import dp_fedavg
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fednova import fednova

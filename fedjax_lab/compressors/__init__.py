@@ -4,6 +4,8 @@ See :mod:`fedjax_lab.compressors._base` for the contract and the non-finite poli
 :mod:`fedjax_lab.compressors.testing` for the shared contract checker.
 """
 
+# Registers the constructors by name for the experiment CLI (fedjax_lab.registry).
+from fedjax_lab.compressors import _registered  # noqa: F401
 from fedjax_lab.compressors._base import Compressor, TreeLayout
 from fedjax_lab.compressors.error_feedback import ErrorFeedbackState, with_error_feedback
 from fedjax_lab.compressors.identity import identity

@@ -47,7 +47,8 @@ def _refused(argv, capsys):
         (["--client-momentum", "-5"], "--client-momentum must be in [0, 1)"),
         (["--seed", str(10**23)], "--seed must be an integer in [0, 2**32 - 1]"),
         (["--data-dir", "/tmp"], "--dataset digits takes none: drop --data-dir"),
-        (["--dataset", "synthetic"], "load_dataset('synthetic'): missing a required argument"),
+        (["--synthetic-alpha", "1"], "--synthetic-alpha needs --dataset synthetic"),
+        (["--dataset", "leaf"], "--dataset leaf reads LEAF's preprocessed JSON: pass --leaf-root"),
         (["--local-epochs", "100000000"], "one round's cohort needs about"),
         (["--chunk-size", "1000000000"], "(1000000000 client slots x"),
         (["--resume", "true", "--overwrite", "true"], "pass one of them"),
@@ -55,7 +56,8 @@ def _refused(argv, capsys):
         (["--mpi-round-timeout", "0"], "--mpi-round-timeout must be a finite number"),
     ],
     ids=["lr-nan", "server-lr-inf", "momentum-nan", "momentum-neg", "seed", "data-dir",
-         "dataset-args", "epochs", "chunk", "resume-overwrite", "policy", "mpi-timeout"],
+         "dataset-flag", "leaf-needs-root", "epochs", "chunk", "resume-overwrite", "policy",
+         "mpi-timeout"],
 )
 def test_bad_input_exits_2_with_one_line_before_compiling(flags, message, capsys, tmp_path):
     out = tmp_path / "out"

@@ -1,0 +1,294 @@
+"""The general experiment: any registered algorithm, compressor and aggregator from flags.
+
+``python experiments/train.py`` parses a :class:`TrainConfig` whose ``--algorithm``,
+``--compressor`` and ``--aggregator`` choices, and each component's hyperparameter flags, come
+from :mod:`fedjax_lab.registry` (filled by the packages' ``__init__``), then runs it with
+:func:`fedjax_lab.experiment.run_fedavg_experiment` (outputs, checkpoints, resume, every
+backend). A hyperparameter of a component that is not selected, or a combination the backends
+cannot run, exits with status 2 naming both flags before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from fedjax_lab.experiment import RunConfig, add_config_fields, build_problem, problem_config
+
+STRAGGLER_POLICIES = ("partial", "drop")
+# Backends that reduce partial sums of the aggregate over shards/ranks, or aggregate elsewhere.
+NON_ROBUST_BACKENDS = ("sharded", "mpi", "edge")
+# Backends on which the runner simulates availability and the time model.
+SYSTEM_BACKENDS = ("vmap", "sharded")
+
+SYSTEM_HELP = {
+    "dropout": "probability that a sampled client drops out of a round (Bonawitz et al. 2019)",
+    "straggler_fraction": "probability that a client straggles: it completes a random part "
+                          "of its local steps (FedProx §5.2)",
+    "straggler_policy": "stragglers' partial work: partial (kept, FedProx) or drop (FedAvg)",
+    "comm_comp_ratio": "FedPAQ time model: communication/computation time ratio of one "
+                       "uncompressed upload (none: no simulated time)",
+    "comp_shift": "FedPAQ time model: deterministic computation time per example",
+    "comp_scale": "FedPAQ time model: rate of the exponential computation time",
+}
+TRAINING_HELP = {
+    "local_steps": "a fixed number of local steps per round instead of --local-epochs",
+    "error_feedback": "add error feedback to the compressor (Seide et al. 2014; Stich et al. "
+                      "2018): clients keep what compression lost",
+    "clip_norm": "clip each client's update to this L2 norm before the aggregator (none: off)",
+}
+
+
+def _registries() -> tuple[Any, Any, Any]:
+    # Importing the packages fills the registries (their __init__ registers the constructors).
+    import fedjax_lab.algorithms
+    import fedjax_lab.compressors  # noqa: F401
+    from fedjax_lab.registry import AGGREGATORS, ALGORITHMS, COMPRESSORS
+
+    return ALGORITHMS, COMPRESSORS, AGGREGATORS
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Any registered algorithm x compressor x aggregator, with availability and time models.
+
+    Every field is a ``--flag-name`` CLI flag; the selected components' hyperparameters are
+    flags too and land in ``hparams`` (only those of the selected components).
+    """
+
+    algorithm: str = "fedavg"
+    compressor: str = "identity"
+    error_feedback: bool = False
+    aggregator: str = "mean"
+    clip_norm: float | None = None
+    local_steps: int | None = None
+    dropout: float = 0.0
+    straggler_fraction: float = 0.0
+    straggler_policy: str = "partial"
+    comm_comp_ratio: float | None = None
+    comp_shift: float = 1.0
+    comp_scale: float = 1.0
+    out: str = "runs/train"
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    EDGE_PROBLEM: ClassVar[str] = "fedjax_lab.train:edge_problem"
+
+    @classmethod
+    def parse(cls, argv: Sequence[str] | None = None, prog: str | None = None) -> TrainConfig:
+        """The validated config of a command line; ValueError (exit 2) names the bad flags."""
+        from fedjax_lab.cli import StrictParser
+
+        registries = _registries()
+        parser = StrictParser(prog=prog, description=cls.__doc__)
+        add_config_fields(parser, RunConfig)
+        parser.add_flag("local_steps", int, None, TRAINING_HELP["local_steps"], optional=True)
+        for registry in registries:
+            group = parser.add_argument_group(registry.kind, registry.description)
+            catalog = "; ".join(f"{c.name}: {c.description}" for c in registry)
+            parser.add_flag(registry.kind, str, getattr(cls, registry.kind), catalog,
+                            choices=registry.names(), group=group)
+            if registry.kind == "compressor":
+                parser.add_flag("error_feedback", bool, False, TRAINING_HELP["error_feedback"],
+                                group=group)
+            if registry.kind == "aggregator":
+                parser.add_flag("clip_norm", float, None, TRAINING_HELP["clip_norm"],
+                                optional=True, group=group)
+            for name, users in registry.params().items():
+                first = users[0][1]
+                defaults = sorted({repr(p.default) for _, p in users})
+                default_text = (f"default {defaults[0]}" if len(defaults) == 1 else "defaults "
+                                + ", ".join(f"{c.name} {p.default!r}" for c, p in users))
+                used_by = "|".join(c.name for c, _ in users)
+                parser.add_flag(
+                    name, first.type, argparse.SUPPRESS,
+                    f"{first.help} [--{registry.kind} {used_by}; {default_text}]",
+                    optional=any(p.default is None for _, p in users), choices=first.choices,
+                    group=group)
+        group = parser.add_argument_group("systems", "client availability and simulated time")
+        for name, tp, optional in (("dropout", float, False), ("straggler_fraction", float, False),
+                                   ("straggler_policy", str, False),
+                                   ("comm_comp_ratio", float, True), ("comp_shift", float, False),
+                                   ("comp_scale", float, False)):
+            parser.add_flag(name, tp, getattr(cls, name), SYSTEM_HELP[name], optional=optional,
+                            group=group,
+                            choices=STRAGGLER_POLICIES if name == "straggler_policy" else None)
+        parser.set_defaults(out=cls.out)
+        values = vars(parser.parse_args(argv))
+        values.pop("config")
+        hparams = {}
+        for registry in registries:
+            selected = registry.get(values[registry.kind])
+            for name in registry.params():
+                if name not in values:
+                    continue
+                value = values.pop(name)
+                if selected.param(name) is None:
+                    raise ValueError(
+                        f"--{name.replace('_', '-')} needs --{registry.kind} "
+                        f"{'|'.join(registry.users(name))} (got --{registry.kind} "
+                        f"{selected.name})")
+                hparams[name] = value
+        cfg = cls(**values, hparams=hparams)
+        cfg.validate()
+        return cfg
+
+    def _selected(self) -> tuple[Any, Any, Any]:
+        algorithms, compressors, aggregators = _registries()
+        return (algorithms.get(self.algorithm), compressors.get(self.compressor),
+                aggregators.get(self.aggregator))
+
+    def _params(self, component: Any) -> dict[str, Any]:
+        """The component's hyperparameters: given in ``hparams`` or its defaults."""
+        return {p.name: self.hparams.get(p.name, p.default) for p in component.params}
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad flag(s); runs before anything is built."""
+        super().validate()
+        algorithm, compressor, aggregator = self._selected()
+        known = {p.name for c in (algorithm, compressor, aggregator) for p in c.params}
+        extra = sorted(set(self.hparams) - known)
+        if extra:
+            raise ValueError(f"hparams {extra} belong to no selected component "
+                             f"(--algorithm {self.algorithm}, --compressor {self.compressor}, "
+                             f"--aggregator {self.aggregator})")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ValueError(f"--local-steps must be >= 1 (or none), got {self.local_steps}")
+        if "fixed_local_steps" in algorithm.tags and self.local_steps is None:
+            raise ValueError(f"--algorithm {self.algorithm} runs a fixed number of local steps "
+                             "(the paper's tau): pass --local-steps")
+        if "plain_sgd" in algorithm.tags and self.client_momentum:
+            raise ValueError(f"--algorithm {self.algorithm} runs plain local SGD: "
+                             f"--client-momentum must be 0, got {self.client_momentum}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"--clip-norm must be > 0 (or none), got {self.clip_norm}")
+        robust = "additive" not in aggregator.tags
+        if robust and self.backend in NON_ROBUST_BACKENDS:
+            raise ValueError(
+                f"--aggregator {self.aggregator} needs every client's update in one place; "
+                f"--backend {self.backend} adds partial sums: use --backend vmap or "
+                "--aggregator mean")
+        if robust and self.chunk_size is not None:
+            raise ValueError(f"--aggregator {self.aggregator} needs every client's update in "
+                             "one place; --chunk-size adds partial sums per chunk: drop it")
+        if "noisy_aggregate" in algorithm.tags and (robust or self.clip_norm is not None):
+            flag = f"--aggregator {self.aggregator}" if robust else "--clip-norm"
+            raise ValueError(f"--algorithm {self.algorithm} clips and noises its own aggregate; "
+                             f"{flag} would replace it: drop {flag}")
+        for name in ("dropout", "straggler_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+        if self.straggler_policy not in STRAGGLER_POLICIES:
+            raise ValueError(f"--straggler-policy must be one of {STRAGGLER_POLICIES}, got "
+                             f"{self.straggler_policy!r}")
+        for name in ("comm_comp_ratio", "comp_shift", "comp_scale"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, "
+                                 f"got {value}")
+        systems = self.dropout or self.straggler_fraction or self.comm_comp_ratio is not None
+        if systems and self.backend not in SYSTEM_BACKENDS:
+            raise ValueError(
+                f"--dropout/--straggler-fraction/--comm-comp-ratio are simulated over a whole "
+                f"round's clients in one process; --backend {self.backend} splits them: use "
+                f"--backend {' or '.join(SYSTEM_BACKENDS)}")
+        if self.comm_comp_ratio is None and (self.comp_shift != 1.0 or self.comp_scale != 1.0):
+            raise ValueError("--comp-shift/--comp-scale shape the FedPAQ time model: they need "
+                             "--comm-comp-ratio")
+        self.build_compressor()
+        self.build_aggregation()
+
+    def build_compressor(self) -> Any:
+        """The uplink ``Compressor`` (with error feedback when asked); ValueError names it."""
+        from fedjax_lab.compressors import with_error_feedback
+
+        _, component, _ = self._selected()
+        try:
+            compressor = component.build(**self._params(component))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--compressor {self.compressor}: {e}") from None
+        return with_error_feedback(compressor) if self.error_feedback else compressor
+
+    def build_aggregation(self) -> tuple[Any, tuple[Any, ...]]:
+        """``(aggregator, transforms)`` of ``--aggregator`` and ``--clip-norm``."""
+        from fedjax_lab.algorithms import clip_norm
+
+        _, _, component = self._selected()
+        try:
+            aggregator = component.build(**self._params(component))
+            transforms = (clip_norm(self.clip_norm),) if self.clip_norm is not None else ()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--aggregator {self.aggregator}: {e}") from None
+        return aggregator, transforms
+
+    def make_algorithm(self, model: Any) -> Any:
+        """The algorithm of the flags: the registered constructor, then ``with_aggregator``.
+
+        ``--aggregator mean`` without ``--clip-norm`` is the algorithm's own aggregate,
+        untouched (the additive form every backend runs).
+        """
+        from fedjax_lab.algorithms import with_aggregator
+        from fedjax_lab.registry import AlgorithmContext
+
+        component, _, _ = self._selected()
+        context = AlgorithmContext(
+            model=model, client_lr=self.client_lr, client_momentum=self.client_momentum,
+            batch_size=self.batch_size, local_epochs=self.local_epochs,
+            local_steps=self.local_steps, num_clients=self.num_clients,
+            clients_per_round=self.clients_per_round, seed=self.seed)
+        try:
+            algorithm = component.build(context, compressor=self.build_compressor(),
+                                        **self._params(component))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--algorithm {self.algorithm}: {e}") from None
+        aggregator, transforms = self.build_aggregation()
+        if self.aggregator == "mean" and not transforms:
+            return algorithm
+        return with_aggregator(algorithm, aggregator, transforms=transforms)
+
+    def systems(self, num_params: int) -> dict[str, Any]:
+        """``availability`` and ``time_model`` keywords of ``fedjax_lab.runner.run``."""
+        from fedjax_lab.systems import Availability, TimeModel
+
+        out: dict[str, Any] = {}
+        if self.dropout or self.straggler_fraction:
+            out["availability"] = Availability(self.dropout, self.straggler_fraction,
+                                               self.straggler_policy)
+        if self.comm_comp_ratio is not None:
+            out["time_model"] = TimeModel.from_ratio(self.comm_comp_ratio, num_params,
+                                                     shift=self.comp_shift, scale=self.comp_scale)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting by flag field name, the selected components' hyperparameters included."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "hparams"}
+        for component in self._selected():
+            values.update(self._params(component))
+        return values
+
+    def to_argv(self) -> list[str]:
+        argv = []
+        for name, value in self.as_dict().items():
+            if value is None:
+                text = "none"
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)  # str(float) round-trips exactly
+            argv += [f"--{name.replace('_', '-')}", text]
+        return argv
+
+
+def edge_problem(argv: Sequence[str]) -> Any:
+    """Problem factory of edge client processes: the experiment of these train.py flags."""
+    from fedjax_lab.backends.edge import EdgeProblem
+
+    cfg = TrainConfig.parse(argv, prog="edge client")
+    _, train, model, _, params = build_problem(cfg)
+    return EdgeProblem(cfg.make_algorithm(model), None, train, params, cfg.seed,
+                       problem_config(cfg))
