@@ -1,0 +1,266 @@
+"""experiments/train.py: every registered component from flags equals the Python composition.
+
+The Python side below is written against the public constructors with the values the flags
+name, independently of the registry, so a registration that drops or renames a hyperparameter,
+ignores a flag or builds another component fails here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from fedjax_lab import algorithms as A
+from fedjax_lab import compressors as Z
+from fedjax_lab.backends import VmapBackend
+from fedjax_lab.backends.packed import PackingPolicy
+from fedjax_lab.data.datasets import federate, load_dataset
+from fedjax_lab.experiment import main, run_fedavg_experiment
+from fedjax_lab.io.writers import read_jsonl
+from fedjax_lab.metrics.evaluation import make_evaluator
+from fedjax_lab.models import get_model
+from fedjax_lab.registry import AGGREGATORS, ALGORITHMS, COMPRESSORS
+from fedjax_lab.runner import run
+from fedjax_lab.train import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SEED, NUM_CLIENTS, PER_ROUND, LR, BATCH = 3, 10, 5, 0.1, 20
+# Padded rounds (--packing off, and the same in Python): one compiled round program per run.
+TINY = ["--rounds", "2", "--num-clients", str(NUM_CLIENTS), "--clients-per-round",
+        str(PER_ROUND), "--eval-every", "2", "--model", "logreg", "--no-progress",
+        "--packing", "off",
+        "--local-epochs", "1", "--client-lr", str(LR), "--batch-size", str(BATCH),
+        "--seed", str(SEED)]
+# Timing fields differ run to run; everything else must match.
+NONDETERMINISTIC = ("round_seconds", "wall_time")
+
+# The algorithm flags of each case (non-default values, so that a dropped flag shows) and the
+# same algorithm built in Python from the public constructors.
+ALGORITHM_CASES = {
+    "fedavg": ([], lambda m, c: A.fedavg(m, optax.sgd(LR), batch_size=BATCH, compressor=c)),
+    "fedprox": (["--mu", "0.3"], lambda m, c: A.fedprox(
+        m, optax.sgd(LR), mu=0.3, batch_size=BATCH, compressor=c)),
+    "fedopt": (["--server-optimizer", "momentum", "--server-lr", "0.5"], lambda m, c: A.fedopt(
+        m, optax.sgd(LR), optax.sgd(0.5, momentum=0.9), batch_size=BATCH, compressor=c)),
+    "fedadam": (["--server-lr", "0.03", "--b1", "0.8", "--tau", "0.01"], lambda m, c: A.fedadam(
+        m, optax.sgd(LR), server_lr=0.03, b1=0.8, tau=0.01, batch_size=BATCH, compressor=c)),
+    "fedyogi": (["--server-lr", "0.03", "--b2", "0.9"], lambda m, c: A.fedyogi(
+        m, optax.sgd(LR), server_lr=0.03, b2=0.9, batch_size=BATCH, compressor=c)),
+    "fedadagrad": (["--server-lr", "0.03"], lambda m, c: A.fedadagrad(
+        m, optax.sgd(LR), server_lr=0.03, batch_size=BATCH, compressor=c)),
+    "fedavgm": (["--server-momentum", "0.5"], lambda m, c: A.fedavgm(
+        m, optax.sgd(LR), momentum=0.5, batch_size=BATCH, compressor=c)),
+    "scaffold": (["--server-lr", "0.7"], lambda m, c: A.scaffold(
+        m, LR, num_clients=NUM_CLIENTS, server_lr=0.7, batch_size=BATCH, compressor=c)),
+    "fednova": ([], lambda m, c: A.fednova(m, LR, batch_size=BATCH, compressor=c)),
+    "fedpaq": (["--local-steps", "3"], lambda m, c: A.fedpaq(
+        m, optax.sgd(LR), num_steps=3, batch_size=BATCH, compressor=c)),
+    "dp_fedavg": (["--dp-clip-norm", "0.5", "--noise-multiplier", "0.3"], lambda m, c: A.dp_fedavg(
+        m, optax.sgd(LR), clip_norm=0.5, noise_multiplier=0.3, clients_per_round=PER_ROUND,
+        key=jax.random.key(SEED), batch_size=BATCH, compressor=c)),
+}
+# identity, one biased and one unbiased compressor.
+COMPRESSOR_CASES = {
+    "identity": ([], Z.identity),
+    "top_k": (["--sparsity", "0.2"], lambda: Z.top_k(0.2)),
+    "qsgd": (["--num-levels", "2"], lambda: Z.qsgd(2)),
+}
+AGGREGATOR_CASES = {
+    "mean": ([], None),
+    "median": ([], lambda: (A.median(), ())),
+    "trimmed_mean": (["--trim-fraction", "0.2"], lambda: (A.trimmed_mean(0.2), ())),
+    "krum": (["--byzantine-clients", "1"], lambda: (A.krum(1), ())),
+    "multi_krum": (["--byzantine-clients", "1", "--krum-keep", "3"],
+                   lambda: (A.multi_krum(1, 3), ())),
+}
+
+
+def test_cases_cover_every_registered_component():
+    assert set(ALGORITHM_CASES) == set(ALGORITHMS.names())
+    assert set(AGGREGATOR_CASES) == set(AGGREGATORS.names())
+    assert {"biased", "unbiased"} <= {t for c in COMPRESSOR_CASES for t in COMPRESSORS.get(c).tags}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module: the Python run of a case loads the CLI run's
+    executables when their programs are identical, instead of compiling them again (speed only;
+    the numbers are compared below either way). Restored afterwards."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    compilation_cache.reset_cache()  # the cache reads its settings once
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    dataset = load_dataset("digits")
+    train = federate(dataset, "dirichlet_per_class", NUM_CLIENTS, seed=SEED, alpha=0.5)
+    model = get_model("logreg", dataset.input_shape, dataset.num_classes)
+    evaluate = make_evaluator(model.apply, dataset.test, num_classes=model.num_classes)
+    return train, model, evaluate, model.init(jax.random.key(SEED))
+
+
+def _python_history(problem, algorithm):
+    train, model, evaluate, params = problem
+    result = run(algorithm, VmapBackend(packing=PackingPolicy("off")), train, params, rounds=2,
+                 clients_per_round=PER_ROUND, seed=SEED, evaluate=evaluate, eval_every=2,
+                 num_classes=model.num_classes)
+    return result.history
+
+
+def _cli_history(tmp_path, flags):
+    out = tmp_path / "run"
+    assert main(TrainConfig, run_fedavg_experiment, [*TINY, "--out", str(out), *flags]) == 0
+    return read_jsonl(str(out / "metrics.jsonl"))
+
+
+def _assert_same(cli, python):
+    assert len(cli) == len(python) == 2
+    for got, want in zip(cli, python, strict=True):
+        got = {k: v for k, v in got.items() if k not in NONDETERMINISTIC}
+        want = {k: v for k, v in want.items() if k not in NONDETERMINISTIC}
+        assert sorted(got) == sorted(want)
+        np.testing.assert_allclose([float(got[k]) for k in sorted(got)],
+                                   [float(want[k]) for k in sorted(want)], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("compressor", list(COMPRESSOR_CASES))
+@pytest.mark.parametrize("algorithm", list(ALGORITHM_CASES))
+def test_every_algorithm_and_compressor_equals_python(algorithm, compressor, problem, tmp_path):
+    algo_flags, build = ALGORITHM_CASES[algorithm]
+    comp_flags, make_compressor = COMPRESSOR_CASES[compressor]
+    cli = _cli_history(tmp_path, ["--algorithm", algorithm, *algo_flags,
+                                  "--compressor", compressor, *comp_flags])
+    _assert_same(cli, _python_history(problem, build(problem[1], make_compressor())))
+
+
+@pytest.mark.parametrize("aggregator", list(AGGREGATOR_CASES))
+def test_every_aggregator_equals_python(aggregator, problem, tmp_path):
+    flags, make = AGGREGATOR_CASES[aggregator]
+    cli = _cli_history(tmp_path, ["--aggregator", aggregator, *flags, "--clip-norm", "0.5"])
+    base = A.fedavg(problem[1], optax.sgd(LR), batch_size=BATCH, compressor=Z.identity())
+    rule = A.mean() if make is None else make()[0]
+    python = A.with_aggregator(base, rule, transforms=(A.clip_norm(0.5),))
+    _assert_same(cli, _python_history(problem, python))
+
+
+def test_error_feedback_wraps_the_compressor(problem, tmp_path):
+    cli = _cli_history(tmp_path, ["--compressor", "top_k", "--sparsity", "0.2",
+                                  "--error-feedback"])
+    python = A.fedavg(problem[1], optax.sgd(LR), batch_size=BATCH,
+                      compressor=Z.with_error_feedback(Z.top_k(0.2)))
+    _assert_same(cli, _python_history(problem, python))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--algorithm", "fedprx"], "invalid choice: 'fedprx' (choose from 'fedavg', 'fedprox'"),
+        (["--compressor", "zip"], "invalid choice: 'zip' (choose from 'identity', 'qsgd'"),
+        (["--aggregator", "mode"], "invalid choice: 'mode' (choose from 'mean', 'median'"),
+        (["--sparsity", "0.1"], "--sparsity needs --compressor rand_k|top_k|stc|sstc"),
+        (["--mu", "0.1", "--algorithm", "fedavg"], "--mu needs --algorithm fedprox"),
+        (["--trim-fraction", "0.1"], "--trim-fraction needs --aggregator trimmed_mean"),
+        (["--aggregator", "median", "--backend", "mpi"],
+         "--aggregator median needs every client's update in one place; --backend mpi"),
+        (["--aggregator", "krum", "--chunk-size", "2"], "--chunk-size adds partial sums"),
+        (["--algorithm", "dp_fedavg", "--clip-norm", "1"], "--algorithm dp_fedavg clips"),
+        (["--algorithm", "fedpaq"], "--algorithm fedpaq runs a fixed number of local steps"),
+        (["--algorithm", "scaffold", "--client-momentum", "0.9"], "--client-momentum must be 0"),
+        (["--compressor", "top_k", "--sparsity", "1.5"], "--compressor top_k: top_k"),
+        (["--dropout", "0.2", "--backend", "edge"], "--backend edge splits them"),
+        (["--comp-shift", "2"], "they need --comm-comp-ratio"),
+        (["--client_lr", "0.1"], "unrecognized arguments: --client_lr (did you mean --client-lr?)"),
+        (["--rou", "3"], "unrecognized arguments: --rou"),
+        (["--no-progress", "false"], "--no-progress takes no value"),
+    ],
+    ids=["algorithm", "compressor", "aggregator", "sparsity-unselected", "mu-unselected",
+         "trim-unselected", "median-mpi", "krum-chunk", "dp-clip", "fedpaq-steps",
+         "scaffold-momentum", "bad-sparsity", "systems-edge", "time-model", "underscore",
+         "abbreviation", "no-x-value"],
+)
+def test_bad_input_exits_2_naming_the_flags(flags, message, capsys, tmp_path):
+    try:
+        code = main(TrainConfig, run_fedavg_experiment, [*TINY, "--out", str(tmp_path), *flags])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_overrides_and_written_config_reproduces_the_run(tmp_path):
+    config = _write(tmp_path / "c.yaml", "algorithm: fedprox\nmu: 0.2\nrounds: 5\n"
+                    "client-lr: 0.05\nprogress: false\n")
+    cfg = TrainConfig.parse(["--config", config, "--rounds", "2", "--mu", "0.4"])
+    assert (cfg.algorithm, cfg.rounds, cfg.client_lr, cfg.progress) == ("fedprox", 2, 0.05, False)
+    assert cfg.hparams == {"mu": 0.4}  # the command line overrides the file
+    first = tmp_path / "first"
+    argv = [*TINY, "--algorithm", "fedprox", "--mu", "0.4", "--compressor", "qsgd"]
+    assert main(TrainConfig, run_fedavg_experiment, [*argv, "--out", str(first)]) == 0
+    second = tmp_path / "second"
+    code = main(TrainConfig, run_fedavg_experiment,
+                ["--config", str(first / "config.yaml"), "--out", str(second)])
+    assert code == 0
+    strip = [{k: v for k, v in r.items() if k not in NONDETERMINISTIC}
+             for r in read_jsonl(str(first / "metrics.jsonl"))]
+    assert strip == [{k: v for k, v in r.items() if k not in NONDETERMINISTIC}
+                     for r in read_jsonl(str(second / "metrics.jsonl"))]
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["config"]["mu"] == 0.4 and summary["config"]["num_levels"] == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rounds: [1, 2\n", "is not valid YAML"),
+        ("roundz: 3\n", "unknown key 'roundz' (did you mean rounds?)"),
+        ("client_lr: 0.1\n", "unknown key 'client_lr' (did you mean client-lr?)"),
+        ("- rounds\n", "must be a mapping of flag names to values"),
+        ("sparsity: 0.1\n", "--sparsity needs --compressor"),
+    ],
+    ids=["malformed", "unknown-key", "underscore-key", "not-a-mapping", "unselected"],
+)
+def test_bad_config_file_exits_2(text, message, tmp_path, capsys):
+    config = _write(tmp_path / "c.yaml", text)
+    try:
+        code = main(TrainConfig, run_fedavg_experiment,
+                    ["--config", config, "--out", str(tmp_path / "o")])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_groups_every_component_with_choices_and_defaults():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+                           "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    for registry in (ALGORITHMS, COMPRESSORS, AGGREGATORS):
+        assert f" {registry.kind}: {registry.description}" in text  # its own group
+        for component in registry:
+            assert f"{component.name}: {component.description}" in text
+    assert "--sparsity SPARSITY" in text and "[--compressor rand_k|top_k|stc|sstc; default 0.01]" \
+        in text
+    assert "--error-feedback [true|false], --no-error-feedback" in text
