@@ -423,11 +423,16 @@ def build_problem(cfg: FedAvgConfig):
     The labels (train and test) and the round's memory are checked before the model is
     initialised, i.e. before anything is compiled.
     """
-    from fedjax_lab.data.datasets import federate, load_dataset
+    from fedjax_lab.data.datasets import LAZY_DATASETS, federate, load_dataset
     from fedjax_lab.metrics.evaluation import make_evaluator
     from fedjax_lab.models import get_model
 
-    dataset = load_dataset(cfg.dataset, **dataset_kwargs(cfg))
+    try:
+        dataset = load_dataset(cfg.dataset, **dataset_kwargs(cfg))
+    except FileNotFoundError as e:  # data not prepared (TFDS) or not where --leaf-root says
+        hint = ("; add --download (needs network) or point --data-dir at the prepared data"
+                if cfg.dataset in LAZY_DATASETS and not getattr(cfg, "download", False) else "")
+        raise ValueError(f"{e}{hint}") from None
     model = get_model(cfg.model, dataset.input_shape, dataset.num_classes)
     train = federate(
         dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha

@@ -264,3 +264,31 @@ def test_help_groups_every_component_with_choices_and_defaults():
     assert "--sparsity SPARSITY" in text and "[--compressor rand_k|top_k|stc|sstc; default 0.01]" \
         in text
     assert "--error-feedback [true|false], --no-error-feedback" in text
+
+
+PRESETS = sorted(os.listdir(os.path.join(ROOT, "experiments", "configs")))
+# Presets that read no downloaded data run here (2 rounds); the TFDS ones are parsed only.
+OFFLINE = ("fedavg_digits.yaml", "fedpaq_digits.yaml", "fedprox_synthetic_1_1.yaml")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_parse_and_the_offline_ones_run(preset, tmp_path):
+    path = os.path.join(ROOT, "experiments", "configs", preset)
+    cfg = TrainConfig.parse(["--config", path])
+    assert cfg.rounds >= 100  # a real benchmark setting, not a smoke test
+    if preset not in OFFLINE:
+        return
+    out = tmp_path / "run"
+    code = main(TrainConfig, run_fedavg_experiment,
+                ["--config", path, "--rounds", "2", "--no-progress", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["dataset"] == cfg.dataset and summary["rounds"] == 2
+
+
+def test_synthetic_iid_with_any_client_count(tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY, "--dataset", "synthetic_iid", "--partition", "natural", "--num-clients", "7",
+            "--out", str(out)]
+    assert main(TrainConfig, run_fedavg_experiment, argv) == 0
+    assert json.loads((out / "summary.json").read_text())["num_train_clients"] == 7
