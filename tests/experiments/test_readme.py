@@ -1,0 +1,100 @@
+"""The README is tested: its commands and its Python block run, shortened by appended flags.
+
+Commands of ``experiments/fedavg.py`` and ``experiments/train.py`` run (2 rounds, a small
+population, logistic regression: flags appended after the README's, so they win); the slower
+figure/sweep scripts are checked for flags their ``--help`` does not list; ``make`` targets,
+``mpirun`` jobs and the edge backend are not run here (``make`` would recurse into this suite;
+the MPI and edge backends have their own tests), and the test fails on any other command so a
+new README command cannot go unchecked.
+"""
+
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+README = os.path.join(ROOT, "README.md")
+SHORT = ["--rounds", "2", "--num-clients", "8", "--clients-per-round", "4", "--model", "logreg",
+         "--local-epochs", "1", "--eval-every", "1", "--no-progress"]
+RUN = ("experiments/fedavg.py", "experiments/train.py")
+FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py", "experiments/sweep.py")
+
+
+def _blocks(language):
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def _commands():
+    commands = []
+    for block in _blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()  # trailing comments
+            if line:
+                commands.append(line)
+    return commands
+
+
+def _kind(command):
+    words = shlex.split(command)
+    if words[0] == "make" or "mpirun" in command or "--backend edge" in command:
+        return "not run"
+    script = next((w for w in words if w.startswith("experiments/")), None)
+    if script in RUN:
+        return "run"
+    if script in FLAGS_ONLY:
+        return "flags"
+    raise AssertionError(f"README command not covered by this test: {command}")
+
+
+COMMANDS = _commands()
+
+
+def test_every_readme_command_is_covered():
+    kinds = [_kind(c) for c in COMMANDS]
+    assert kinds.count("run") >= 8  # the train.py section and the fedavg.py examples
+    assert {c.split()[0] for c, k in zip(COMMANDS, kinds, strict=True) if k == "not run"} <= {
+        "make", "OMPI_ALLOW_RUN_AS_ROOT=1", ".venv/bin/python"}
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if _kind(c) == "run"])
+def test_readme_command_runs(command, tmp_path, monkeypatch, capsys):
+    words = shlex.split(command)
+    script = next(w for w in words if w.startswith("experiments/"))
+    argv = words[words.index(script) + 1:]
+    if "--help" not in argv:
+        # A later flag wins: shorter, and outputs into tmp_path instead of the repository.
+        argv += [*SHORT, "--out", str(tmp_path / "out")]
+    monkeypatch.chdir(ROOT)  # the README runs from the repository root (preset paths)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    assert e.value.code == 0, capsys.readouterr().err
+    if "--help" not in argv:
+        assert (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if _kind(c) == "flags"])
+def test_readme_flags_of_slow_scripts_exist(command):
+    words = shlex.split(command)
+    script = next(w for w in words if w.startswith("experiments/"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for flag in (w.split("=")[0] for w in words if w.startswith("--")):
+        assert re.search(rf"{re.escape(flag)}\b", proc.stdout), f"{script} has no {flag}"
+
+
+def test_readme_python_block_runs():
+    (block,) = _blocks("python")
+    # The one shortening: fewer rounds (asserted, so a README edit cannot silently skip it).
+    assert block.count("rounds=100") == 1
+    namespace: dict = {}
+    exec(compile(block.replace("rounds=100", "rounds=2"), README, "exec"), namespace)
+    assert len(namespace["result"].history) == 2
