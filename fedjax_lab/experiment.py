@@ -21,7 +21,14 @@ from typing import Any
 import jax
 import optax
 
-from fedjax_lab.io.writers import JsonlWriter, plot_curves, write_json
+from fedjax_lab import plot
+from fedjax_lab.io.writers import (
+    JsonlWriter,
+    plot_curves,
+    write_csv,
+    write_json,
+    write_tensorboard,
+)
 
 BACKENDS = ("vmap", "edge", "sharded", "mpi")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
@@ -646,7 +653,8 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
         f" examples / second   : {summary['examples_per_second']:.0f}",
         f" padding efficiency  : {_number(summary.get('padding_efficiency'))}"
         f" ({sum(summary.get('compiled_programs', {}).values())} programs compiled)",
-        f" outputs             : {out}/metrics.jsonl, summary.json, accuracy.png",
+        f" outputs             : {out}/ metrics.jsonl, metrics.csv, events.out.tfevents.*,",
+        "                       summary.json, config.yaml, curves.png, accuracy.png",
         "=" * 60,
     ]
     print("\n".join(lines))
@@ -677,7 +685,12 @@ def open_run_folder(cfg: Any, process: Any = None) -> Any:
 
 
 def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, Any]:
-    """Builds everything from ``cfg``, trains, writes metrics.jsonl/summary.json/accuracy.png.
+    """Builds everything from ``cfg``, trains, writes the run's outputs into ``cfg.out``.
+
+    Outputs: metrics.jsonl (streamed, one line per round), metrics.csv and TensorBoard event
+    files (the same numbers, written at the end), summary.json, config.yaml (the resolved
+    flags; ``--config`` reproduces the run), curves.png (test accuracy/loss vs round, uplink
+    bytes and simulated time; train loss) and accuracy.png.
 
     ``backend`` overrides ``build_backend(cfg)`` (the caller then closes it). ``cfg.out`` is
     locked for the run and an earlier run's results there are kept unless ``--resume`` or
@@ -766,8 +779,13 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
     plot_curves(
         os.path.join(cfg.out, "accuracy.png"),
         {algorithm.name: ([h["round"] for h in evals], [h["test_accuracy"] for h in evals])},
-        xlabel="round", ylabel="test accuracy", title=f"{cfg.dataset} / {cfg.model}",
+        xlabel="round", ylabel="test accuracy", title=plot.title(cfg.as_dict(), algorithm.name),
     )
+    # Every round's numbers in the formats researchers read (same values as metrics.jsonl).
+    write_csv(os.path.join(cfg.out, "metrics.csv"), result.history)
+    write_tensorboard(cfg.out, result.history)
+    plot.plot_runs([(algorithm.name, result.history)], os.path.join(cfg.out, "curves.png"),
+                   plot.title(cfg.as_dict(), algorithm.name))
     extra = {"algorithm": algorithm.name, "num_train_clients": train.num_clients}
     for key in ("uplink_bytes", "uplink_message_bytes", "downlink_bytes", "dropped_clients"):
         if any(key in h for h in result.history):  # measured by the edge backend

@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl (one line per round), summary.json, accuracy plot."""
+"""Run outputs: metrics.jsonl (one line per round), metrics.csv, TensorBoard events, summary.json,
+plots."""
 
 from __future__ import annotations
 
@@ -83,3 +84,81 @@ def plot_curves(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _number(value: Any) -> float:
+    """A history value as a float; the ``"nan"``/``"inf"`` strings of a resumed history too."""
+    return float(value)
+
+
+def write_csv(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Writes a run's history as CSV: one row per record, one column per metric (sorted, with
+    ``round`` first); a metric a round does not have (e.g. test accuracy between evaluations)
+    is an empty cell, and non-finite numbers are written ``nan``/``inf``/``-inf``."""
+    import csv
+
+    columns = sorted({k for r in records for k in r} - {"round"})
+    columns = (["round"] if any("round" in r for r in records) else []) + columns
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in records:
+            writer.writerow([("" if c not in r else str(int(r[c])) if c == "round"
+                              else repr(_number(r[c]))) for c in columns])
+    os.replace(tmp, path)
+
+
+TENSORBOARD_PREFIX = "events.out.tfevents."
+
+
+def write_tensorboard(logdir: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Writes a run's history as TensorBoard scalars (tensorboardX), step = ``round``.
+
+    The event files of an earlier write in ``logdir`` are replaced, so a resumed run's folder
+    holds one copy of every round. Non-finite values are written as such (TensorBoard shows
+    them), never as 0.
+    """
+    from tensorboardX import SummaryWriter
+
+    os.makedirs(logdir, exist_ok=True)
+    for name in os.listdir(logdir):
+        if name.startswith(TENSORBOARD_PREFIX):
+            os.remove(os.path.join(logdir, name))
+    writer = SummaryWriter(logdir=logdir)
+    try:
+        for r in records:
+            step = int(r["round"])
+            for key in sorted(r):
+                if key != "round":
+                    writer.add_scalar(key, _number(r[key]), global_step=step)
+    finally:
+        writer.close()
+
+
+def read_tensorboard(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of the event files in ``logdir``: ``{tag: [(step, value), ...]}``.
+
+    Reads the records with tensorboardX's own protobuf classes and event-file reader format
+    (length-prefixed, CRC-checked records), so tests need no TensorFlow.
+    """
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(logdir)):
+        if not name.startswith(TENSORBOARD_PREFIX):
+            continue
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            body = data[offset + 12 : offset + 12 + length]  # skips the length CRC
+            offset += 12 + length + 4  # body and its CRC
+            event = Event.FromString(body)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

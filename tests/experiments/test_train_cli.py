@@ -292,3 +292,40 @@ def test_synthetic_iid_with_any_client_count(tmp_path):
             "--out", str(out)]
     assert main(TrainConfig, run_fedavg_experiment, argv) == 0
     assert json.loads((out / "summary.json").read_text())["num_train_clients"] == 7
+
+
+def test_csv_tensorboard_and_plots_hold_the_jsonl_numbers(tmp_path):
+    import csv
+
+    from fedjax_lab import plot
+    from fedjax_lab.io.writers import read_tensorboard
+
+    runs = []
+    for name, flags in (("a", ["--compressor", "qsgd", "--comm-comp-ratio", "10"]),
+                        ("b", ["--algorithm", "fedprox"])):
+        out = tmp_path / name
+        argv = [*TINY, "--eval-every", "1", "--out", str(out), *flags]
+        assert main(TrainConfig, run_fedavg_experiment, argv) == 0
+        runs.append(str(out))
+    out = tmp_path / "a"
+    jsonl = read_jsonl(str(out / "metrics.jsonl"))
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(jsonl) == 2
+    scalars = read_tensorboard(str(out))
+    for row, record in zip(rows, jsonl, strict=True):
+        assert set(row) == {k for r in jsonl for k in r}  # one column per metric
+        for key, value in record.items():
+            assert float(row[key]) == float(value)  # repr() round-trips floats exactly
+            if key != "round":
+                step_values = dict(scalars[key])
+                np.testing.assert_allclose(step_values[record["round"]], float(value),
+                                           rtol=1e-6)  # TensorBoard stores float32
+    assert {"sim_time", "test_accuracy", "train_loss", "cum_uplink_bits"} <= set(scalars)
+    assert (out / "curves.png").stat().st_size > 10_000
+    png = tmp_path / "both.png"
+    assert plot.main([*runs, "--out", str(png)]) == 0 and png.stat().st_size > 10_000
+    names, shared = plot.labels([plot.load_run(r)[0::2] for r in runs])
+    assert names == ["fedavg, qsgd", "fedprox, identity"]
+    assert shared == "digits, dirichlet_per_class, α=0.5"
+    assert plot.main([str(tmp_path / "missing"), "--out", str(png)]) == 2
