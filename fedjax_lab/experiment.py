@@ -179,6 +179,13 @@ class RunConfig:
         """Every setting by field name (summary.json, checkpoints, the edge join)."""
         return dataclasses.asdict(self)
 
+    def config_file_dict(self) -> dict[str, Any]:
+        """The settings config.yaml records (``--config`` of it reproduces the run)."""
+        return {k: v for k, v in self.as_dict().items() if k not in NOT_REPRODUCED}
+
+    def on_start(self) -> None:
+        """Called on the primary process once the run's folder is ready (before training)."""
+
     def to_argv(self) -> list[str]:
         """The command line that parses back into this config (edge client processes)."""
         return config_argv(self)
@@ -609,7 +616,7 @@ def write_config_yaml(path: str, cfg: Any) -> None:
     """
     import yaml
 
-    flags = {k.replace("_", "-"): v for k, v in cfg.as_dict().items() if k not in NOT_REPRODUCED}
+    flags = {k.replace("_", "-"): v for k, v in cfg.config_file_dict().items()}
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(flags, f, sort_keys=False)
 
@@ -726,6 +733,7 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
         if folder is not None:
             folder.start_fresh()  # --overwrite: every check passed, the old results go now
             write_config_yaml(os.path.join(cfg.out, "config.yaml"), cfg)
+            cfg.on_start()
         if owned and backend is None:
             backend = build_backend(cfg)
         primary = getattr(backend, "is_primary", True)

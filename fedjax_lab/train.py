@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -72,8 +73,9 @@ class TrainConfig(RunConfig):
     comm_comp_ratio: float | None = None
     comp_shift: float = 1.0
     comp_scale: float = 1.0
-    out: str = "runs/train"
+    out: str | None = None  # none: a new runs/<algorithm>/<timestamp>-<config hash>/
     hparams: dict[str, Any] = field(default_factory=dict)
+    auto_out: bool = field(default=False, repr=False)  # out was named by resolve_out()
 
     EDGE_PROBLEM: ClassVar[str] = "fedjax_lab.train:edge_problem"
 
@@ -116,7 +118,7 @@ class TrainConfig(RunConfig):
             parser.add_flag(name, tp, getattr(cls, name), SYSTEM_HELP[name], optional=optional,
                             group=group,
                             choices=STRAGGLER_POLICIES if name == "straggler_policy" else None)
-        parser.set_defaults(out=cls.out)
+        parser.set_defaults(out=None)
         values = vars(parser.parse_args(argv))
         values.pop("config")
         hparams = {}
@@ -201,6 +203,53 @@ class TrainConfig(RunConfig):
                              "--comm-comp-ratio")
         self.build_compressor()
         self.build_aggregation()
+        if self.out is None:
+            self.resolve_out()
+
+    def config_hash(self) -> str:
+        """8 hex digits of SHA-256 over the settings that change results (not the folder)."""
+        import hashlib
+        import json
+
+        from fedjax_lab.io.checkpoint import OPERATIONAL_FIELDS
+
+        values = {k: v for k, v in self.as_dict().items() if k not in OPERATIONAL_FIELDS}
+        text = json.dumps(values, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    def resolve_out(self) -> None:
+        """Names a new run folder ``runs/<algorithm>/<UTC timestamp>-<config hash>``.
+
+        Runs never overwrite each other by default; ``runs/<algorithm>/latest`` points at the
+        newest (made when the run starts). MPI ranks could disagree on the timestamp, so an MPI
+        run names its folder with ``--out``.
+        """
+        import time
+
+        if self.backend == "mpi":
+            raise ValueError("--backend mpi: pass --out (the ranks must agree on one folder)")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        base = os.path.join("runs", self.algorithm, f"{stamp}-{self.config_hash()}")
+        self.out, n = base, 1
+        while os.path.exists(self.out):  # the same config twice within a second
+            n += 1
+            self.out = f"{base}-{n}"
+        self.auto_out = True
+
+    def on_start(self) -> None:
+        """Points ``runs/<algorithm>/latest`` at this run's folder when it was named here."""
+        if not self.auto_out:
+            return
+        link = os.path.join(os.path.dirname(self.out), "latest")
+        tmp = f"{link}.{os.getpid()}.tmp"
+        os.symlink(os.path.basename(self.out), tmp)
+        os.replace(tmp, link)  # atomic: a concurrent run's link is replaced, never half-made
+
+    def config_file_dict(self) -> dict[str, Any]:
+        values = super().config_file_dict()
+        if self.auto_out:
+            values["out"] = None  # re-running the file names a new folder (same hash)
+        return values
 
     def build_compressor(self) -> Any:
         """The uplink ``Compressor`` (with error feedback when asked); ValueError names it."""
@@ -266,7 +315,7 @@ class TrainConfig(RunConfig):
     def as_dict(self) -> dict[str, Any]:
         """Every setting by flag field name, the selected components' hyperparameters included."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name != "hparams"}
+                  if f.name not in ("hparams", "auto_out")}
         for component in self._selected():
             values.update(self._params(component))
         return values

@@ -329,3 +329,25 @@ def test_csv_tensorboard_and_plots_hold_the_jsonl_numbers(tmp_path):
     assert names == ["fedavg, qsgd", "fedprox, identity"]
     assert shared == "digits, dirichlet_per_class, α=0.5"
     assert plot.main([str(tmp_path / "missing"), "--out", str(png)]) == 2
+
+
+def test_default_run_folders_never_overwrite_and_latest_points_at_the_newest(tmp_path,
+                                                                              monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    argv = [*TINY, "--algorithm", "fedprox"]
+    assert main(TrainConfig, run_fedavg_experiment, argv) == 0
+    assert main(TrainConfig, run_fedavg_experiment, argv) == 0  # same config: a new folder
+    folders = sorted(p for p in (tmp_path / "runs" / "fedprox").iterdir() if p.name != "latest")
+    assert len(folders) == 2
+    digest = TrainConfig.parse(argv).config_hash()
+    assert all(digest in p.name for p in folders)
+    latest = (tmp_path / "runs" / "fedprox" / "latest").resolve()
+    assert latest in [p.resolve() for p in folders] and (latest / "summary.json").exists()
+    written = yaml.safe_load((latest / "config.yaml").read_text())
+    assert written["out"] is None  # re-running the file names a new folder, same hash
+    other = TrainConfig.parse([*argv, "--mu", "0.5"]).config_hash()
+    assert other != digest
+    with pytest.raises(ValueError, match="--backend mpi: pass --out"):
+        TrainConfig.parse([*argv, "--backend", "mpi"])
