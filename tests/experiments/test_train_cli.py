@@ -351,3 +351,17 @@ def test_default_run_folders_never_overwrite_and_latest_points_at_the_newest(tmp
     assert other != digest
     with pytest.raises(ValueError, match="--backend mpi: pass --out"):
         TrainConfig.parse([*argv, "--backend", "mpi"])
+
+
+def test_federated_evaluation_reports_the_client_distribution(tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY, "--client-eval-fraction", "0.25", "--eval-every", "1", "--out", str(out)]
+    assert main(TrainConfig, run_fedavg_experiment, argv) == 0
+    records = read_jsonl(str(out / "metrics.jsonl"))
+    summary = json.loads((out / "summary.json").read_text())
+    for record in records:  # every evaluated round
+        assert record["client_accuracy_min"] <= record["client_accuracy_p10"] \
+            <= record["client_accuracy_mean"] <= 1.0
+        assert record["clients_evaluated"] == NUM_CLIENTS
+    for key in ("mean", "p10", "min"):
+        assert summary[f"final_client_accuracy_{key}"] == records[-1][f"client_accuracy_{key}"]
