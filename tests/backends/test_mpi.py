@@ -82,8 +82,10 @@ def test_cli_two_ranks_equal_vmap_and_only_rank0_writes(tmp_path):
             assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (a["round"], k)
     # Rank 0 wrote the outputs once (and held the folder's lock); rank 1 wrote and printed
     # nothing.
-    assert sorted(os.listdir(mpi_out)) == [".fedjax_lab.lock", "accuracy.png", "metrics.jsonl",
-                                           "summary.json"]
+    written = sorted("events" if f.startswith("events.out.tfevents.") else f
+                     for f in os.listdir(mpi_out))  # TensorBoard names its file by time/host
+    assert written == [".fedjax_lab.lock", "accuracy.png", "config.yaml", "curves.png", "events",
+                       "metrics.csv", "metrics.jsonl", "summary.json"]
     assert os.listdir(cwd) == []
     assert proc.stdout.count("final test accuracy") == 1
 
