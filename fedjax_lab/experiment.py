@@ -187,6 +187,10 @@ class RunConfig:
         """The settings config.yaml records (``--config`` of it reproduces the run)."""
         return {k: v for k, v in self.as_dict().items() if k not in NOT_REPRODUCED}
 
+    def uplink_compressor(self) -> Any:
+        """The compressor the algorithm uploads with (the edge wire codec); None: raw deltas."""
+        return None
+
     def on_start(self) -> None:
         """Called on the primary process once the run's folder is ready (before training)."""
 
@@ -540,6 +544,7 @@ def build_edge_backend(cfg: FedAvgConfig):
     return EdgeBackend(
         num_workers=cfg.edge_clients, token=secrets.token_hex(32).encode(),
         round_timeout=cfg.edge_round_timeout, launcher=launcher,
+        compressor=cfg.uplink_compressor(),
         problem_config=problem_config(cfg),
     )
 

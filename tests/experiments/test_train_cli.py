@@ -365,3 +365,19 @@ def test_federated_evaluation_reports_the_client_distribution(tmp_path):
         assert record["clients_evaluated"] == NUM_CLIENTS
     for key in ("mean", "p10", "min"):
         assert summary[f"final_client_accuracy_{key}"] == records[-1][f"client_accuracy_{key}"]
+
+
+def test_edge_backend_carries_the_selected_compressor(problem, tmp_path):
+    """The edge server and its client processes get the compressor the algorithm encodes
+    with (its wire codec); the run equals the vmap one."""
+    flags = ["--compressor", "qsgd", "--num-levels", "2", "--error-feedback"]
+    edge = tmp_path / "edge"
+    argv = [*TINY, *flags, "--backend", "edge", "--edge-clients", "2", "--out", str(edge)]
+    assert main(TrainConfig, run_fedavg_experiment, argv) == 0
+    python = A.fedavg(problem[1], optax.sgd(LR), batch_size=BATCH,
+                      compressor=Z.with_error_feedback(Z.qsgd(2)))
+    want = _python_history(problem, python)
+    got = read_jsonl(str(edge / "metrics.jsonl"))
+    for key in ("train_loss", "test_accuracy", "upload_bits"):
+        np.testing.assert_allclose([float(r[key]) for r in got if key in r],
+                                   [float(r[key]) for r in want if key in r], rtol=1e-5)
