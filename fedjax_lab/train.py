@@ -204,6 +204,9 @@ class TrainConfig(RunConfig):
         self.build_compressor()
         self.build_aggregation()
         if self.out is None:
+            if self.resume:
+                raise ValueError("--resume continues the run in --out: pass --out with the "
+                                 "run's folder (e.g. runs/<algorithm>/latest)")
             self.resolve_out()
 
     def config_hash(self) -> str:

@@ -351,6 +351,10 @@ def test_default_run_folders_never_overwrite_and_latest_points_at_the_newest(tmp
     assert other != digest
     with pytest.raises(ValueError, match="--backend mpi: pass --out"):
         TrainConfig.parse([*argv, "--backend", "mpi"])
+    with pytest.raises(ValueError, match="--resume continues the run in --out"):
+        TrainConfig.parse([*argv, "--resume"])
+    resumed = TrainConfig.parse([*argv, "--resume", "--out", "runs/fedprox/latest"])
+    assert resumed.out == "runs/fedprox/latest" and resumed.resume
 
 
 def test_federated_evaluation_reports_the_client_distribution(tmp_path):
