@@ -42,11 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from fedjax_lab.core.plan import unrolled_local_steps
 
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.core.losses import softmax_cross_entropy
-from fedjax_lab.core.plan import unrolled_local_steps
 from fedjax_lab.core.rng import SAMPLING_STREAM, SHUFFLE_STREAM, host_rng, round_key
 from fedjax_lab.core.types import Batches
 from fedjax_lab.data.cohort import CohortBuilder
