@@ -51,8 +51,8 @@ def _padded(batches: Batches, extra_steps: int, extra_batch: int) -> Batches:
     """
 
     def pad(x):
-        filler = jnp.broadcast_to(x[0, 0], (x.shape[0] + extra_steps, x.shape[1] + extra_batch)
-                                  + x.shape[2:])
+        filler = jnp.broadcast_to(
+            x[0, 0], (x.shape[0] + extra_steps, x.shape[1] + extra_batch, *x.shape[2:]))
         return filler.at[: x.shape[0], : x.shape[1]].set(x)
 
     mask = jnp.zeros((batches.mask.shape[0] + extra_steps, batches.mask.shape[1] + extra_batch),

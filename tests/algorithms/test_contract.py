@@ -74,7 +74,7 @@ def test_refuses_unknown_metric_names():
         metrics["examples"] = metrics.pop(kit.TRAIN_EXAMPLES)
         return out._replace(metrics=metrics), state
 
-    with pytest.raises(AssertionError, match="client metrics lack.*train_examples"):
+    with pytest.raises(AssertionError, match=r"client metrics lack.*train_examples"):
         check_algorithm(_with_finish(alg, renamed), PARAMS, DATA)
 
 
