@@ -83,6 +83,7 @@ __all__ = [
     "round_metrics",
     "server_init",
     "server_step",
+    "tree_vdot",
     "upload",
     "weighted_aggregate",
 ]
@@ -510,6 +511,12 @@ def round_metrics(agg: Aggregate, mean: PyTree) -> Metrics:
             any_client, jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(mean))), nan,
         ),
     }
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """``<a, b>``: the inner product of two trees of the same structure (a float32 scalar)."""
+    return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                strict=True)), jnp.zeros((), jnp.float32))
 
 
 def check_number(name: str, value: Any, *, lo: float = 0.0, hi: float = math.inf,
