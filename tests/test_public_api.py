@@ -137,7 +137,15 @@ PUBLIC = {
         "top_k",
         "with_error_feedback",
     ],
-    "fedjax_lab.backends": ["PLANS", "ShardedBackend", "VmapBackend"],
+    "fedjax_lab.backends": [
+        "Backend",
+        "PLANS",
+        "ProgramCache",
+        "ShardedBackend",
+        "SingleProcessBackend",
+        "VmapBackend",
+        "check_backend",
+    ],
     "fedjax_lab.systems": [
         "Availability",
         "SimulatedClock",

@@ -152,3 +152,21 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="fewer than clients_per_round"):
         check_algorithm(_fedavg(), PARAMS, DATA, clients_per_round=len(SIZES) + 1)
 
+
+
+def test_algorithms_carry_their_uplink_compressor():
+    # Backends that ship bytes (edge) take the codec from the algorithm, never a second copy.
+    comp = qsgd(num_levels=2)
+    built = [
+        fedavg(MODEL, optax.sgd(0.1), batch_size=4, compressor=comp),
+        fedprox(MODEL, optax.sgd(0.1), mu=0.1, batch_size=4, compressor=comp),
+        fedadam(MODEL, optax.sgd(0.1), server_lr=0.1, batch_size=4, compressor=comp),
+        fedpaq(MODEL, optax.sgd(0.1), num_steps=2, batch_size=4, compressor=comp),
+        fednova(MODEL, 0.1, batch_size=4, compressor=comp),
+        scaffold(MODEL, 0.1, num_clients=3, batch_size=4, compressor=comp),
+        dp_fedavg(MODEL, optax.sgd(0.1), batch_size=4, clip_norm=1.0, noise_multiplier=0.1,
+                  clients_per_round=2, key=jax.random.key(0), compressor=comp),
+        with_aggregator(fedavg(MODEL, optax.sgd(0.1), batch_size=4, compressor=comp), median()),
+    ]
+    assert all(alg.compressor is comp for alg in built), [alg.name for alg in built]
+    assert _fedavg().compressor is None
