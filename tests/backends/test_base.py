@@ -51,7 +51,7 @@ def test_a_backend_without_the_hooks_is_refused_before_compiling():
     with pytest.raises(TypeError, match=r"lacks \['cohort_multiple'.*SingleProcessBackend"):
         check_backend(_RoundsOnly())
     alg = fedavg(MODEL, optax.sgd(0.1), batch_size=2)
-    with pytest.raises(TypeError, match="must implement fedjax_lab.backends.Backend"):
+    with pytest.raises(TypeError, match=r"must implement fedjax_lab\.backends\.Backend"):
         run(alg, _RoundsOnly(), make_population([3, 4], dim=3, classes=2),
             MODEL.init(jax.random.key(0)), rounds=1, clients_per_round=2, seed=0)
 
