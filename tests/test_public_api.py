@@ -86,6 +86,7 @@ PUBLIC = {
         "synthetic_iid",
     ],
     "fedjax_lab.models": [
+        "BatchNormMLP",
         "Model",
         "Params",
         "char_lstm",
@@ -105,6 +106,7 @@ PUBLIC = {
         "fedadam",
         "fedavg",
         "fedavgm",
+        "fedbn",
         "fednova",
         "fedopt",
         "fedpaq",
