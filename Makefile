@@ -22,7 +22,7 @@ test: $(VENV)/.test
 	bash scripts/run_tests.sh
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check fedjax_lab experiments benchmarks tests
+	$(BIN)/ruff check fedjax_lab experiments benchmarks tests examples
 
 bench: $(VENV)/.core
 	$(BIN)/python benchmarks/round_throughput.py --json runs/bench/round_throughput.json

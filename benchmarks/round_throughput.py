@@ -45,8 +45,8 @@ import optax
 
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.core.local import call_client_update
 from fedjax_lab.core.losses import softmax_cross_entropy
-from fedjax_lab.core.plan import unrolled_local_steps
 from fedjax_lab.core.rng import SAMPLING_STREAM, SHUFFLE_STREAM, host_rng, round_key
 from fedjax_lab.core.types import Batches
 from fedjax_lab.data.cohort import CohortBuilder
@@ -178,10 +178,9 @@ def bench_workload(
     # steps are unrolled, the fastest form of this design on CPU.
     @jax.jit
     def client_update(p, xb, yb, mask):
-        with unrolled_local_steps(True):
-            out, _ = alg.client_update(alg.init(p), (), Batches({"x": xb, "y": yb}, mask,
-                                                                 jnp.float32(1)),
-                                       key=jax.random.key(0))
+        out, _ = call_client_update(alg.client_update, alg.init(p), (),
+                                    Batches({"x": xb, "y": yb}, mask, jnp.float32(1)),
+                                    key=jax.random.key(0), unroll=True)
         return out.update
 
     xc = jnp.asarray(data.arrays["x"]).reshape(CLIENTS, PER_CLIENT // BATCH, BATCH,

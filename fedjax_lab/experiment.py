@@ -6,7 +6,6 @@ that builds datasets, models, algorithms and backends lives here so it is tested
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -186,10 +185,6 @@ class RunConfig:
     def config_file_dict(self) -> dict[str, Any]:
         """The settings config.yaml records (``--config`` of it reproduces the run)."""
         return {k: v for k, v in self.as_dict().items() if k not in NOT_REPRODUCED}
-
-    def uplink_compressor(self) -> Any:
-        """The compressor the algorithm uploads with (the edge wire codec); None: raw deltas."""
-        return None
 
     def on_start(self) -> None:
         """Called on the primary process once the run's folder is ready (before training)."""
@@ -484,13 +479,13 @@ def build_problem(cfg: FedAvgConfig):
 
 def build_algorithm(cfg: FedAvgConfig, model: Any):
     """The FedAvg-family algorithm of a config (FedAvg, or FedOpt with a server optimizer)."""
-    from fedjax_lab.algorithms.fedavg import make_fedavg_family, validate_data_spec
+    from fedjax_lab.algorithms.fedopt import fedopt
 
-    return make_fedavg_family(
+    return fedopt(
         model,
         client_optimizer(cfg.client_lr, cfg.client_momentum),
-        server_optimizer=server_optimizer(cfg.server_optimizer, cfg.server_lr),
-        data_spec=validate_data_spec(cfg.batch_size, cfg.local_epochs, None),
+        server_optimizer(cfg.server_optimizer, cfg.server_lr),
+        batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
         name="fedavg" if cfg.server_optimizer == "sgd" else f"fed{cfg.server_optimizer}",
     )
 
@@ -527,8 +522,7 @@ def edge_problem(argv: Sequence[str]):
 
     cfg = parse_config(FedAvgConfig, argv, prog="edge client")
     _, train, model, _, params = build_problem(cfg)
-    return EdgeProblem(build_algorithm(cfg, model), None, train, params, cfg.seed,
-                       problem_config(cfg))
+    return EdgeProblem(build_algorithm(cfg, model), train, params, cfg.seed, problem_config(cfg))
 
 
 def build_edge_backend(cfg: FedAvgConfig):
@@ -544,7 +538,6 @@ def build_edge_backend(cfg: FedAvgConfig):
     return EdgeBackend(
         num_workers=cfg.edge_clients, token=secrets.token_hex(32).encode(),
         round_timeout=cfg.edge_round_timeout, launcher=launcher,
-        compressor=cfg.uplink_compressor(),
         problem_config=problem_config(cfg),
     )
 
@@ -604,7 +597,7 @@ def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dic
 
     evals = [h for h in result.history if "test_accuracy" in h]
     last = evals[-1] if evals else {}
-    stop_reason = getattr(result, "stop_reason", None)
+    stop_reason = result.stop_reason
     summary = {
         "status": "stopped" if stop_reason else "completed",
         "stop_reason": stop_reason,
@@ -625,7 +618,7 @@ def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dic
         "uplink_bits": sum(h.get("upload_bits", 0.0) for h in result.history),
         # Local steps with a real example / slot-steps computed, over the whole run (packing).
         "padding_efficiency": _efficiency(result.history),
-        "compiled_programs": dict(getattr(result, "compiles", {})),
+        "compiled_programs": dict(result.compiles),
         "config": cfg.as_dict(),
         "jax_backend": jax.default_backend(),
     }
@@ -705,14 +698,13 @@ def open_run_folder(cfg: Any, process: Any = None) -> Any:
     from fedjax_lab.io.run_folder import RunFolder
 
     folder, error = None, None
-    if getattr(process, "is_primary", True):
+    if process is None or process.is_primary:
         try:
             folder = RunFolder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
         except ValueError as e:
             error = str(e)
-    broadcast = getattr(process, "broadcast", None)
-    if broadcast is not None:
-        error = broadcast(error)
+    if process is not None:
+        error = process.broadcast(error)
     if error is not None:
         if folder is not None:
             folder.close()
@@ -757,7 +749,9 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
         algorithm = cfg.make_algorithm(model)
         systems = cfg.systems(sum(x.size for x in jax.tree.leaves(params)))
         # MPI: each rank's store keeps the states of the clients it owns.
-        store = getattr(backend, "client_store", ClientStateStore)(algorithm.client_init(params))
+        initial = algorithm.client_init(params)
+        store = (backend.client_store(initial) if backend is not None
+                 else ClientStateStore(initial))
         server_state, start_round = ckpt.restore(algorithm.init(params), store)
         if folder is not None:
             folder.start_fresh()  # --overwrite: every check passed, the old results go now
@@ -765,7 +759,7 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
             cfg.on_start()
         if owned and backend is None:
             backend = build_backend(cfg)
-        primary = getattr(backend, "is_primary", True)
+        primary = backend.is_primary
         monitor = DivergenceMonitor(
             cfg.on_divergence, cfg.divergence_patience, log=None if not primary else (
                 lambda message: print(message, file=sys.stderr, flush=True)),
@@ -776,13 +770,13 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
         monitor.replay(ckpt.history)  # a resumed run continues the count of its rounds
         common = dict(
             rounds=cfg.rounds - start_round, clients_per_round=cfg.clients_per_round,
-            seed=cfg.seed, chunk_size=cfg.chunk_size, server_state=server_state,
+            seed=cfg.seed, server_state=server_state,
             start_round=start_round, client_store=store, state_callbacks=[ckpt.save_state],
             num_classes=model.num_classes, max_examples_per_client=cfg.max_examples_per_client,
             max_local_steps=cfg.max_local_steps, **systems,
         )
         if not primary:  # MPI ranks > 0: train, write nothing
-            with getattr(backend, "failure_guard", contextlib.nullcontext)():
+            with backend.failure_guard():
                 # The monitor sees the same (replicated) metrics as rank 0's and stops the same
                 # round; the state callback is collective with rank 0's saves.
                 result = run(algorithm, backend, train, params, callbacks=[monitor], **common)
@@ -791,9 +785,9 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
         for record in ckpt.history:  # resumed: the rounds of the checkpoint, then the new ones
             writer.write(record)
         bar = ProgressBar(cfg.rounds - start_round, cfg.progress, algorithm.name)
-        guard = getattr(backend, "failure_guard", contextlib.nullcontext)
         try:
-            with guard():  # MPI: a failing rank aborts every rank instead of hanging them
+            # MPI: a failing rank aborts every rank instead of hanging them.
+            with backend.failure_guard():
                 result = run(
                     algorithm, backend, train, params, evaluate=evaluate,
                     eval_every=cfg.eval_every,
@@ -806,7 +800,7 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
     finally:
         if ckpt is not None:
             ckpt.close()
-        if owned and backend is not None and hasattr(backend, "close"):
+        if owned and backend is not None:
             backend.close()
         if folder is not None:
             folder.close()

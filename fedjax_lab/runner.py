@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.algorithms.kit import TRAIN_EXAMPLES, UPLOAD_BITS
+from fedjax_lab.backends.base import Backend, ClientStateStore, check_backend
 from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import Algorithm, ServerState
 from fedjax_lab.data.budget import check_cohort_memory
@@ -34,53 +35,6 @@ class StopRun(Exception):
     The round's other callbacks and its state callbacks still run; the run returns normally
     with ``RunResult.stop_reason = str(exception)``.
     """
-
-
-class ClientStateStore:
-    """Per-client state of a stateful algorithm (EF residuals, SCAFFOLD controls), host-side.
-
-    Only clients that have participated are stored; the others implicitly hold the initial
-    state. ``gather``/``scatter`` move a cohort's states to and from the stacked ``[C, ...]``
-    layout the backends use. Padded slots (client id -1) read the initial state and are never
-    written back.
-    """
-
-    def __init__(self, initial_state: Any) -> None:
-        self.initial = jax.device_get(initial_state)
-        self.stateless = not jax.tree.leaves(initial_state)
-        self.states: dict[int, Any] = {}
-
-    def gather(self, client_ids: Sequence[int]) -> Any:
-        if self.stateless:
-            return ()
-        trees = [self.states.get(int(c), self.initial) for c in client_ids]
-        return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *trees)
-
-    def scatter(self, client_ids: Sequence[int], stacked: Any) -> None:
-        if self.stateless:
-            return
-        host = jax.device_get(stacked)
-        for slot, cid in enumerate(client_ids):
-            if cid >= 0:
-                self.states[int(cid)] = jax.tree.map(lambda x, s=slot: np.array(x[s]), host)
-
-    def snapshot(self) -> ClientStateStore | None:
-        """A store holding every client's state, on the process that writes checkpoints.
-
-        Single-process stores return themselves. Stores split over processes (MPI ranks) gather
-        to the primary and return None elsewhere; every process must call it (collective).
-        """
-        return self
-
-    def load(self, full: ClientStateStore | None) -> None:
-        """Replaces the states with those of ``full`` (a :meth:`snapshot`, e.g. restored).
-
-        Stores split over processes take ``full`` on the primary (None elsewhere) and keep the
-        states each process owns; every process must call it (collective).
-        """
-        if full is None:
-            raise ValueError("load() of a single-process store needs the full store, got None")
-        self.states = dict(full.states)
 
 
 @dataclass
@@ -103,16 +57,13 @@ class RunResult:
         return self.real_steps / self.computed_steps if self.computed_steps else float("nan")
 
 
-def owned_slots(backend: Any, cohort_size: int) -> np.ndarray:
-    """The client slots this process trains: ``backend.owned_slots(cohort_size)`` or all.
+def owned_slots(backend: Backend, cohort_size: int) -> np.ndarray:
+    """The client slots this process trains: ``backend.owned_slots(cohort_size)``, checked.
 
     A backend that splits a cohort over processes (MPI ranks) owns a sorted subset; the runner
     then builds the cohort, and gathers client states, for those slots only.
     """
-    hook = getattr(backend, "owned_slots", None)
-    if hook is None:
-        return np.arange(cohort_size)
-    owned = np.asarray(hook(cohort_size))
+    owned = np.asarray(backend.owned_slots(cohort_size))
     if (
         owned.ndim != 1 or not len(owned) or not np.issubdtype(owned.dtype, np.integer)
         or owned[0] < 0 or owned[-1] >= cohort_size or np.any(np.diff(owned) <= 0)
@@ -158,7 +109,7 @@ def validate_run_args(data: FederatedData, clients_per_round: int, rounds: int) 
 
 def run(
     algorithm: Algorithm,
-    backend: Any,
+    backend: Backend,
     data: FederatedData,
     init_params: Any,
     *,
@@ -167,7 +118,6 @@ def run(
     seed: int,
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     eval_every: int = 1,
-    chunk_size: int | None = None,
     device_table: bool = True,
     callbacks: Sequence[RoundCallback] = (),
     server_state: ServerState | None = None,
@@ -208,7 +158,12 @@ def run(
     (and against ``data.num_classes`` when set) before anything compiles, because JAX clamps
     out-of-range labels silently. A callback may raise :class:`StopRun` to end the run after
     the current round (``RunResult.stop_reason``), e.g. a ``DivergenceMonitor``.
+
+    ``backend`` is a :class:`~fedjax_lab.backends.Backend`: the cohort is padded to its
+    ``cohort_multiple`` (devices, ranks, chunk size), this process trains its ``owned_slots``,
+    keeps client states in its ``client_store`` and may plan layouts (``plan_rounds``).
     """
+    backend = check_backend(backend)
     validate_run_args(data, clients_per_round, rounds)
     if num_classes is not None:
         data = data.with_num_classes(num_classes)
@@ -217,13 +172,12 @@ def run(
             f"availability must be a fedjax_lab.systems.Availability, got {availability!r}"
         )
     spec = algorithm.data_spec
-    multiple = getattr(backend, "cohort_multiple", 1)
-    cohort_size = padded_cohort_size(clients_per_round, chunk_size, multiple)
+    cohort_size = padded_cohort_size(clients_per_round, None, backend.cohort_multiple)
     owned = owned_slots(backend, cohort_size)
     if len(owned) < cohort_size and (availability is not None or time_model is not None):
         raise ValueError(
             f"availability/time_model draw over all {cohort_size} client slots, but the "
-            f"{getattr(backend, 'name', 'given')} backend trains only {len(owned)} of them in "
+            f"{backend.name} backend trains only {len(owned)} of them in "
             "this process; run system simulations with --backend vmap or sharded"
         )
     # Refuse a cohort that cannot fit before allocating it (a ValueError, not a MemoryError
@@ -231,7 +185,7 @@ def run(
     check_cohort_memory(
         data, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
         num_steps=spec.num_steps, cohort_size=len(owned),
-        with_examples=data.is_lazy or not (device_table and getattr(backend, "device_table", True)),
+        with_examples=data.is_lazy or not (device_table and backend.device_table),
         max_examples_per_client=max_examples_per_client, max_local_steps=max_local_steps,
     )
     builder = CohortBuilder(
@@ -242,8 +196,7 @@ def run(
         cohort_size=len(owned),
         seed=seed,
         # A lazily read population stays off the device: each round reads its clients' rows.
-        device_table=device_table and getattr(backend, "device_table", True)
-        and not data.is_lazy,
+        device_table=device_table and backend.device_table and not data.is_lazy,
         ladder=step_ladder,
         max_examples_per_client=max_examples_per_client,
         max_local_steps=max_local_steps,
@@ -251,11 +204,8 @@ def run(
     capped = max_examples_per_client is not None or max_local_steps is not None
     if server_state is None:
         server_state = algorithm.init(init_params)
-    store = client_store or getattr(backend, "client_store", ClientStateStore)(
-        algorithm.client_init(init_params)
-    )
-    plan_rounds = getattr(backend, "plan_rounds", None)
-    if plan_rounds is not None and rounds > 0:
+    store = client_store or backend.client_store(algorithm.client_init(init_params))
+    if rounds > 0:
         # Every round's client sizes are known up front (sampling is a pure function of the
         # seed and round), so a packing backend can fix one layout for the whole run.
         schedule, padded = [], []
@@ -265,7 +215,7 @@ def run(
             steps[: len(real)] = builder.client_steps(real)
             schedule.append(steps)
             padded.append(builder.round_steps(real))
-        plan_rounds(schedule, padded)
+        backend.plan_rounds(schedule, padded)
     root = jax.random.key(seed)
     result = RunResult(server_state)
     clock = SimulatedClock(time_model) if time_model is not None else None
@@ -291,14 +241,14 @@ def run(
         record = {k: float(v) for k, v in jax.device_get(metrics).items()}
         record["round"] = r + 1
         record.update(system_record)
-        uplink_bits += record.get("upload_bits", 0.0)
+        uplink_bits += record.get(UPLOAD_BITS, 0.0)
         record["cum_uplink_bits"] = uplink_bits
         if clock is not None:
-            record.update(clock.tick(cohort, record.get("upload_bits", 0.0), seed=seed,
+            record.update(clock.tick(cohort, record.get(UPLOAD_BITS, 0.0), seed=seed,
                                      round_idx=r))
         record["round_seconds"] = time.perf_counter() - t0
         result.train_seconds += record["round_seconds"]
-        result.train_examples += record.get("train_examples", 0.0)
+        result.train_examples += record.get(TRAIN_EXAMPLES, 0.0)
         result.real_steps += record.get("real_steps", 0.0)
         result.computed_steps += record.get("computed_steps", 0.0)
         if evaluate is not None and eval_every > 0 and (
@@ -322,5 +272,5 @@ def run(
             break
     result.server_state = server_state
     result.wall_seconds = time.perf_counter() - start
-    result.compiles = dict(getattr(backend, "compiles", {}))
+    result.compiles = dict(backend.compiles)
     return result

@@ -265,9 +265,6 @@ class TrainConfig(RunConfig):
             raise ValueError(f"--compressor {self.compressor}: {e}") from None
         return with_error_feedback(compressor) if self.error_feedback else compressor
 
-    def uplink_compressor(self) -> Any:
-        return self.build_compressor()
-
     def build_aggregation(self) -> tuple[Any, tuple[Any, ...]]:
         """``(aggregator, transforms)`` of ``--aggregator`` and ``--clip-norm``."""
         from fedjax_lab.algorithms import clip_norm
@@ -345,5 +342,4 @@ def edge_problem(argv: Sequence[str]) -> Any:
 
     cfg = TrainConfig.parse(argv, prog="edge client")
     _, train, model, _, params = build_problem(cfg)
-    return EdgeProblem(cfg.make_algorithm(model), cfg.uplink_compressor(), train, params,
-                       cfg.seed, problem_config(cfg))
+    return EdgeProblem(cfg.make_algorithm(model), train, params, cfg.seed, problem_config(cfg))

@@ -4,6 +4,7 @@
 from fedjax_lab.algorithms import _registered  # noqa: F401
 from fedjax_lab.algorithms.dp_fedavg import dp_fedavg
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.algorithms.fedbn import fedbn
 from fedjax_lab.algorithms.fednova import fednova
 from fedjax_lab.algorithms.fedopt import (
     fedadagrad,
@@ -38,6 +39,7 @@ __all__ = [
     "fedadam",
     "fedavg",
     "fedavgm",
+    "fedbn",
     "fednova",
     "fedopt",
     "fedpaq",

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.algorithms.fedavg import make_fedavg_family, validate_data_spec
+from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.robust import clip_norm as clip_transform
 from fedjax_lab.algorithms.robust import mean, with_aggregator
 from fedjax_lab.core.losses import softmax_cross_entropy
@@ -58,7 +58,7 @@ def _positive_number(name: str, value: Any, *, allow_zero: bool = False) -> floa
 
 def dp_fedavg(
     model: Any,
-    client_optimizer: optax.GradientTransformation,
+    client_optimizer: optax.GradientTransformation | Any,
     *,
     batch_size: int,
     clip_norm: float,
@@ -75,7 +75,8 @@ def dp_fedavg(
 
     Args:
       model: a ``fedjax_lab.models.Model`` (only ``apply`` is used).
-      client_optimizer: local optax optimizer (re-initialised every round).
+      client_optimizer: local optax optimizer (re-initialised every round), or
+        ``kit.per_round(...)``.
       batch_size: local minibatch size.
       clip_norm: ``S``, the L2 bound on each client's (decoded) update.
       noise_multiplier: ``z``; the noise on the sum has std ``z * S``. ``0`` gives clipped
@@ -93,7 +94,6 @@ def dp_fedavg(
       An additive ``Algorithm``; round metrics add ``clipped_clients``, ``dp_noise_std`` (std of
       the noise on the averaged update, ``z S / clients_per_round``) and ``noise_multiplier``.
     """
-    spec = validate_data_spec(batch_size, local_epochs, num_steps)
     bound = _positive_number("clip_norm", clip_norm)
     z = _positive_number("noise_multiplier", noise_multiplier, allow_zero=True)
     if (
@@ -108,16 +108,11 @@ def dp_fedavg(
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
             and key.shape == ()):
         raise TypeError(f"key must be a scalar typed PRNG key, e.g. jax.random.key(0); got {key!r}")
-    base = make_fedavg_family(
-        model,
-        client_optimizer,
-        server_optimizer=server_optimizer if server_optimizer is not None else optax.sgd(1.0),
-        data_spec=spec,
-        compressor=compressor,
-        weighting="uniform",
-        per_example_loss=per_example_loss,
-        name="dp_fedavg",
-    )
+    base = fedavg(
+        model, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
+        num_steps=num_steps, server_optimizer=server_optimizer, compressor=compressor,
+        weighting="uniform", per_example_loss=per_example_loss,
+    )._replace(name="dp_fedavg")
     # Uniform weights are 1 per accepted client and 0 otherwise, so update_sum is the plain
     # sum of the clipped decoded updates: sensitivity S under adding/removing one client.
     clipped = with_aggregator(base, mean(), transforms=(clip_transform(bound),))

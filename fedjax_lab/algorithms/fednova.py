@@ -6,16 +6,14 @@ Heterogeneous Federated Optimization", NeurIPS.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.algorithms.fedavg import Weighting, make_fedavg_family, validate_data_spec
-from fedjax_lab.core.losses import softmax_cross_entropy
+from fedjax_lab.algorithms import kit
+from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.core.tree import tree_scale
 from fedjax_lab.core.types import Aggregate, Algorithm, ClientOutput, ServerState
 
@@ -42,13 +40,8 @@ def fednova(
     client_lr: float,
     *,
     batch_size: int,
-    local_epochs: int | None = 1,
-    num_steps: int | None = None,
     client_momentum: float = 0.0,
-    server_optimizer: optax.GradientTransformation | None = None,
-    compressor: Any = None,
-    weighting: Weighting = "examples",
-    per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    **fedavg_kwargs: Any,
 ) -> Algorithm:
     """FedNova (Wang et al. 2020, Algorithm 1 / eq. (7)) with an SGD local solver.
 
@@ -72,42 +65,25 @@ def fednova(
       client_lr: local SGD step size ``η`` (> 0). The local solver is fixed to (momentum) SGD
         because the normalisation ``a_i`` is specific to it.
       batch_size: local minibatch size.
-      local_epochs: local passes per round (exclusive with ``num_steps``).
-      num_steps: alternatively, a fixed number of local steps.
       client_momentum: heavy-ball momentum ``ρ`` in ``[0, 1)`` of the local solver.
-      server_optimizer: optax server optimizer (default ``sgd(1.0)``).
-      compressor: optional uplink ``Compressor`` applied to ``Δ_i`` (``||a_i||_1`` is sent as
-        one float32 and counted in ``upload_bits``).
-      weighting: ``"examples"`` (``p_i ∝ n_i``) or ``"uniform"``.
-      per_example_loss: ``(logits, labels) -> [B]`` loss.
+      **fedavg_kwargs: the other arguments of :func:`~fedjax_lab.algorithms.fedavg`
+        (``local_epochs``, ``num_steps``, ``server_optimizer``, ``compressor`` applied to
+        ``Δ_i`` (``||a_i||_1`` is sent as one float32 and counted in ``upload_bits``),
+        ``weighting``: ``"examples"`` (``p_i ∝ n_i``) or ``"uniform"``, ``per_example_loss``).
     """
-    for name, value in (("client_lr", client_lr), ("client_momentum", client_momentum)):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{name} must be a float, got {value!r}")
-    if not 0 < client_lr < math.inf:
-        raise ValueError(f"client_lr must be a finite float > 0, got {client_lr}")
-    if not 0 <= client_momentum < 1:
-        raise ValueError(f"client_momentum must be in [0, 1), got {client_momentum}")
-    rho = float(client_momentum)
-    base = make_fedavg_family(
-        model,
-        optax.sgd(float(client_lr), momentum=rho or None),
-        server_optimizer=server_optimizer if server_optimizer is not None else optax.sgd(1.0),
-        data_spec=validate_data_spec(batch_size, local_epochs, num_steps),
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name="fednova",
-    )
+    lr = kit.check_number("client_lr", client_lr)
+    rho = kit.check_number("client_momentum", client_momentum, hi=1.0, lo_open=False)
+    base = fedavg(model, optax.sgd(lr, momentum=rho or None), batch_size=batch_size,
+                  **fedavg_kwargs)._replace(name="fednova")
 
     def add_step_norm(finish):
         def finish_with_norm(server_state, client_state, carry, weight, *, key):
             out, new_state = finish(server_state, client_state, carry, weight, key=key)
             # local_steps counts the steps that saw at least one real example (masked padding
             # and cut-off straggler steps do not move the model, so they are not in a_i).
-            a_norm = momentum_norm(out.metrics["local_steps"], rho)
+            a_norm = momentum_norm(out.metrics[kit.LOCAL_STEPS], rho)
             metrics = dict(out.metrics)
-            metrics["upload_bits"] = out.metrics["upload_bits"] + jnp.where(
+            metrics[kit.UPLOAD_BITS] = out.metrics[kit.UPLOAD_BITS] + jnp.where(
                 out.weight > 0, _NORM_BITS, 0.0
             )
             return out._replace(metrics=metrics, extra=a_norm), new_state

@@ -15,19 +15,16 @@ these points, which matters in the few hundred rounds of a federated run.)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.algorithms.fedavg import Weighting, make_fedavg_family, validate_data_spec
-from fedjax_lab.core.losses import softmax_cross_entropy
+from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.core.types import Algorithm, PyTree
 
 AdaptiveKind = Literal["adagrad", "adam", "yogi"]
-Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class ReddiState(NamedTuple):
@@ -101,16 +98,12 @@ def reddi_adaptive(
 
 def fedopt(
     model: Any,
-    client_optimizer: optax.GradientTransformation,
+    client_optimizer: Any,
     server_optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
-    local_epochs: int | None = 1,
-    num_steps: int | None = None,
-    compressor: Any = None,
-    weighting: Weighting = "examples",
-    per_example_loss: Loss = softmax_cross_entropy,
     name: str = "fedopt",
+    **fedavg_kwargs: Any,
 ) -> Algorithm:
     """FedOpt (Reddi et al. 2021, Algorithm 1) with any optax server optimizer.
 
@@ -120,201 +113,65 @@ def fedopt(
 
     Args:
       model: a ``fedjax_lab.models.Model``.
-      client_optimizer: local optimizer, re-initialised every round.
+      client_optimizer: local optimizer (optax, or ``kit.per_round(...)``).
       server_optimizer: any optax ``GradientTransformation`` (e.g. :func:`reddi_adaptive`).
       batch_size: local minibatch size.
-      local_epochs: local passes per round (exclusive with ``num_steps``).
-      num_steps: alternatively, a fixed number of local steps.
-      compressor: optional uplink ``Compressor``.
-      weighting: ``"examples"`` or ``"uniform"``.
-      per_example_loss: ``(logits, labels) -> [B]`` loss.
       name: name used in logs.
+      **fedavg_kwargs: the other arguments of :func:`~fedjax_lab.algorithms.fedavg`
+        (``local_epochs``, ``num_steps``, ``compressor``, ``weighting``, ``per_example_loss``).
     """
     if not isinstance(server_optimizer, optax.GradientTransformation):
         raise TypeError(
             "server_optimizer must be an optax.GradientTransformation (e.g. optax.sgd(1.0)), "
             f"got {type(server_optimizer).__name__}"
         )
-    spec = validate_data_spec(batch_size, local_epochs, num_steps)
-    return make_fedavg_family(
-        model,
-        client_optimizer,
-        server_optimizer=server_optimizer,
-        data_spec=spec,
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name=name,
-    )
+    return fedavg(model, client_optimizer, batch_size=batch_size,
+                  server_optimizer=server_optimizer, **fedavg_kwargs)._replace(name=name)
 
 
-def fedadagrad(
-    model: Any,
-    client_optimizer: optax.GradientTransformation,
-    *,
-    server_lr: float,
-    batch_size: int,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    tau: float = 1e-3,
-    local_epochs: int | None = 1,
-    num_steps: int | None = None,
-    compressor: Any = None,
-    weighting: Weighting = "examples",
-    per_example_loss: Loss = softmax_cross_entropy,
-) -> Algorithm:
+def fedadagrad(model: Any, client_optimizer: Any, *, server_lr: float, b1: float = 0.9,
+               b2: float = 0.99, tau: float = 1e-3, **fedopt_kwargs: Any) -> Algorithm:
     """FedAdagrad (Reddi et al. 2021, Algorithm 2): ``v_t = v_{t-1} + Δ_t²``.
 
-    :func:`fedopt` with ``reddi_adaptive("adagrad", server_lr, b1=b1, b2=b2, tau=tau)``.
-
-    Args:
-      model: a ``fedjax_lab.models.Model``.
-      client_optimizer: local optimizer.
-      server_lr: server learning rate ``η`` (> 0).
-      batch_size: local minibatch size.
-      b1: first-moment decay in ``[0, 1)``.
-      b2: second-moment decay in ``[0, 1)`` (unused by adagrad).
-      tau: adaptivity ``τ`` (> 0).
-      local_epochs, num_steps, compressor, weighting, per_example_loss: as in :func:`fedopt`.
+    :func:`fedopt` with ``reddi_adaptive("adagrad", server_lr, b1=b1, b2=b2, tau=tau)``;
+    ``**fedopt_kwargs`` are :func:`fedopt`'s (``batch_size``, ...).
     """
-    return fedopt(
-        model,
-        client_optimizer,
-        reddi_adaptive("adagrad", server_lr, b1=b1, b2=b2, tau=tau),
-        batch_size=batch_size,
-        local_epochs=local_epochs,
-        num_steps=num_steps,
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name="fedadagrad",
-    )
+    server = reddi_adaptive("adagrad", server_lr, b1=b1, b2=b2, tau=tau)
+    return fedopt(model, client_optimizer, server, name="fedadagrad", **fedopt_kwargs)
 
 
-def fedadam(
-    model: Any,
-    client_optimizer: optax.GradientTransformation,
-    *,
-    server_lr: float,
-    batch_size: int,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    tau: float = 1e-3,
-    local_epochs: int | None = 1,
-    num_steps: int | None = None,
-    compressor: Any = None,
-    weighting: Weighting = "examples",
-    per_example_loss: Loss = softmax_cross_entropy,
-) -> Algorithm:
+def fedadam(model: Any, client_optimizer: Any, *, server_lr: float, b1: float = 0.9,
+            b2: float = 0.99, tau: float = 1e-3, **fedopt_kwargs: Any) -> Algorithm:
     """FedAdam (Reddi et al. 2021, Algorithm 2): ``v_t = b2 v_{t-1} + (1-b2) Δ_t²``.
 
-    :func:`fedopt` with ``reddi_adaptive("adam", server_lr, b1=b1, b2=b2, tau=tau)``.
-
-    Args:
-      model: a ``fedjax_lab.models.Model``.
-      client_optimizer: local optimizer.
-      server_lr: server learning rate ``η`` (> 0).
-      batch_size: local minibatch size.
-      b1: first-moment decay in ``[0, 1)``.
-      b2: second-moment decay in ``[0, 1)``.
-      tau: adaptivity ``τ`` (> 0).
-      local_epochs, num_steps, compressor, weighting, per_example_loss: as in :func:`fedopt`.
+    :func:`fedopt` with ``reddi_adaptive("adam", server_lr, b1=b1, b2=b2, tau=tau)``;
+    ``**fedopt_kwargs`` are :func:`fedopt`'s (``batch_size``, ...).
     """
-    return fedopt(
-        model,
-        client_optimizer,
-        reddi_adaptive("adam", server_lr, b1=b1, b2=b2, tau=tau),
-        batch_size=batch_size,
-        local_epochs=local_epochs,
-        num_steps=num_steps,
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name="fedadam",
-    )
+    server = reddi_adaptive("adam", server_lr, b1=b1, b2=b2, tau=tau)
+    return fedopt(model, client_optimizer, server, name="fedadam", **fedopt_kwargs)
 
 
-def fedyogi(
-    model: Any,
-    client_optimizer: optax.GradientTransformation,
-    *,
-    server_lr: float,
-    batch_size: int,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    tau: float = 1e-3,
-    local_epochs: int | None = 1,
-    num_steps: int | None = None,
-    compressor: Any = None,
-    weighting: Weighting = "examples",
-    per_example_loss: Loss = softmax_cross_entropy,
-) -> Algorithm:
-    """FedYogi (Reddi et al. 2021, Algorithm 2): additive second moment with a sign.
+def fedyogi(model: Any, client_optimizer: Any, *, server_lr: float, b1: float = 0.9,
+            b2: float = 0.99, tau: float = 1e-3, **fedopt_kwargs: Any) -> Algorithm:
+    """FedYogi (Reddi et al. 2021, Algorithm 2): ``v_t = v_{t-1} - (1-b2) Δ_t² sign(v_{t-1} -
+    Δ_t²)``.
 
-    ``v_t = v_{t-1} - (1-b2) Δ_t² sign(v_{t-1} - Δ_t²)``;
-    :func:`fedopt` with ``reddi_adaptive("yogi", server_lr, b1=b1, b2=b2, tau=tau)``.
-
-    Args:
-      model: a ``fedjax_lab.models.Model``.
-      client_optimizer: local optimizer.
-      server_lr: server learning rate ``η`` (> 0).
-      batch_size: local minibatch size.
-      b1: first-moment decay in ``[0, 1)``.
-      b2: second-moment decay in ``[0, 1)``.
-      tau: adaptivity ``τ`` (> 0).
-      local_epochs, num_steps, compressor, weighting, per_example_loss: as in :func:`fedopt`.
+    :func:`fedopt` with ``reddi_adaptive("yogi", server_lr, b1=b1, b2=b2, tau=tau)``;
+    ``**fedopt_kwargs`` are :func:`fedopt`'s (``batch_size``, ...).
     """
-    return fedopt(
-        model,
-        client_optimizer,
-        reddi_adaptive("yogi", server_lr, b1=b1, b2=b2, tau=tau),
-        batch_size=batch_size,
-        local_epochs=local_epochs,
-        num_steps=num_steps,
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name="fedyogi",
-    )
+    server = reddi_adaptive("yogi", server_lr, b1=b1, b2=b2, tau=tau)
+    return fedopt(model, client_optimizer, server, name="fedyogi", **fedopt_kwargs)
 
 
-def fedavgm(
-    model: Any,
-    client_optimizer: optax.GradientTransformation,
-    *,
-    batch_size: int,
-    server_lr: float = 1.0,
-    momentum: float = 0.9,
-    local_epochs: int | None = 1,
-    num_steps: int | None = None,
-    compressor: Any = None,
-    weighting: Weighting = "examples",
-    per_example_loss: Loss = softmax_cross_entropy,
-) -> Algorithm:
+def fedavgm(model: Any, client_optimizer: Any, *, server_lr: float = 1.0, momentum: float = 0.9,
+            **fedopt_kwargs: Any) -> Algorithm:
     """FedAvgM (Hsu et al. 2019): server momentum ``v = β v + Δ_t``, ``x ← x + η v``.
 
     That is :func:`fedopt` with ``optax.sgd(server_lr, momentum=momentum)`` (heavy ball on the
-    pseudo-gradient ``-Δ_t``), the momentum baseline of Reddi et al. (2021).
-
-    Args:
-      model: a ``fedjax_lab.models.Model``.
-      client_optimizer: local optimizer.
-      batch_size: local minibatch size.
-      server_lr: server learning rate ``η`` (> 0).
-      momentum: server momentum ``β`` in ``[0, 1)``.
-      local_epochs, num_steps, compressor, weighting, per_example_loss: as in :func:`fedopt`.
+    pseudo-gradient ``-Δ_t``), the momentum baseline of Reddi et al. (2021);
+    ``**fedopt_kwargs`` are :func:`fedopt`'s (``batch_size``, ...).
     """
     lr = _check_real(server_lr, "server_lr", 0.0, math.inf, lo_open=True)
     beta = _check_real(momentum, "momentum", 0.0, 1.0)
-    return fedopt(
-        model,
-        client_optimizer,
-        optax.sgd(lr, momentum=beta or None),
-        batch_size=batch_size,
-        local_epochs=local_epochs,
-        num_steps=num_steps,
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name="fedavgm",
-    )
+    return fedopt(model, client_optimizer, optax.sgd(lr, momentum=beta or None), name="fedavgm",
+                  **fedopt_kwargs)

@@ -12,19 +12,20 @@ from typing import Any
 import jax
 import optax
 
-from fedjax_lab.algorithms.fedavg import Weighting, make_fedavg_family, validate_data_spec
+from fedjax_lab.algorithms import kit
+from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.core.losses import softmax_cross_entropy
 from fedjax_lab.core.types import Algorithm
 
 
 def fedpaq(
     model: Any,
-    client_optimizer: optax.GradientTransformation,
+    client_optimizer: optax.GradientTransformation | kit.ClientOptimizer,
     *,
     num_steps: int,
     batch_size: int,
     compressor: Any = None,
-    weighting: Weighting = "uniform",
+    weighting: kit.Weighting = "uniform",
     per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
     name: str = "fedpaq",
 ) -> Algorithm:
@@ -33,13 +34,15 @@ def fedpaq(
     Each of the ``r`` clients sampled uniformly per round (the runner's ``clients_per_round``)
     runs ``tau = num_steps`` local SGD iterations on minibatches of ``batch_size`` from the
     global model ``x_k`` and uploads ``Q(x_{k,tau} - x_k)``; the server sets
-    ``x_{k+1} = x_k + (1/r) Σ_i Q(x^{(i)}_{k,tau} - x_k)``. This is the FedAvg-family body with
+    ``x_{k+1} = x_k + (1/r) Σ_i Q(x^{(i)}_{k,tau} - x_k)``. This is :func:`fedavg` with
     a fixed number of local steps, the unweighted mean (``weighting="uniform"``, as in the
     paper; ``"examples"`` weighs clients by their dataset sizes) and a server step of 1.
 
     Args:
       model: a ``fedjax_lab.models.Model`` (only ``apply`` is used).
-      client_optimizer: local optimizer (the paper's SGD: ``optax.sgd(eta)``).
+      client_optimizer: local optimizer (the paper's SGD: ``optax.sgd(eta)``); the step size
+        ``eta_k`` of the convergence theorem decreases with the round ``k``:
+        ``kit.per_round(optax.sgd, learning_rate=lambda k: eta0 / (1 + k / kappa))``.
       num_steps: local iterations per round ``tau`` (>= 1).
       batch_size: local minibatch size ``B`` (clients with fewer examples use all of them).
       compressor: the uplink quantizer ``Q``, e.g. ``qsgd(num_levels=s)`` (unbiased, as the
@@ -48,17 +51,9 @@ def fedpaq(
       per_example_loss: ``(logits, labels) -> [B]`` loss.
       name: name used in logs.
     """
-    spec = validate_data_spec(batch_size, None, num_steps)
-    return make_fedavg_family(
-        model,
-        client_optimizer,
-        server_optimizer=optax.sgd(1.0),
-        data_spec=spec,
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name=name,
-    )
+    return fedavg(model, client_optimizer, batch_size=batch_size, local_epochs=None,
+                  num_steps=num_steps, compressor=compressor, weighting=weighting,
+                  per_example_loss=per_example_loss)._replace(name=name)
 
 
 def qsgd_baseline(

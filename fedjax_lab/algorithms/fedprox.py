@@ -1,35 +1,28 @@
 """FedProx: FedAvg with a proximal term in the local objective.
 
 Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith (2020), "Federated Optimization in Heterogeneous
-Networks", MLSys.
+Networks", MLSys. Written as a composition: :func:`~fedjax_lab.algorithms.fedavg` with the
+objective transform :func:`fedjax_lab.algorithms.kit.proximal`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
-import jax
 import optax
 
-from fedjax_lab.algorithms.fedavg import Weighting, make_fedavg_family, validate_data_spec
-from fedjax_lab.core.losses import softmax_cross_entropy
+from fedjax_lab.algorithms import kit
+from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.core.types import Algorithm
 
 
 def fedprox(
     model: Any,
-    client_optimizer: optax.GradientTransformation,
+    client_optimizer: optax.GradientTransformation | kit.ClientOptimizer,
     *,
-    mu: float,
+    mu: Any,
     batch_size: int,
-    local_epochs: int | None = 1,
-    num_steps: int | None = None,
-    server_optimizer: optax.GradientTransformation | None = None,
-    compressor: Any = None,
-    weighting: Weighting = "examples",
-    per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    **fedavg_kwargs: Any,
 ) -> Algorithm:
     """FedProx (Li et al. 2020, Algorithm 2).
 
@@ -46,34 +39,17 @@ def fedprox(
 
     Args:
       model: a ``fedjax_lab.models.Model`` (only ``apply`` is used).
-      client_optimizer: local solver (the paper uses SGD).
-      mu: proximal coefficient (>= 0).
+      client_optimizer: local solver (the paper uses SGD); may be ``kit.per_round(...)``.
+      mu: proximal coefficient: a float >= 0, a traced scalar (a sweep over mu) or a function
+        of the round index (a schedule).
       batch_size: local minibatch size.
-      local_epochs: local passes over the data per round (exclusive with ``num_steps``).
-      num_steps: alternatively, a fixed number of local steps.
-      server_optimizer: optax server optimizer on ``-mean(delta)`` (default ``sgd(1.0)``).
-      compressor: optional uplink ``Compressor``.
-      weighting: ``"examples"`` or ``"uniform"``.
-      per_example_loss: ``(logits, labels) -> [B]`` loss.
+      **fedavg_kwargs: every other argument of :func:`~fedjax_lab.algorithms.fedavg`
+        (``local_epochs``, ``num_steps``, ``server_optimizer``, ``compressor``, ``weighting``,
+        ``per_example_loss``).
     """
-    if isinstance(mu, jax.Array) and mu.shape == ():
-        # A traced scalar (a sweep over mu): its values are checked where the grid is built.
-        prox_mu = mu
-    elif isinstance(mu, bool) or not isinstance(mu, int | float):
-        raise TypeError(f"mu must be a float >= 0, got {mu!r}")
-    elif not 0 <= mu < math.inf:  # also rejects NaN
-        raise ValueError(f"mu must be a finite float >= 0 (0 is FedAvg), got {mu}")
-    else:
-        prox_mu = float(mu)
-    spec = validate_data_spec(batch_size, local_epochs, num_steps)
-    return make_fedavg_family(
-        model,
-        client_optimizer,
-        server_optimizer=server_optimizer if server_optimizer is not None else optax.sgd(1.0),
-        data_spec=spec,
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        prox_mu=prox_mu,
-        name="fedprox",
-    )
+    mu = kit.check_number("mu", mu, lo_open=False, schedule=True)
+    if isinstance(mu, float) and mu == 0.0:  # exactly FedAvg: no proximal term is traced
+        return fedavg(model, client_optimizer, batch_size=batch_size,
+                      **fedavg_kwargs)._replace(name="fedprox")
+    return fedavg(model, client_optimizer, batch_size=batch_size,
+                  objective_transform=kit.proximal(mu), **fedavg_kwargs)._replace(name="fedprox")

@@ -6,7 +6,6 @@ Averaging for Federated Learning", ICML.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,11 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.algorithms import _local, _uplink
-from fedjax_lab.algorithms.fedavg import Weighting, make_fedavg_family, validate_data_spec
-from fedjax_lab.core.local import LocalUpdate
+from fedjax_lab.algorithms import kit
 from fedjax_lab.core.losses import softmax_cross_entropy
-from fedjax_lab.core.tree import tree_all_finite, tree_where
+from fedjax_lab.core.tree import tree_where
 from fedjax_lab.core.types import (
     Aggregate,
     Algorithm,
@@ -51,7 +48,7 @@ def scaffold(
     num_steps: int | None = None,
     server_lr: float = 1.0,
     compressor: Any = None,
-    weighting: Weighting = "uniform",
+    weighting: kit.Weighting = "uniform",
     per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
 ) -> Algorithm:
     """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1) with option II control variates.
@@ -83,32 +80,26 @@ def scaffold(
       weighting: ``"uniform"`` (paper: ``1/|S|``) or ``"examples"`` for the ``Δy`` mean.
       per_example_loss: ``(logits, labels) -> [B]`` loss.
     """
-    for name, value in (("client_lr", client_lr), ("server_lr", server_lr)):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{name} must be a float, got {value!r}")
-        if not 0 < value < math.inf:
-            raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    eta_l = kit.check_number("client_lr", client_lr)
+    eta_g = kit.check_number("server_lr", server_lr)
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(
             f"num_clients must be the population size (a positive int), got {num_clients!r}"
         )
-    eta_l = float(client_lr)
-    # Aggregation of Δy, metrics and the x update are exactly the FedAvg family's.
-    base = make_fedavg_family(
-        model,
-        optax.sgd(eta_l),
-        server_optimizer=optax.sgd(float(server_lr)),
-        data_spec=validate_data_spec(batch_size, local_epochs, num_steps),
-        compressor=compressor,
-        weighting=weighting,
-        per_example_loss=per_example_loss,
-        name="scaffold",
-    )
-    objective = _local.masked_mean_objective(model.apply, per_example_loss)
-    optimizer = optax.sgd(eta_l)
+    spec = kit.data_spec(batch_size, local_epochs, num_steps)
+    weighting = kit.check_weighting(weighting)
+    server_optimizer = optax.sgd(eta_g)
+
+    def correct(grads, params, server_state, correction):
+        del params, server_state  # y <- y - eta_l (g - c_i + c): the correction c - c_i
+        return jax.tree.map(jnp.add, grads, correction)
+
+    train = kit.local_training(kit.model_objective(model, per_example_loss), optax.sgd(eta_l),
+                               grad_transform=correct)
 
     def init(params: Params) -> ServerState:
-        return base.init(params)._replace(extra=jax.tree.map(jnp.zeros_like, params))
+        return kit.server_init(server_optimizer)(params)._replace(
+            extra=jax.tree.map(jnp.zeros_like, params))
 
     def client_init(params: Params) -> ScaffoldClientState:
         return ScaffoldClientState(
@@ -116,75 +107,47 @@ def scaffold(
             compressor=compressor.init(params) if compressor is not None else (),
         )
 
-    def context(server_state: ServerState, client_state: ScaffoldClientState) -> PyTree:
+    def context(server_state: ServerState, client_state: ScaffoldClientState):
         # The correction c - c_i is constant during the round.
         return jax.tree.map(jnp.subtract, server_state.extra, client_state.control)
 
-    def corrected(grads: PyTree, params: Params, correction: PyTree) -> PyTree:
-        del params
-        return jax.tree.map(jnp.add, grads, correction)
-
     def finish(
         server_state: ServerState, client_state: ScaffoldClientState,
-        result: _local.LocalState, client_weight: jax.Array, *, key: jax.Array,
+        result: kit.LocalState, client_weight: jax.Array, *, key: jax.Array,
     ) -> tuple[ClientOutput, ScaffoldClientState]:
         x, c, c_i = server_state.params, server_state.extra, client_state.control
         delta_y = jax.tree.map(jnp.subtract, result.params, x)
-        steps = result.num_steps
         # Option II: c_i+ - c_i = -c + (x - y_i) / (K_i η_l) = -c - Δy_i / (K_i η_l).
-        inv = 1.0 / (jnp.maximum(steps, 1.0) * eta_l)
+        inv = 1.0 / (jnp.maximum(result.num_steps, 1.0) * eta_l)
         delta_c = jax.tree.map(lambda cc, d: -cc - d * inv.astype(d.dtype), c, delta_y)
-        real = client_weight > 0
-        finite = jnp.logical_and(tree_all_finite(delta_y), tree_all_finite(delta_c))
-        ok = jnp.logical_and(jnp.logical_and(real, finite), steps > 0)
-        zeros = jax.tree.map(jnp.zeros_like, x)
-        delta_y = tree_where(finite, delta_y, zeros)
-        delta_c = tree_where(ok, delta_c, zeros)
-        payload, comp_state, bits = _uplink.encode_uplink(
-            compressor, delta_y, client_state.compressor, ok, key=key
+        out, comp_state = kit.upload(
+            compressor, delta_y, client_state.compressor, result, client_weight, key=key,
+            weighting=weighting, extra=delta_c, extra_bits=kit.dense_bits(delta_c),
+            require=result.num_steps > 0,
         )
-        new_state = ScaffoldClientState(
-            control=tree_where(ok, jax.tree.map(jnp.add, c_i, delta_c), c_i),
-            compressor=comp_state,
-        )
-        weight = client_weight if weighting == "examples" else jnp.ones_like(client_weight)
-        weight = jnp.where(ok, weight, 0.0)
-        metrics = {
-            "train_loss_sum": jnp.where(ok, result.loss_sum, 0.0),
-            "train_examples": jnp.where(ok, result.num_examples, 0.0),
-            "local_steps": steps,
-            "clients": real.astype(jnp.float32),
-            "rejected": jnp.logical_and(real, ~finite).astype(jnp.float32),
-            "upload_bits": jnp.where(ok, bits + _uplink.dense_bits(delta_c), 0.0),
-        }
-        return ClientOutput(payload, weight, metrics, extra=delta_c), new_state
-
-    client_update = LocalUpdate(
-        start=_local.optimizer_start(optimizer),
-        step=_local.optimizer_step(lambda state: objective, optimizer, corrected),
-        finish=finish,
-        context=context,
-    )
-
-    def aggregate(outputs: ClientOutput) -> Aggregate:
-        agg = base.aggregate(outputs._replace(extra=()))
-        return agg._replace(extra=jax.tree.map(lambda d: jnp.sum(d, axis=0), outputs.extra))
+        sent = out.weight > 0  # clients that do not send keep c_i
+        control = tree_where(sent, jax.tree.map(jnp.add, c_i, out.extra), c_i)
+        return out, ScaffoldClientState(control=control, compressor=comp_state)
 
     def server_update(state: ServerState, agg: Aggregate) -> tuple[ServerState, dict]:
-        new_state, metrics = base.server_update(state, agg._replace(extra=()))
+        mean = kit.mean_update(agg)
+        new_state = kit.server_step(server_optimizer, state, mean, agg.weight_sum > 0)
         new_c = jax.tree.map(
             lambda cc, s: cc + s / jnp.asarray(num_clients, s.dtype), state.extra, agg.extra
         )
-        metrics = dict(metrics)
+        metrics = kit.round_metrics(agg, mean)
         metrics["control_norm"] = jnp.sqrt(
             sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(new_c))
         )
         return new_state._replace(extra=new_c), metrics
 
-    return base._replace(
+    return Algorithm(
         init=init,
         client_init=client_init,
-        client_update=client_update,
-        aggregate=aggregate,
+        client_update=train.update(finish, context),
+        aggregate=kit.weighted_aggregate(compressor),
         server_update=server_update,
+        data_spec=spec,
+        name="scaffold",
+        compressor=compressor,
     )

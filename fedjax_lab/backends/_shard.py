@@ -12,16 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from fedjax_lab.backends.vmap import (
-    VmapBackend,
-    client_batches,
-    device_table,
-    has_conv,
-    per_client_inputs,
-)
-from fedjax_lab.core import plan as plan_lib
+from fedjax_lab.backends.vmap import VmapBackend, unrolled_clients
 from fedjax_lab.core.types import Aggregate, Algorithm, Cohort, ServerState
 
 # ``loop`` (a host loop of per-client jits) has no single traced program that shard_map could
@@ -47,24 +39,6 @@ def check_plan(
         raise ValueError("chunk_size only applies to the 'vmap' plan, not 'unrolled'")
 
 
-def resolve_shard_plan(
-    plan: str, chunk_size: int | None, unroll_limit: int, server_state: ServerState,
-    shard_clients: int, steps: int, large_conv_plan: str = "vmap",
-) -> str:
-    """``auto`` as in ``VmapBackend.resolve_plan``, judged on the clients of ONE shard.
-
-    Conv models on CPU get ``unrolled`` up to ``unroll_limit`` (shard clients x local steps) and
-    ``large_conv_plan`` above it (``loop`` where the backend has it).
-    """
-    if plan != "auto":
-        return plan
-    if chunk_size is not None:
-        return "vmap"
-    if jax.default_backend() == "cpu" and has_conv(server_state.params):
-        return "unrolled" if shard_clients * steps <= unroll_limit else large_conv_plan
-    return "vmap"
-
-
 def partial_aggregate(
     vmap: VmapBackend,
     plan: str,
@@ -87,20 +61,5 @@ def partial_aggregate(
             )
             return algorithm.aggregate(outputs), new_states
         return vmap.chunked_aggregate(algorithm, server_state, client_states, cohort, keys, chunk)
-    per_client = per_client_inputs(cohort)
-    outs, states = [], []
-    with plan_lib.unrolled_local_steps(True):
-        for i in range(cohort.mask.shape[0]):
-            batches = client_batches(
-                device_table(cohort), jax.tree.map(lambda x, i=i: x[i], per_client),
-                cohort.mask[i], cohort.weight[i],
-            )
-            out, st = algorithm.client_update(
-                server_state, jax.tree.map(lambda x, i=i: x[i], client_states), batches,
-                key=keys[i],
-            )
-            outs.append(out)
-            states.append(st)
-    outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    new_states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    outputs, new_states = unrolled_clients(algorithm, server_state, client_states, cohort, keys)
     return algorithm.aggregate(outputs), new_states

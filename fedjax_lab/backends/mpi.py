@@ -65,16 +65,17 @@ from mpi4py import MPI
 
 from fedjax_lab.backends import _shard, packed
 from fedjax_lab.backends._checks import require_additive
+from fedjax_lab.backends.base import ClientStateStore, ProgramCache
 from fedjax_lab.backends.vmap import (
     VmapBackend,
     packed_stats,
     packing_mode,
     padded_stats,
+    resolve_plan,
     validate_round_inputs,
 )
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.core.types import Algorithm, Cohort, ServerState
-from fedjax_lab.runner import ClientStateStore
 
 PLANS = ("auto", "vmap", "unrolled", "loop")
 
@@ -408,8 +409,9 @@ class MpiBackend:
         self.plan = plan
         self.chunk_size = chunk_size
         self.unroll_limit = unroll_limit
-        self._vmap = VmapBackend("vmap", chunk_size=chunk_size, packing=packing)
-        self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
+        self.programs = ProgramCache()
+        self._vmap = VmapBackend("vmap", chunk_size=chunk_size, packing=packing,
+                                 programs=self.programs)
         if abort_on_error:
             install_abort_on_uncaught(self.rank, self.size)
         # Its own communicator: heartbeats never match the rounds' collectives (collective).
@@ -435,7 +437,7 @@ class MpiBackend:
     @property
     def compiles(self):
         """Programs this rank traced so far, by kind."""
-        return self._vmap.compiles
+        return self.programs.compiles
 
     @property
     def packing(self) -> packed.PackingPolicy:
@@ -484,9 +486,8 @@ class MpiBackend:
         """The concrete plan ``auto`` stands for, judged on this rank's shard."""
         del algorithm
         c, s = cohort.mask.shape[:2]
-        return _shard.resolve_shard_plan(
-            self.plan, self.chunk_size, self.unroll_limit, server_state, c, s, "loop"
-        )
+        return resolve_plan(self.plan, self.chunk_size, self.unroll_limit, server_state.params,
+                            c, s)
 
     # ------------------------------------------------------------------------------- running
     def run_round(
@@ -523,13 +524,7 @@ class MpiBackend:
         return out[0], out[1], {**out[2], **stats}
 
     def _compiled(self, algorithm: Algorithm, plan: str):
-        cache_key = (id(algorithm), plan)
-        hit = self._cache.get(cache_key)
-        if hit is not None and hit[0] is algorithm:
-            return hit[1]
-        fn = self._build(algorithm, plan)
-        self._cache[cache_key] = (algorithm, fn)
-        return fn
+        return self.programs.get(algorithm, "mpi-" + plan, lambda: self._build(algorithm, plan))
 
     def _shard_keys(self, key: jax.Array, local: int) -> jax.Array:
         """This rank's slice of the keys of all ``size x local`` slots (split before sharding)."""
@@ -555,7 +550,7 @@ class MpiBackend:
             new_server, metrics = algorithm.server_update(server_state, agg)
             return new_server, new_states, metrics
 
-        return jax.jit(self._vmap.counted("padded_round", round_fn))
+        return jax.jit(self.programs.counted("padded_round", round_fn))
 
     def _loop_round(self, algorithm: Algorithm):
         """``VmapBackend``'s ``loop`` plan on the shard, with the allreduce in the finish jit."""

@@ -52,11 +52,13 @@ from jax.sharding import PartitionSpec as P
 
 from fedjax_lab.backends import _shard, packed
 from fedjax_lab.backends._checks import require_additive
+from fedjax_lab.backends.base import SingleProcessBackend
 from fedjax_lab.backends.vmap import (
     VmapBackend,
     packed_stats,
     packing_mode,
     padded_stats,
+    resolve_plan,
     validate_round_inputs,
 )
 from fedjax_lab.core.rng import client_keys
@@ -66,7 +68,7 @@ from fedjax_lab.data.packing import PackedLayout, split_layout
 ForeignPolicy = Literal["raise", "move"]
 
 
-class ShardedBackend:
+class ShardedBackend(SingleProcessBackend):
     """Runs a round with the client axis sharded over ``devices`` (DESIGN.md ``Backend``).
 
     Args:
@@ -99,6 +101,7 @@ class ShardedBackend:
         axis_name: str = "clients",
         packing: str | packed.PackingPolicy = "auto",
     ) -> None:
+        super().__init__()
         devices = list(jax.devices() if devices is None else devices)
         if not devices:
             raise ValueError("devices is empty; pass at least one jax.Device (or None for all)")
@@ -127,19 +130,14 @@ class ShardedBackend:
         self.replicated = NamedSharding(self.mesh, P())
         self.client_sharded = NamedSharding(self.mesh, P(axis_name))
         self._device_set = frozenset(devices)
-        self._vmap = VmapBackend("vmap", chunk_size=chunk_size, packing=packing)
-        self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
+        self._vmap = VmapBackend("vmap", chunk_size=chunk_size, packing=packing,
+                                 programs=self.programs)
         self._table: tuple[list[Any], Any] | None = None
         self.time_sharded = NamedSharding(self.mesh, P(None, axis_name))
 
     @property
     def num_devices(self) -> int:
         return int(self.mesh.devices.size)
-
-    @property
-    def compiles(self):
-        """Programs traced so far, by kind (shared with the per-device code)."""
-        return self._vmap.compiles
 
     @property
     def packing(self) -> packed.PackingPolicy:
@@ -159,10 +157,9 @@ class ShardedBackend:
         """The concrete plan ``auto`` stands for, judged on one device's shard."""
         del algorithm
         c, s = cohort.mask.shape[:2]
-        return _shard.resolve_shard_plan(
-            self.plan, self.chunk_size, self.unroll_limit, server_state,
-            c // self.num_devices, s,
-        )
+        # No 'loop' here: a host loop of per-client jits has no one program to shard.
+        return resolve_plan(self.plan, self.chunk_size, self.unroll_limit, server_state.params,
+                            c // self.num_devices, s, large_conv_plan="vmap")
 
     # ------------------------------------------------------------------------------- running
     def run_round(
@@ -212,20 +209,15 @@ class ShardedBackend:
         return new_server, new_states, {**metrics, **stats}
 
     def _compiled(self, algorithm: Algorithm, plan: str):
-        cache_key = (id(algorithm), plan)
-        hit = self._cache.get(cache_key)
-        if hit is not None and hit[0] is algorithm:
-            return hit[1]
         if plan.startswith("packed-"):
-            fn = self._packed(algorithm, plan.removeprefix("packed-"))
-        else:
-            fn = self._build(algorithm, plan)
-        self._cache[cache_key] = (algorithm, fn)
-        return fn
+            return self.programs.get(algorithm, "sharded-" + plan, lambda: self._packed(
+                algorithm, plan.removeprefix("packed-")))
+        return self.programs.get(algorithm, "sharded-" + plan,
+                                 lambda: self._build(algorithm, plan))
 
     def _packed(self, algorithm: Algorithm, mode: str):
         """The packed round: each device runs its block's slots, then finishes its clients."""
-        ax, local, counted = self.axis_name, algorithm.client_update, self._vmap.counted
+        ax, local, counted = self.axis_name, algorithm.client_update, self.programs.counted
         init_fns: dict[int, Any] = {}
         sharded = (self.client_sharded,) * 3
         segment = jax.jit(
@@ -342,7 +334,7 @@ class ShardedBackend:
             return new_server, new_states, metrics
 
         return jax.jit(
-            self._vmap.counted("padded_round", round_fn),
+            self.programs.counted("padded_round", round_fn),
             out_shardings=(self.replicated, self.client_sharded, self.replicated),
         )
 

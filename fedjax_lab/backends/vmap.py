@@ -28,8 +28,6 @@ the backend traces is counted in ``compiles`` (by kind), so a run can report how
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -37,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.backends import packed
-from fedjax_lab.core import plan as plan_lib
-from fedjax_lab.core.local import is_local_update
+from fedjax_lab.backends.base import ProgramCache, SingleProcessBackend
+from fedjax_lab.core.local import call_client_update, is_local_update
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.core.types import Aggregate, Algorithm, Batches, Cohort, ServerState
 from fedjax_lab.data.packing import PackedLayout, active_steps, pack, split_layout
@@ -67,6 +65,49 @@ def per_client_inputs(cohort: Cohort) -> Any:
 def has_conv(params: Any) -> bool:
     """Whether any leaf is a conv kernel (rank-4, HWIO), which changes the best CPU plan."""
     return any(getattr(x, "ndim", 0) == 4 for x in jax.tree.leaves(params))
+
+
+def resolve_plan(
+    plan: str, chunk_size: int | None, unroll_limit: int, params: Any, clients: int, steps: int,
+    large_conv_plan: str = "loop",
+) -> str:
+    """The concrete plan ``auto`` stands for (every backend's rule, judged on the clients one
+    program runs: the cohort, a device's shard or a rank's block).
+
+    ``vmap`` unless chunked; conv models on CPU get ``unrolled`` up to ``unroll_limit``
+    (clients x local steps) and ``large_conv_plan`` above it (``loop`` where the backend has
+    it).
+    """
+    if plan != "auto":
+        return plan
+    if chunk_size is not None:
+        return "vmap"
+    if jax.default_backend() == "cpu" and has_conv(params):
+        return "unrolled" if clients * steps <= unroll_limit else large_conv_plan
+    return "vmap"
+
+
+def unrolled_clients(
+    algorithm: Algorithm, server_state: ServerState, client_states: Any, cohort: Cohort,
+    keys: jax.Array,
+) -> tuple[Any, Any]:
+    """``(stacked ClientOutput, stacked new states)`` of a cohort whose clients are a traced
+    Python loop with fully unrolled local steps: no while loop, no vmap over per-client
+    weights (the ``unrolled`` plan of every backend)."""
+    per_client = per_client_inputs(cohort)
+    table = device_table(cohort)
+    outs, states = [], []
+    for i in range(cohort.mask.shape[0]):
+        batches = client_batches(table, jax.tree.map(lambda x, i=i: x[i], per_client),
+                                 cohort.mask[i], cohort.weight[i])
+        out, st = call_client_update(
+            algorithm.client_update, server_state,
+            jax.tree.map(lambda x, i=i: x[i], client_states), batches, key=keys[i], unroll=True,
+        )
+        outs.append(out)
+        states.append(st)
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    return jax.tree.map(stack, *outs), jax.tree.map(stack, *states)
 
 
 def add_aggregates(a: Aggregate, b: Aggregate) -> Aggregate:
@@ -135,7 +176,7 @@ def validate_round_inputs(algorithm: Algorithm, cohort: Cohort, chunk_size: int 
             )
 
 
-class VmapBackend:
+class VmapBackend(SingleProcessBackend):
     """Simulates a round of many clients on one device (DESIGN.md ``Backend`` protocol).
 
     Args:
@@ -146,6 +187,8 @@ class VmapBackend:
       packing: ``"auto"``, ``"on"`` or ``"off"``, or a ``PackingPolicy`` (slots, segment
         length, cost model); see ``fedjax_lab.backends.packed``. Rounds are packed only for
         algorithms whose client update is a ``LocalUpdate`` and without ``chunk_size``.
+      programs: the compile cache to use (the sharded and MPI backends share theirs with the
+        ``VmapBackend`` that runs their per-device/per-rank code).
     """
 
     name = "vmap"
@@ -157,7 +200,11 @@ class VmapBackend:
         unroll_limit: int = 128,
         step_unroll: int = 2,
         packing: str | packed.PackingPolicy = "auto",
+        programs: ProgramCache | None = None,
     ) -> None:
+        super().__init__()
+        if programs is not None:
+            self.programs = programs
         if plan not in PLANS:
             raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -175,23 +222,21 @@ class VmapBackend:
         )
         if chunk_size is not None and self.packing.slots is not None:
             raise ValueError("slots (packing) and chunk_size exclude each other; drop one")
-        self.compiles: Counter[str] = Counter()
-        self._cache: dict[tuple[int, str], tuple[Algorithm, Any]] = {}
         self._slot_seconds: dict[int, tuple[Algorithm, float]] = {}
         self._pending_plan: tuple[list[np.ndarray], list[int]] | None = None
+
+    @property
+    def cohort_multiple(self) -> int:
+        """The runner pads cohorts to a multiple of the chunk size."""
+        return self.chunk_size or 1
 
     # ------------------------------------------------------------------------------ planning
     def resolve_plan(self, algorithm: Algorithm, server_state: ServerState, cohort: Cohort) -> str:
         """The concrete plan ``auto`` stands for on this platform, model and cohort."""
         del algorithm
-        if self.plan != "auto":
-            return self.plan
-        if self.chunk_size is not None:
-            return "vmap"
-        if jax.default_backend() == "cpu" and has_conv(server_state.params):
-            c, s = cohort.mask.shape[:2]
-            return "unrolled" if c * s <= self.unroll_limit else "loop"
-        return "vmap"
+        c, s = cohort.mask.shape[:2]
+        return resolve_plan(self.plan, self.chunk_size, self.unroll_limit, server_state.params,
+                            c, s)
 
     def plan_rounds(self, schedule: list[np.ndarray], padded_steps: list[int]) -> None:
         """Lets the packing policy fix one layout for the coming rounds (the runner calls it).
@@ -274,28 +319,13 @@ class VmapBackend:
         fn = self._compiled(algorithm, "packed-" + packing_mode(plan))
         return fn(server_state, client_states, cohort, key, layout)
 
-    def counted(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` that adds one to ``compiles[kind]`` each time it is traced (compiled)."""
-
-        def traced(*args, **kwargs):
-            self.compiles[kind] += 1
-            return fn(*args, **kwargs)
-
-        return traced
-
     def _compiled(self, algorithm: Algorithm, plan: str):
-        cache_key = (id(algorithm), plan)
-        hit = self._cache.get(cache_key)
-        if hit is not None and hit[0] is algorithm:
-            return hit[1]
         if plan.startswith("packed-"):
-            fn = self.packed_round(algorithm, plan.removeprefix("packed-"))
-        else:
-            builder = {"vmap": self._vmap_round, "unrolled": self._unrolled_round,
-                       "loop": self.loop_round}[plan]
-            fn = builder(algorithm)
-        self._cache[cache_key] = (algorithm, fn)
-        return fn
+            return self.programs.get(algorithm, plan, lambda: self.packed_round(
+                algorithm, plan.removeprefix("packed-")))
+        builder = {"vmap": self._vmap_round, "unrolled": self._unrolled_round,
+                   "loop": self.loop_round}[plan]
+        return self.programs.get(algorithm, plan, lambda: builder(algorithm))
 
     def packed_round(
         self,
@@ -312,7 +342,8 @@ class VmapBackend:
         local = algorithm.client_update
         init_fns: dict[int, Any] = {}
         segment = jax.jit(
-            self.counted("packed_segment", packed.segment_fn(local, mode, self.step_unroll)),
+            self.programs.counted("packed_segment",
+                                  packed.segment_fn(local, mode, self.step_unroll)),
             donate_argnums=(2, 3),
         )
 
@@ -327,12 +358,12 @@ class VmapBackend:
             new_server, metrics = algorithm.server_update(server_state, agg)
             return new_server, new_states, metrics
 
-        finish = jax.jit(self.counted("packed_finish", finish_fn))
+        finish = jax.jit(self.programs.counted("packed_finish", finish_fn))
 
         def init(slots):
             if slots not in init_fns:
                 init_fns[slots] = jax.jit(
-                    self.counted("packed_init", packed.init_fn(local, slots))
+                    self.programs.counted("packed_init", packed.init_fn(local, slots))
                 )
             return init_fns[slots]
 
@@ -369,12 +400,15 @@ class VmapBackend:
 
         return round_fn
 
-    def client_outputs(self, algorithm: Algorithm, server_state, client_states, cohort, keys):
-        """vmapped client updates of a whole cohort (or chunk): ``(ClientOutput, states)``."""
+    def client_outputs(self, algorithm: Algorithm, server_state, client_states, cohort, keys,
+                       unroll: int | bool = 1):
+        """vmapped client updates of a whole cohort (or chunk): ``(ClientOutput, states)``;
+        ``unroll`` unrolls the local steps of a ``LocalUpdate`` (never changes the numbers)."""
 
         def one(state, per_client, mask, weight, key):
             batches = client_batches(table, per_client, mask, weight)
-            return algorithm.client_update(server_state, state, batches, key=key)
+            return call_client_update(algorithm.client_update, server_state, state, batches,
+                                      key=key, unroll=unroll)
 
         table = device_table(cohort)
         return jax.vmap(one)(
@@ -383,31 +417,29 @@ class VmapBackend:
 
     def _vmap_round(self, algorithm: Algorithm):
         chunk = self.chunk_size
+        # Unrolling local steps by 2 halves the while-loop trips, whose per-iteration cost on
+        # XLA:CPU is significant for small dense models (W1: 4.0 -> 3.2-3.8 ms per round).
+        unroll = self.step_unroll
 
         def round_fn(server_state, client_states, cohort, key):
-            # Unrolling local steps by 2 halves the while-loop trips, whose per-iteration cost on
-            # XLA:CPU is significant for small dense models (W1: 4.0 -> 3.2-3.8 ms per round).
-            with plan_lib.unrolled_local_steps(self.step_unroll):
-                return inner(server_state, client_states, cohort, key)
-
-        def inner(server_state, client_states, cohort, key):
             c = cohort.mask.shape[0]
             keys = client_keys(key, c)
             if chunk is None or chunk >= c:
                 outputs, new_states = self.client_outputs(
-                    algorithm, server_state, client_states, cohort, keys
+                    algorithm, server_state, client_states, cohort, keys, unroll
                 )
                 agg = algorithm.aggregate(outputs)
             else:
                 agg, new_states = self.chunked_aggregate(
-                    algorithm, server_state, client_states, cohort, keys, chunk
+                    algorithm, server_state, client_states, cohort, keys, chunk, unroll
                 )
             new_server, metrics = algorithm.server_update(server_state, agg)
             return new_server, new_states, metrics
 
-        return jax.jit(self.counted("padded_round", round_fn))
+        return jax.jit(self.programs.counted("padded_round", round_fn))
 
-    def chunked_aggregate(self, algorithm, server_state, client_states, cohort, keys, chunk):
+    def chunked_aggregate(self, algorithm, server_state, client_states, cohort, keys, chunk,
+                          unroll: int | bool = 1):
         """``(aggregate, new client states)`` of a cohort processed ``chunk`` clients at a time.
 
         A scan over chunks, each vmapped, summing the additive aggregates: peak memory is that of
@@ -435,7 +467,8 @@ class VmapBackend:
                 mask=mask,
                 weight=weight,
             )
-            outputs, new_states = self.client_outputs(algorithm, server_state, states, sub, ks)
+            outputs, new_states = self.client_outputs(algorithm, server_state, states, sub, ks,
+                                                      unroll)
             return algorithm.aggregate(outputs), new_states
 
         first = jax.tree.map(lambda x: x[0], per_chunk)
@@ -452,29 +485,15 @@ class VmapBackend:
 
     def _unrolled_round(self, algorithm: Algorithm):
         def round_fn(server_state, client_states, cohort, key):
-            c = cohort.mask.shape[0]
-            keys = client_keys(key, c)
-            per_client = per_client_inputs(cohort)
-            outs, states = [], []
-            with plan_lib.unrolled_local_steps(True):
-                for i in range(c):
-                    batches = client_batches(
-                        device_table(cohort), jax.tree.map(lambda x, i=i: x[i], per_client),
-                        cohort.mask[i], cohort.weight[i],
-                    )
-                    out, st = algorithm.client_update(
-                        server_state, jax.tree.map(lambda x, i=i: x[i], client_states),
-                        batches, key=keys[i],
-                    )
-                    outs.append(out)
-                    states.append(st)
-            outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-            new_states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+            keys = client_keys(key, cohort.mask.shape[0])
+            outputs, new_states = unrolled_clients(
+                algorithm, server_state, client_states, cohort, keys
+            )
             agg = algorithm.aggregate(outputs)
             new_server, metrics = algorithm.server_update(server_state, agg)
             return new_server, new_states, metrics
 
-        return jax.jit(self.counted("padded_round", round_fn))
+        return jax.jit(self.programs.counted("padded_round", round_fn))
 
     def loop_round(
         self,
@@ -487,10 +506,10 @@ class VmapBackend:
 
         def one_client(server_state, state, per_client, mask, weight, key, table):
             batches = client_batches(table, per_client, mask, weight)
-            with plan_lib.unrolled_local_steps(True):
-                return algorithm.client_update(server_state, state, batches, key=key)
+            return call_client_update(algorithm.client_update, server_state, state, batches,
+                                      key=key, unroll=True)
 
-        client_fn = jax.jit(self.counted("loop_client", one_client))
+        client_fn = jax.jit(self.programs.counted("loop_client", one_client))
 
         def finish_fn(server_state, outputs):
             agg = algorithm.aggregate(outputs)
@@ -498,7 +517,7 @@ class VmapBackend:
                 agg = reduce(agg)
             return algorithm.server_update(server_state, agg)
 
-        finish = jax.jit(self.counted("loop_finish", finish_fn))
+        finish = jax.jit(self.programs.counted("loop_finish", finish_fn))
 
         def round_fn(server_state, client_states, cohort, key):
             c = cohort.mask.shape[0]

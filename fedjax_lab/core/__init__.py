@@ -1,7 +1,7 @@
 """Core types, randomness and pytree helpers."""
 
+from fedjax_lab.core.local import LocalUpdate
 from fedjax_lab.core.losses import correct_predictions, softmax_cross_entropy
-from fedjax_lab.core.plan import scan_unroll, unrolled_local_steps
 from fedjax_lab.core.rng import client_keys, host_rng, round_key
 from fedjax_lab.core.tree import tree_all_finite, tree_where
 from fedjax_lab.core.types import (
@@ -25,6 +25,7 @@ __all__ = [
     "ClientOutput",
     "Cohort",
     "DataSpec",
+    "LocalUpdate",
     "Metrics",
     "PRNGKey",
     "Params",
@@ -34,9 +35,7 @@ __all__ = [
     "correct_predictions",
     "host_rng",
     "round_key",
-    "scan_unroll",
     "softmax_cross_entropy",
     "tree_all_finite",
     "tree_where",
-    "unrolled_local_steps",
 ]

@@ -10,7 +10,10 @@ client's output. Heavy-tailed populations then cost their real steps, not ``clie
 largest client``.
 
 Calling a :class:`LocalUpdate` like a plain ``client_update`` runs exactly
-``start -> scan(step) -> finish``, so both execution paths compute the same numbers.
+``start -> scan(step) -> finish``, so both execution paths compute the same numbers. A backend
+that wants the local loop unrolled (XLA:CPU runs convolutions ~10x slower inside while loops)
+says so explicitly with :meth:`LocalUpdate.run`'s ``unroll``; :func:`call_client_update` does
+that for any client update (a plain function runs its own loop and takes no hint).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Any
 
 import jax
 
-from fedjax_lab.core import plan
 from fedjax_lab.core.types import Batches, ClientOutput, PyTree, ServerState
 
 # start(server_state) -> carry of a client that has not taken a step yet.
@@ -69,6 +71,16 @@ class LocalUpdate:
         self, server_state: ServerState, client_state: PyTree, batches: Batches, *, key: jax.Array
     ) -> tuple[ClientOutput, PyTree]:
         """One client's update over ``[S, B]`` batches: start, scan of steps, finish."""
+        return self.run(server_state, client_state, batches, key=key)
+
+    def run(
+        self, server_state: ServerState, client_state: PyTree, batches: Batches, *,
+        key: jax.Array, unroll: int | bool = 1,
+    ) -> tuple[ClientOutput, PyTree]:
+        """As the plain call, with the local steps' ``lax.scan`` unrolled by ``unroll``.
+
+        ``unroll`` changes the program's shape, never its numbers (``True``: no loop at all).
+        """
         ctx = self.context(server_state, client_state)
 
         def body(carry, inputs):
@@ -77,7 +89,7 @@ class LocalUpdate:
 
         carry, _ = jax.lax.scan(
             body, self.start(server_state), (batches.step_inputs(), batches.mask),
-            unroll=plan.scan_unroll(),
+            unroll=unroll,
         )
         return self.finish(server_state, client_state, carry, batches.weight, key=key)
 
@@ -93,3 +105,13 @@ class LocalUpdate:
 def is_local_update(client_update: Any) -> bool:
     """Whether a backend may run this client update step by step (pack clients)."""
     return isinstance(client_update, LocalUpdate)
+
+
+def call_client_update(
+    client_update: Any, server_state: ServerState, client_state: PyTree, batches: Batches, *,
+    key: jax.Array, unroll: int | bool = 1,
+) -> tuple[ClientOutput, PyTree]:
+    """Runs one client; a :class:`LocalUpdate`'s local loop is unrolled by ``unroll``."""
+    if is_local_update(client_update):
+        return client_update.run(server_state, client_state, batches, key=key, unroll=unroll)
+    return client_update(server_state, client_state, batches, key=key)

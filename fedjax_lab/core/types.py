@@ -142,6 +142,9 @@ class Algorithm(NamedTuple):
       name: human-readable name used in logs.
       additive: whether ``aggregate`` is a sum over clients (psum/allreduce-able). Robust
         aggregators are not, and only gather-based backends accept them.
+      compressor: the uplink ``Compressor`` whose payloads ``ClientOutput.update`` holds, or
+        None when the update is the raw float32 delta. Backends that ship real bytes (edge) take
+        the wire codec from here, so the same object is never passed twice.
     """
 
     init: Callable[[Params], ServerState]
@@ -152,3 +155,4 @@ class Algorithm(NamedTuple):
     data_spec: DataSpec
     name: str = "algorithm"
     additive: bool = True
+    compressor: Any = None

@@ -42,9 +42,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from fedjax_lab.backends.base import ClientStateStore
 from fedjax_lab.core.types import ServerState
 from fedjax_lab.io.writers import _jsonable
-from fedjax_lab.runner import ClientStateStore
 
 FORMAT = 1
 # Written into each step after orbax finished it: {"files": {relative path: [bytes, sha256]}}.
@@ -420,8 +420,8 @@ class RunCheckpointing:
         self.ignore = tuple(ignore)
         self.history: list[dict[str, Any]] = []
         self._previous: dict[str, Any] | None = None
-        self._primary = bool(getattr(process, "is_primary", True))
-        self._broadcast = getattr(process, "broadcast", lambda obj: obj)
+        self._primary = process is None or bool(process.is_primary)
+        self._broadcast = process.broadcast if process is not None else (lambda obj: obj)
         self._ckpt = None
         self._clear_before_save = False
         self._candidates: list[int] = []  # intact steps, newest first (primary, resume)

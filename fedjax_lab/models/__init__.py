@@ -2,6 +2,7 @@
 
 from fedjax_lab.models._base import Model, Params
 from fedjax_lab.models._registry import get_model
+from fedjax_lab.models.bn_mlp import BatchNormMLP
 from fedjax_lab.models.char_lstm import char_lstm
 from fedjax_lab.models.cnn import femnist_cnn
 from fedjax_lab.models.logistic_regression import logistic_regression
@@ -9,6 +10,7 @@ from fedjax_lab.models.mlp import mlp
 from fedjax_lab.models.resnet import resnet18_gn
 
 __all__ = [
+    "BatchNormMLP",
     "Model",
     "Params",
     "char_lstm",

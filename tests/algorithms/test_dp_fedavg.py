@@ -181,7 +181,7 @@ def test_aggregate_is_additive_so_chunking_is_exact():
     assert alg.additive
     whole = run(alg, VmapBackend("vmap"), data, params, rounds=2, clients_per_round=4, seed=0)
     chunked = run(alg, VmapBackend("vmap", chunk_size=2), data, params, rounds=2,
-                  clients_per_round=4, seed=0, chunk_size=2)
+                  clients_per_round=4, seed=0)
     chex.assert_trees_all_close(whole.server_state.params, chunked.server_state.params,
                                 atol=1e-6)
     assert whole.history[0]["noise_multiplier"] == pytest.approx(0.5)

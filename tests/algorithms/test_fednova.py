@@ -104,7 +104,7 @@ def test_aggregate_is_additive_across_chunks():
     alg = fednova(MODEL, 0.2, batch_size=4, local_epochs=2)
     kw = {"rounds": 2, "clients_per_round": 4, "seed": 7}
     whole = run(alg, VmapBackend("vmap"), data, params, **kw)
-    chunked = run(alg, VmapBackend("vmap", chunk_size=2), data, params, chunk_size=2, **kw)
+    chunked = run(alg, VmapBackend("vmap", chunk_size=2), data, params, **kw)
     chex.assert_trees_all_close(whole.server_state.params, chunked.server_state.params,
                                 atol=1e-6)
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lab.algorithms import fedavg, fedpaq, qsgd_baseline
+from fedjax_lab.algorithms import fedavg, fedpaq, kit, qsgd_baseline
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import identity, qsgd
 from fedjax_lab.runner import run
@@ -25,14 +25,15 @@ MODEL = LinearModel(dim=5, classes=3)
 
 
 def numpy_fedpaq(data, params, *, rounds, r, tau, batch_size, lr, seed, weighting):
-    """Reisizadeh et al. 2020, Algorithm 1 without quantization, as a Python loop."""
+    """Reisizadeh et al. 2020, Algorithm 1 without quantization, as a Python loop (``lr`` a
+    number or the step size ``eta_k`` as a function of the round ``k``)."""
     x = to_np(params)
     builder = make_builder(data, batch_size=batch_size, num_steps=tau, seed=seed)
     for k in range(rounds):
         total = {key: np.zeros_like(v) for key, v in x.items()}
         weight_sum = 0.0
         for i in sampled_clients(data, r, seed, k):
-            local = local_sgd(x, data, client_steps(builder, i, k), lr)
+            local = local_sgd(x, data, client_steps(builder, i, k), lr(k) if callable(lr) else lr)
             w = 1.0 if weighting == "uniform" else float(data.sizes[i])
             for key in x:
                 total[key] += w * (local[key] - x[key])
@@ -53,6 +54,34 @@ def test_fedpaq_matches_numpy_reference(weighting, plan):
     np.testing.assert_allclose(res.server_state.params["w"], ref["w"], atol=1e-5)
     np.testing.assert_allclose(res.server_state.params["b"], ref["b"], atol=1e-5)
     assert [h["local_steps"] for h in res.history] == [3.0, 3.0, 3.0]
+
+
+def test_fedpaq_with_decreasing_step_size_matches_numpy_reference():
+    # The theorem's eta_k = eta_0 / (1 + k / kappa), read from the server's round counter: one
+    # compiled program serves every round.
+    data = make_population([7, 12, 3, 9, 15, 5], seed=1)
+    params = MODEL.init(jax.random.key(0))
+    eta = lambda k: 0.5 / (1.0 + k / 2.0)  # noqa: E731
+    alg = fedpaq(MODEL, kit.per_round(optax.sgd, learning_rate=eta), num_steps=3, batch_size=4)
+    backend = VmapBackend("vmap", packing="off")
+    res = run(alg, backend, data, params, rounds=4, clients_per_round=4, seed=7)
+    ref = numpy_fedpaq(data, params, rounds=4, r=4, tau=3, batch_size=4, lr=eta, seed=7,
+                       weighting="uniform")
+    np.testing.assert_allclose(res.server_state.params["w"], ref["w"], atol=1e-5)
+    np.testing.assert_allclose(res.server_state.params["b"], ref["b"], atol=1e-5)
+    assert backend.compiles["padded_round"] == 1
+    constant = numpy_fedpaq(data, params, rounds=4, r=4, tau=3, batch_size=4, lr=0.5, seed=7,
+                            weighting="uniform")
+    assert not np.allclose(ref["w"], constant["w"], atol=1e-3)  # the schedule matters here
+
+
+def test_per_round_arguments_are_checked_before_compiling():
+    with pytest.raises(ValueError, match="at least one hyperparameter given as a function"):
+        kit.per_round(optax.sgd, learning_rate=0.1)
+    with pytest.raises(TypeError, match="factory must be an optax optimizer factory"):
+        kit.per_round("sgd", learning_rate=lambda k: 0.1)
+    with pytest.raises(TypeError, match="client_optimizer must be an optax"):
+        fedpaq(MODEL, "sgd", num_steps=3, batch_size=4)
 
 
 def test_identity_quantizer_all_clients_equals_unweighted_fedavg():

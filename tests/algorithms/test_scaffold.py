@@ -139,7 +139,7 @@ def test_aggregate_is_additive_across_chunks_and_compressor_state_is_kept():
     alg = scaffold(MODEL, 0.2, num_clients=6, batch_size=4, compressor=qsgd(num_levels=4))
     kw = {"rounds": 2, "clients_per_round": 4, "seed": 7}
     whole = run(alg, VmapBackend("vmap"), data, params, **kw)
-    chunked = run(alg, VmapBackend("vmap", chunk_size=2), data, params, chunk_size=2, **kw)
+    chunked = run(alg, VmapBackend("vmap", chunk_size=2), data, params, **kw)
     chex.assert_trees_all_close(whole.server_state, chunked.server_state, atol=1e-6)
     # Δy is quantized (fewer than 32 bits/coordinate), Δc is sent dense: 32 * 18 per client.
     d = 5 * 3 + 3

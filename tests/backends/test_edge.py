@@ -205,7 +205,7 @@ def test_uploaded_numbers_are_bounded_and_finite_after_decoding():
     compressor = rand_k(4)
     alg = scaffold(MODEL, 0.1, num_clients=len(SIZES), batch_size=3, compressor=compressor)
     params = MODEL.init(jax.random.key(0))
-    spec = ProgramSpec.of_problem(EdgeProblem(alg, compressor, make_population(SIZES), params, 0))
+    spec = ProgramSpec.of_problem(EdgeProblem(alg, make_population(SIZES), params, 0))
     output = spec.output(alg)
     schema = _ResultSchema(output, spec.state, PayloadCodec(compressor, output.update))
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -368,7 +368,7 @@ def ef_qsgd_problem(argv) -> EdgeProblem:
     compressor = with_error_feedback(qsgd(num_levels=4))
     alg = fedavg(MODEL, optax.sgd(0.3, momentum=0.5), batch_size=3, local_epochs=2,
                  compressor=compressor)
-    return EdgeProblem(alg, compressor, make_population(SIZES, seed=2),
+    return EdgeProblem(alg, make_population(SIZES, seed=2),
                        MODEL.init(jax.random.key(0)), 7)
 
 
@@ -412,7 +412,7 @@ def test_edge_equals_vmap_over_tls_with_stateful_compressor(tmp_path):
     kwargs = dict(rounds=3, clients_per_round=5, seed=problem.seed)
     ref = run(problem.algorithm, VmapBackend("vmap"), problem.data, problem.init_params,
               **kwargs)
-    backend = EdgeBackend(num_workers=2, token=TOKEN, compressor=problem.compressor,
+    backend = EdgeBackend(num_workers=2, token=TOKEN,
                           tls=(cert, key), round_timeout=60, join_timeout=60)
     procs = [subprocess.Popen(
         _client_cmd(backend.address, _key_file(tmp_path, w), "--tls-ca", str(cert_path),
@@ -448,7 +448,7 @@ def test_supervisor_restarts_dead_client_processes_then_fails_clearly(tmp_path):
     problem = ef_qsgd_problem([])
     launcher = WorkerLauncher("tests.backends.test_edge:broken_problem", max_restarts=1,
                               log_dir=str(tmp_path), env={"PYTHONPATH": ROOT})
-    backend = EdgeBackend(num_workers=1, token=TOKEN, compressor=problem.compressor,
+    backend = EdgeBackend(num_workers=1, token=TOKEN,
                           launcher=launcher, join_timeout=60)
     try:
         with pytest.raises(RuntimeError, match=r"(?s)every client process died.*broken on purpose"):
@@ -830,7 +830,7 @@ def test_join_document_catches_hyperparameters_that_shapes_cannot():
         compressor = qsgd(num_levels=levels)
         alg = fedavg(MODEL, optax.sgd(lr, momentum=momentum), batch_size=3,
                      compressor=compressor)
-        problem = EdgeProblem(alg, compressor, data, params, 7, config)
+        problem = EdgeProblem(alg, data, params, 7, config)
         return ProgramSpec.of_problem(problem).document(alg, problem.config)
 
     base = document(0.3)

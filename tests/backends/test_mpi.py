@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.backends.base import SingleProcessBackend
 from fedjax_lab.backends.mpi import MpiBackend, RoundWatchdog, allreduce_sum
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.core.rng import SAMPLING_STREAM, host_rng
@@ -228,17 +229,21 @@ def test_owned_slots_and_bad_arguments():
             model.init(jax.random.key(0)), rounds=1, clients_per_round=2, seed=0)
 
 
-class _Slots:
+class _Slots(SingleProcessBackend):
     """A backend stand-in that owns the given slots (the runner's hook)."""
 
     name = "fake"
 
     def __init__(self, slots):
+        super().__init__()
         self.slots = slots
 
     def owned_slots(self, cohort_size):
         del cohort_size
         return self.slots
+
+    def run_round(self, *args):
+        raise AssertionError("refused before the first round")
 
 
 @pytest.mark.parametrize(

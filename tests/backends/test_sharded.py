@@ -39,7 +39,7 @@ def _run(alg, backend, chunk=None, device_table=True, rounds=3):
     params = MODEL.init(jax.random.key(0))
     store = ClientStateStore(alg.client_init(params))
     result = run(alg, backend, make_population(list(SIZES), seed=2), params, rounds=rounds,
-                 clients_per_round=CPR, seed=0, chunk_size=chunk, device_table=device_table,
+                 clients_per_round=CPR, seed=0, device_table=device_table,
                  client_store=store)
     return result, store
 

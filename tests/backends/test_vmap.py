@@ -24,7 +24,7 @@ def _run(plan, chunk=None, sizes=(4, 9, 2, 7, 5, 11, 3, 6), rounds=3, cpr=5, see
     data = make_population(list(sizes), seed=2)
     alg = fedavg(MODEL, optax.sgd(0.3, momentum=0.5), batch_size=3, local_epochs=2)
     return run(alg, VmapBackend(plan, chunk_size=chunk), data, MODEL.init(jax.random.key(0)),
-               rounds=rounds, clients_per_round=cpr, seed=seed, chunk_size=chunk)
+               rounds=rounds, clients_per_round=cpr, seed=seed)
 
 
 @pytest.mark.parametrize("plan", ["unrolled", "loop"])
@@ -96,7 +96,7 @@ m = LinearModel(60, 10)
 data = make_population([60] * 1000, dim=60, classes=10, seed=0)
 alg = fedavg(m, optax.sgd(0.1), batch_size=10)
 res = run(alg, VmapBackend('vmap', chunk_size=100), data, m.init(jax.random.key(0)), rounds=2,
-          clients_per_round=1000, seed=0, chunk_size=100)
+          clients_per_round=1000, seed=0)
 assert res.history[-1]['clients'] == 1000.0, res.history
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

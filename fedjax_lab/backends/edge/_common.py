@@ -28,8 +28,8 @@ class EdgeProblem(NamedTuple):
     """Everything an edge client process rebuilds locally from its command line.
 
     Attributes:
-      algorithm: the algorithm whose ``client_update`` the client runs.
-      compressor: the compressor ``algorithm`` encodes with (None: raw float32 deltas).
+      algorithm: the algorithm whose ``client_update`` the client runs; its uplink codec is
+        that of ``algorithm.compressor`` (None: raw float32 deltas).
       data: the population; a client process keeps only the rows of the clients it hosts.
       init_params: initial model parameters (give the templates of the server state).
       seed: run seed (local data layout: ``CohortBuilder.client_index``).
@@ -41,7 +41,6 @@ class EdgeProblem(NamedTuple):
     """
 
     algorithm: Algorithm
-    compressor: Compressor | None
     data: FederatedData
     init_params: Any
     seed: int

@@ -139,7 +139,7 @@ class EdgeWorker:
         self.server_template = spec.server
         self.state_template = spec.state
         self.output_template = spec.output(algorithm)
-        self.codec = _common.PayloadCodec(problem.compressor, self.output_template.update)
+        self.codec = _common.PayloadCodec(algorithm.compressor, self.output_template.update)
         self.key_template = jax.random.key_data(jax.random.key(0))
         local = algorithm.client_update
         self.stepwise = is_local_update(local)

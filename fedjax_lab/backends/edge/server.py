@@ -52,6 +52,7 @@ import grpc
 import jax
 import numpy as np
 
+from fedjax_lab.backends.base import SingleProcessBackend
 from fedjax_lab.backends.edge import _common, protocol
 from fedjax_lab.backends.edge.client import EXIT_REFUSED
 from fedjax_lab.backends.vmap import validate_round_inputs
@@ -808,7 +809,7 @@ class _Setup:
     finish: Callable[[ServerState, ClientOutput], tuple[ServerState, Any, jax.Array]]
 
 
-class EdgeBackend:
+class EdgeBackend(SingleProcessBackend):
     """Runs rounds on separate CPU client processes over gRPC (DESIGN.md "Backends").
 
     Nothing a client sends reaches the model unchecked (``docs/threat_model.md``): results are
@@ -821,8 +822,6 @@ class EdgeBackend:
       num_workers: client processes; population client ``i`` lives on process ``i % num_workers``.
       token: the master secret (>= 16 random bytes); worker ``w`` gets only its derived key
         (``protocol.worker_key``, written by ``python -m fedjax_lab.backends.edge keys``).
-      compressor: the compressor the algorithm encodes with (its wire codec carries the
-        update); None when the algorithm uploads raw deltas (sent as 32-bit floats).
       listen: address the server binds (``127.0.0.1:0``: loopback, any free port).
       round_timeout: seconds a round waits for its clients; late ones are dropped.
       join_timeout: seconds the first round waits for all client processes to be ready.
@@ -846,7 +845,6 @@ class EdgeBackend:
         *,
         num_workers: int,
         token: bytes,
-        compressor: Any = None,
         listen: str = "127.0.0.1:0",
         round_timeout: float = 60.0,
         join_timeout: float = 120.0,
@@ -869,7 +867,7 @@ class EdgeBackend:
                 "tls_ca is needed with tls and a launcher: the spawned clients must verify the "
                 "server certificate (pass its CA, or the certificate itself if self-signed)"
             )
-        self.compressor = compressor
+        super().__init__()
         self.round_timeout = float(round_timeout)
         self.join_timeout = float(join_timeout)
         self.problem_config = _common.canonical_config(problem_config)
@@ -902,7 +900,8 @@ class EdgeBackend:
             return self._setup
         spec = _common.ProgramSpec.of_round(server_state, client_states, cohort)
         output = spec.output(algorithm)
-        codec = _common.PayloadCodec(self.compressor, output.update)
+        # The wire codec of the algorithm's own compressor (raw float32 deltas without one).
+        codec = _common.PayloadCodec(algorithm.compressor, output.update)
         schema = _ResultSchema(output, spec.state, codec)
         if schema.max_bytes > self.server.max_message_bytes:
             raise ValueError(

@@ -188,13 +188,13 @@ def test_non_additive_rules_refuse_chunking_but_clipped_mean_chunks_exactly():
     assert not robust.additive
     with pytest.raises(ValueError, match="not additive"):
         run(robust, VmapBackend("vmap", chunk_size=2), data, params, rounds=1,
-            clients_per_round=4, seed=0, chunk_size=2)
+            clients_per_round=4, seed=0)
     clipped = with_aggregator(base, mean(), transforms=(clip_norm(0.05),))
     assert clipped.additive
     whole = run(clipped, VmapBackend("vmap"), data, params, rounds=2, clients_per_round=4,
                 seed=0)
     chunked = run(clipped, VmapBackend("vmap", chunk_size=2), data, params, rounds=2,
-                  clients_per_round=4, seed=0, chunk_size=2)
+                  clients_per_round=4, seed=0)
     chex.assert_trees_all_close(whole.server_state.params, chunked.server_state.params,
                                 atol=1e-6)
     assert whole.history[-1]["clipped_clients"] == chunked.history[-1]["clipped_clients"] > 0
