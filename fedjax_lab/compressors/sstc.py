@@ -237,9 +237,7 @@ def sstc(
             kernel_trits = jnp.zeros((0, spec.kernel_size), jnp.int8)
         nc = [pieces[i] for i in spec.nc_leaves]
         nc_ternary = jnp.concatenate(nc) if nc else jnp.zeros((0,), jnp.int8)
-        nonzero = nc_ternary != 0
-        nc_indices = jnp.nonzero(nonzero, size=spec.nc_cap, fill_value=0)[0].astype(jnp.int32)
-        valid = jnp.arange(spec.nc_cap) < jnp.sum(nonzero)
+        nc_indices, valid = _select.nonzero_positions(nc_ternary != 0, spec.nc_cap)
         nc_signs = jnp.where(valid, nc_ternary[nc_indices], 0).astype(jnp.int8)
         nc_indices = jnp.where(valid, nc_indices, 0)
         payload = SSTCPayload(

@@ -79,3 +79,18 @@ def test_sortable_keys_order_floats():
 def test_rejects_counts_outside_one_to_d(k):
     with pytest.raises(ValueError, match="must be in"):
         _select.top_k_indices(jnp.zeros(5), k)
+
+
+@pytest.mark.parametrize("d,size", [(0, 0), (5, 0), (1, 1), (70, 3), (70, 40), (1000, 64)])
+def test_nonzero_positions_matches_jnp_nonzero(d, size):
+    rng = np.random.default_rng(d + size)
+    run = jax.jit(
+        functools.partial(_select.nonzero_positions, size=size), compiler_options=FAST_COMPILE
+    )
+    for density in (0.0, 0.05, 0.5, 1.0):
+        flags = rng.random(d) < density
+        positions, valid = run(flags)
+        want = np.flatnonzero(flags)[:size]
+        np.testing.assert_array_equal(np.asarray(valid), np.arange(size) < want.size)
+        np.testing.assert_array_equal(np.asarray(positions)[: want.size], want)
+        assert not np.asarray(positions)[want.size :].any()
