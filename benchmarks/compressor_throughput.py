@@ -2,19 +2,26 @@
 
 Usage::
 
-    python benchmarks/compressor_throughput.py --json OUT [--sizes 1M 10M] [--repeats 3]
+    python benchmarks/compressor_throughput.py --json OUT [--sizes 1M 10M femnist_cnn resnet18]
+        [--repeats 5]
 
 For every compressor and model size it reports
 
 * ``encode_decode_s``: median wall time of one jitted ``decode(encode(u))`` (``bits`` included)
   after compilation, and ``encode_decode_gbps`` = float32 input bytes (4 d) / time;
+* ``memory_pass_s``: median time of a jitted ``2 u + 1`` over the same tree, timed alternately
+  with the round trip (one of each per repeat, so both see the same machine load), and
+  ``memory_pass_ratio``: the median over repeats of memory-pass time / round-trip time (the
+  compressor's throughput as a fraction of a plain read-and-write pass);
 * ``to_bytes_s`` / ``from_bytes_s``: median host codec times, with the same GB/s-of-input
   normalisation and the wire rate in MB/s;
 * ``wire_bytes``, ``bits_per_param`` and the compression ratio against float32.
 
-The pytrees look like a small CNN (two 3x3 conv kernels in HWIO layout, a dense layer and the
-biases) so that SSTC has conv kernels to select. Times are wall-clock on whatever else the
-machine is running; the load average is recorded next to them.
+The ``1M``/``10M`` pytrees look like a small CNN (two 3x3 conv kernels in HWIO layout, a dense
+layer and the biases) so that SSTC has conv kernels to select; ``femnist_cnn`` and ``resnet18``
+are those models' parameter trees (SSTC keeps the conv kernels of the most common spatial
+size). Times are wall-clock on whatever else the machine is running; the load average is
+recorded next to them, and the ratio to the memory pass is the number to compare across runs.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab import compressors as C
+from fedjax_lab import models
 
 SIZES = {
     # name: ((conv1 C, F), (conv2 C, F), (dense in, out))
@@ -39,7 +47,16 @@ SIZES = {
 }
 
 
+MODELS = ("femnist_cnn", "resnet18")
+
+
 def make_tree(size: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if size in MODELS:
+        model = models.femnist_cnn() if size == "femnist_cnn" else models.resnet18_gn()
+        shapes = jax.eval_shape(model.init, jax.random.key(0))
+        return jax.tree.map(
+            lambda s: (0.01 * rng.standard_normal(s.shape)).astype(np.float32), shapes
+        )
     (c1, f1), (c2, f2), (din, dout) = SIZES[size]
     shapes = {
         "conv1": {"kernel": (3, 3, c1, f1), "bias": (f1,)},
@@ -53,10 +70,17 @@ def make_tree(size: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
     )
 
 
-def compressors() -> dict[str, C.Compressor]:
+def compressors(tree) -> dict[str, C.Compressor]:
     def not_bias(path, leaf):
         del path
         return leaf.ndim > 1
+
+    kernel_sizes = [leaf.shape[:2] for leaf in jax.tree.leaves(tree) if leaf.ndim == 4]
+    common = max(set(kernel_sizes), key=kernel_sizes.count)
+
+    def is_conv(path, leaf):
+        del path
+        return leaf.ndim == 4 and leaf.shape[:2] == common
 
     return {
         "identity": C.identity(),
@@ -68,10 +92,16 @@ def compressors() -> dict[str, C.Compressor]:
         "scaled_sign": C.scaled_sign(),
         "terngrad": C.terngrad(),
         "stc_1pct": C.stc(0.01),
-        "sstc_1pct_kf0.1": C.sstc(0.01, 0.1),
+        "sstc_1pct_kf0.1": C.sstc(0.01, 0.1, is_conv=is_conv),
         "ef_stc_1pct": C.with_error_feedback(C.stc(0.01)),
         "per_leaf_qsgd_s4_biases_raw": C.per_leaf(C.qsgd(4), not_bias),
     }
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -93,13 +123,21 @@ def bench_one(c: C.Compressor, tree, repeats: int) -> dict:
         payload, state = c.encode(updates, state, key=key)
         return payload, state, c.decode(payload), c.bits(payload)
 
+    @jax.jit
+    def memory_pass(updates):
+        return jax.tree.map(lambda u: 2 * u + 1, updates)
+
     device_tree = jax.device_put(tree)
     start = time.perf_counter()
     jax.block_until_ready(round_trip(device_tree, state, key))
     compile_s = time.perf_counter() - start
-    seconds = _median_time(
-        lambda: jax.block_until_ready(round_trip(device_tree, state, key)), repeats
-    )
+    jax.block_until_ready(memory_pass(device_tree))
+    trips, passes = [], []
+    for _ in range(repeats):
+        passes.append(_time(lambda: jax.block_until_ready(memory_pass(device_tree))))
+        trips.append(_time(lambda: jax.block_until_ready(round_trip(device_tree, state, key))))
+    seconds = statistics.median(trips)
+    ratio = statistics.median(p / t for p, t in zip(passes, trips, strict=True))
     payload, _, _, bits = jax.device_get(round_trip(device_tree, state, key))
 
     data = c.to_bytes(payload)
@@ -114,6 +152,10 @@ def bench_one(c: C.Compressor, tree, repeats: int) -> dict:
         "compile_s": round(compile_s, 3),
         "encode_decode_s": round(seconds, 5),
         "encode_decode_gbps": round(input_gb / seconds, 3),
+        "memory_pass_s": round(statistics.median(passes), 5),
+        "memory_pass_gbps": round(input_gb / statistics.median(passes), 3),
+        "memory_pass_ratio": round(ratio, 4),
+        "host_codec_s": round(to_s + from_s, 5),
         "wire_bytes": len(data),
         "bits_per_param": round(8 * len(data) / d, 4),
         "compression_ratio": round(32 * d / (8 * len(data)), 2),
@@ -129,8 +171,9 @@ def bench_one(c: C.Compressor, tree, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="output JSON path")
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--repeats", type=int, default=3)
+    sizes = [*SIZES, *MODELS]
+    parser.add_argument("--sizes", nargs="+", default=sizes, choices=sizes)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None, help="subset of compressor names")
     args = parser.parse_args()
 
@@ -148,7 +191,7 @@ def main() -> None:
     start = time.perf_counter()
     for size in args.sizes:
         tree = make_tree(size, rng)
-        for name, c in compressors().items():
+        for name, c in compressors(tree).items():
             if args.only and name not in args.only:
                 continue
             row = {"size": size, "compressor": name, **bench_one(c, tree, args.repeats)}

@@ -217,11 +217,19 @@ class BitWriter:
         total = int(widths.sum())
         if total == 0:
             return
-        # Bit t of code j is (v_j >> (bits left after t)) & 1: work per written bit, not per
-        # code x 64, so small widths (the usual Elias-γ mantissas) stay cheap.
-        shifts = (np.repeat(np.cumsum(widths), widths) - 1 - np.arange(total)).astype(np.uint64)
-        bits = (np.repeat(values, widths) >> shifts) & np.uint64(1)
-        self._add(bits.astype(np.uint8))
+        out = np.zeros(total, dtype=np.uint8)
+        starts = np.cumsum(widths) - widths
+        # Step t writes bit t (from the top) of every code longer than t: the work is one
+        # element per written bit plus one filter per step, with no per-code x 64 matrix.
+        used = widths > 0
+        values, widths, starts = values[used], widths[used], starts[used]
+        for t in range(int(widths.max())):
+            if t:
+                longer = widths > t
+                values, widths, starts = values[longer], widths[longer], starts[longer]
+            shift = (widths - 1 - t).astype(np.uint64)
+            out[starts + t] = (values >> shift) & np.uint64(1)
+        self._add(out)
 
     def gamma(self, values: np.ndarray) -> None:
         """Elias-γ codes of ``values >= 1`` in separated order (all prefixes, then mantissas)."""
@@ -251,6 +259,9 @@ class BitWriter:
 def floor_log2_np(values: np.ndarray) -> np.ndarray:
     """Exact ``floor(log2(v))`` for integer ``v >= 1`` (int64 result)."""
     values = np.asarray(values)
+    if values.size and values.max() < _SMALL.size:
+        # Codec values are mostly small (levels, short gaps): a table lookup, no float64 pass.
+        return _SMALL[values].astype(np.int64)
     # frexp is exact below 2**53 (the float64 conversion is exact there): v = m 2**e, m in
     # [0.5, 1). The rare larger values take an exact integer path.
     out = np.frexp(values.astype(np.float64))[1].astype(np.int64) - 1
@@ -265,6 +276,9 @@ def floor_log2_np(values: np.ndarray) -> np.ndarray:
         out[big] = exact
     return out
 
+
+# floor(log2(v)) for v < 2**16 (entry 0, never a valid argument, is -1).
+_SMALL = (np.frexp(np.arange(1 << 16, dtype=np.float64))[1] - 1).astype(np.int8)
 
 # ----------------------------------------------------------------------------------------------
 # Bit reader.
@@ -335,14 +349,15 @@ class BitReader:
         total = int(widths.sum())
         chunk = self._take(total)
         values = np.zeros(n, dtype=np.int64)
-        if total == 0:
-            return values
-        # Each bit is worth 2**(bits left in its code); a code's value is the sum of its bits.
-        ends = np.cumsum(widths)
-        shifts = np.repeat(ends, widths) - 1 - np.arange(total)
-        weighted = chunk.astype(np.int64) << shifts
-        used = widths > 0
-        values[used] = np.add.reduceat(weighted, (ends - widths)[used])
+        # Step t appends bit t of every code longer than t (see BitWriter.varwidth).
+        codes = np.flatnonzero(widths)
+        starts = (np.cumsum(widths) - widths)[codes]
+        code_widths = widths[codes]
+        for t in range(int(widths.max())):
+            if t:
+                longer = code_widths > t
+                codes, starts, code_widths = codes[longer], starts[longer], code_widths[longer]
+            values[codes] = (values[codes] << 1) | chunk[starts + t]
         return values
 
     def gamma(self, n: int, max_value: int) -> np.ndarray:

@@ -192,42 +192,35 @@ def qsgd(num_levels: int, bucket_size: int | None = None) -> Compressor:
 
 
 def _host_streams(levels: np.ndarray, d: int) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """Dense/sparse stream lengths (exactly as ``bits``), non-zero positions and run lengths."""
-    magnitudes = np.abs(levels.astype(np.int64))
-    # Levels are small (<= s): count each value once instead of taking d logarithms.
-    counts = np.bincount(magnitudes)
-    values = np.arange(counts.size)
-    gamma_of_next = 2 * _codec.floor_log2_np(values + 1) + 1
-    gamma_of_level = 2 * _codec.floor_log2_np(np.maximum(values, 1)) + 1
-    nonzero_pos = np.flatnonzero(magnitudes)
+    """Dense/sparse stream lengths (exactly as ``bits``), non-zero positions and run lengths.
+
+    Work over all ``d`` levels is one ``flatnonzero``; the rest is per non-zero (zero levels
+    cost ``γ(1) = 1`` bit each in the dense coding and nothing in the sparse one).
+    """
+    nonzero_pos = np.flatnonzero(levels)
+    magnitudes = np.abs(levels[nonzero_pos].astype(np.int64))
     runs = np.diff(nonzero_pos, prepend=-1) - 1
-    dense = int(np.dot(counts, gamma_of_next)) + nonzero_pos.size
+    gamma_of_next = 2 * _codec.floor_log2_np(magnitudes + 1) + 1
+    gamma_of_level = 2 * _codec.floor_log2_np(magnitudes) + 1
+    n = nonzero_pos.size
+    dense = (d - n) + int(np.sum(gamma_of_next)) + n
     sparse = (
         _codec.count_width(d)
         + int(np.sum(2 * _codec.floor_log2_np(runs + 1) + 1))
-        + nonzero_pos.size
-        + int(np.dot(counts[1:], gamma_of_level[1:]))
+        + n
+        + int(np.sum(gamma_of_level))
     )
     return dense, sparse, nonzero_pos, runs
 
 
 def _check_canonical(norms: np.ndarray, levels: np.ndarray, payload: QSGDPayload, who: str):
     s = payload.num_levels
-    if levels.size and int(np.abs(levels.astype(np.int64)).max()) > s:
+    if levels.size and (int(levels.min()) < -s or int(levels.max()) > s):
         raise ValueError(f"{who}: qsgd levels must be in [-{s}, {s}].")
     if np.any(np.signbit(norms)):
         raise ValueError(f"{who}: qsgd norms must be >= +0.")
-    zero_bucket = _buckets_np(levels, payload.bucket_size)[norms == 0]
-    if np.any(zero_bucket):
+    if np.any(norms == 0) and np.any(norms[np.flatnonzero(levels) // payload.bucket_size] == 0):
         raise ValueError(f"{who}: a bucket with norm 0 has non-zero levels (not canonical).")
-
-
-def _buckets_np(levels: np.ndarray, bucket_size: int) -> np.ndarray:
-    d = levels.size
-    num_buckets = -(-d // bucket_size)
-    padded = np.zeros(num_buckets * bucket_size, dtype=levels.dtype)
-    padded[:d] = levels
-    return padded.reshape(num_buckets, bucket_size)
 
 
 def _to_bytes(payload: QSGDPayload) -> bytes:
@@ -239,17 +232,16 @@ def _to_bytes(payload: QSGDPayload) -> bytes:
     writer = _codec.BitWriter()
     if d:
         dense, sparse, nonzero_pos, runs = _host_streams(levels, d)
-        negative = levels < 0
+        nonzero = levels[nonzero_pos]
         use_sparse = sparse < dense
         writer.bits(np.array([use_sparse]))
         if use_sparse:
             writer.fixed(np.array([nonzero_pos.size]), _codec.count_width(d))
             writer.gamma(runs + 1)
-            writer.gamma(np.abs(levels[nonzero_pos].astype(np.int64)))
-            writer.bits(negative[nonzero_pos])
+            writer.gamma(np.abs(nonzero.astype(np.int64)))
         else:
             writer.gamma(np.abs(levels.astype(np.int64)) + 1)
-            writer.bits(negative[levels != 0])
+        writer.bits(nonzero < 0)
     return head + writer.to_bytes()
 
 
@@ -262,8 +254,8 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
     )
     norms = _codec.floats_from_bytes(view, 0, nb, "qsgd payload.norms")
     reader = _codec.BitReader(view[4 * nb :], "qsgd payload")
-    magnitudes = np.zeros(d, dtype=np.int64)
-    negative = np.zeros(d, dtype=bool)
+    level_dtype = _level_dtype(s)
+    levels = np.zeros(d, dtype=level_dtype)
     if d:
         use_sparse = bool(reader.bits(1)[0])
         if use_sparse:
@@ -273,13 +265,14 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             positions = np.cumsum(reader.gamma(n, d)) - 1
             if n and positions[-1] >= d:
                 raise ValueError("from_bytes: qsgd payload: a position is out of range; corrupt.")
-            magnitudes[positions] = reader.gamma(n, s)
-            negative[positions] = reader.bits(n).astype(bool)
+            magnitudes = reader.gamma(n, s)
         else:
-            magnitudes = reader.gamma(d, s + 1) - 1
-            negative[magnitudes > 0] = reader.bits(int(np.count_nonzero(magnitudes))).astype(bool)
+            levels = (reader.gamma(d, s + 1) - 1).astype(level_dtype)
+            positions = np.flatnonzero(levels)
+            magnitudes = levels[positions].astype(np.int64)
+        negative = reader.bits(positions.size).astype(bool)
+        levels[positions] = np.where(negative, -magnitudes, magnitudes)
     reader.finish()
-    levels = np.where(negative, -magnitudes, magnitudes).astype(_level_dtype(s))
     payload = QSGDPayload(norms, levels, layout, s, template.bucket_size)
     _check_canonical(norms, levels, payload, "from_bytes")
     if d:

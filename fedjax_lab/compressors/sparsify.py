@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _codec
+from fedjax_lab.compressors import _codec, _select
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -66,6 +66,7 @@ def _shell(layout: TreeLayout, k_spec: int | float, scaled: bool, name: str) -> 
 
 
 def _sparsifier(k_spec: int | float, *, scaled: bool, name: str, select) -> Compressor:
+    # select(x, k, key) returns the k kept indices in ascending order.
     validate_count_spec(k_spec, what=name)
 
     def init(params):
@@ -77,7 +78,7 @@ def _sparsifier(k_spec: int | float, *, scaled: bool, name: str, select) -> Comp
         shell = _shell(layout, k_spec, scaled, name)
         x = layout.flatten(updates)
         if shell.k:
-            indices = jnp.sort(select(x, shell.k, key)).astype(jnp.int32)
+            indices = select(x, shell.k, key).astype(jnp.int32)
         else:
             indices = jnp.zeros((0,), jnp.int32)
         values = poison(x[indices], jnp.all(jnp.isfinite(x)))
@@ -138,12 +139,14 @@ def rand_k(k: int | float) -> Compressor:
     def select(x, count, key):
         d = x.shape[0]
         key_bits, key_shift = jax.random.split(key)
-        # 30 random bits reinterpreted as a positive finite float32 keep their order; XLA:CPU's
-        # top_k is ~10x faster on float32 than on integer keys.
+        # 30 random bits reinterpreted as a positive finite float32 keep their order.
         random_bits = jax.random.bits(key_bits, (d,), jnp.uint32) >> 2
-        _, picked = jax.lax.top_k(jax.lax.bitcast_convert_type(random_bits, jnp.float32), count)
+        score = jax.lax.bitcast_convert_type(random_bits, jnp.float32)
+        picked = _select.top_k_indices(score, count)
         shift = jax.random.randint(key_shift, (), 0, d, dtype=jnp.int32)
-        return rotate(picked, shift, d)
+        # Rotating an ascending list leaves two ascending runs; the wrapped one goes first.
+        wrapped = jnp.sum(picked >= d - shift, dtype=jnp.int32)
+        return jnp.roll(rotate(picked, shift, d), wrapped)
 
     return _sparsifier(k, scaled=True, name="rand_k", select=select)
 
@@ -167,7 +170,8 @@ def top_k(k: int | float) -> Compressor:
 
     def select(x, count, key):
         del key  # deterministic
-        return jax.lax.top_k(jnp.abs(x), count)[1]
+        # Exact k largest |x| in ascending order, by radix selection instead of a sort.
+        return _select.top_k_indices(jnp.abs(x), count)
 
     return _sparsifier(k, scaled=False, name="top_k", select=select)
 

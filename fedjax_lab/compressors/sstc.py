@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _codec
+from fedjax_lab.compressors import _codec, _select
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -211,7 +211,7 @@ def sstc(
             kernel_scores = jnp.concatenate(
                 [jnp.mean(conv_mats[i], axis=0) for i in spec.conv_leaves]
             )
-            kernel_ids = jnp.sort(jax.lax.top_k(kernel_scores, spec.num_keep)[1]).astype(jnp.int32)
+            kernel_ids = _select.top_k_indices(kernel_scores, spec.num_keep)
             keep = jnp.zeros((spec.num_kernels,), bool).at[kernel_ids].set(True)
         else:
             kernel_ids = jnp.zeros((0,), jnp.int32)
@@ -237,9 +237,7 @@ def sstc(
             kernel_trits = jnp.zeros((0, spec.kernel_size), jnp.int8)
         nc = [pieces[i] for i in spec.nc_leaves]
         nc_ternary = jnp.concatenate(nc) if nc else jnp.zeros((0,), jnp.int8)
-        nonzero = nc_ternary != 0
-        nc_indices = jnp.nonzero(nonzero, size=spec.nc_cap, fill_value=0)[0].astype(jnp.int32)
-        valid = jnp.arange(spec.nc_cap) < jnp.sum(nonzero)
+        nc_indices, valid = _select.nonzero_positions(nc_ternary != 0, spec.nc_cap)
         nc_signs = jnp.where(valid, nc_ternary[nc_indices], 0).astype(jnp.int8)
         nc_indices = jnp.where(valid, nc_indices, 0)
         payload = SSTCPayload(

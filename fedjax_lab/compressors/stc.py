@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _codec
+from fedjax_lab.compressors import _codec, _select
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -57,12 +57,13 @@ def ternary_stream_max(cap: int, d: int, golomb_b: int) -> int:
 def ternarize_top(x: jax.Array, score: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """STC core: keeps the ``k`` largest ``score`` entries, ternarizes them with ``μ``.
 
-    Returns ``(mu, positions[k], signs[k])`` with ``μ = mean |x|`` over the kept entries,
-    computed as ``max · mean(|x|/max)`` so it cannot overflow (``μ = 0`` when ``k = 0``).
+    Returns ``(mu, positions[k], signs[k])`` with ascending ``positions`` (ties in ``score``
+    keep the lower position) and ``μ = mean |x|`` over the kept entries, computed as
+    ``max · mean(|x|/max)`` so it cannot overflow (``μ = 0`` when ``k = 0``).
     """
     if k == 0:
         return jnp.float32(0), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int8)
-    magnitude, positions = jax.lax.top_k(score, k)
+    positions = _select.top_k_indices(score, k)
     magnitude = jnp.abs(x[positions])
     peak = jnp.max(magnitude)
     mu = peak * jnp.mean(magnitude / jnp.where(peak > 0, peak, 1.0))
@@ -74,6 +75,15 @@ def compact(positions: jax.Array, signs: jax.Array, sentinel: int) -> tuple[jax.
     keys = jnp.where(signs != 0, positions, sentinel)
     keys, signs = jax.lax.sort((keys, signs), num_keys=1)
     return jnp.where(signs != 0, keys, 0).astype(jnp.int32), signs
+
+
+def compact_ascending(positions: jax.Array, signs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`compact` for ascending ``positions``: a stable partition, no sort."""
+    nonzero = signs != 0
+    order = jnp.nonzero(nonzero, size=signs.shape[0], fill_value=0)[0]
+    valid = jnp.arange(signs.shape[0]) < jnp.sum(nonzero, dtype=jnp.int32)
+    indices = jnp.where(valid, positions[order], 0).astype(jnp.int32)
+    return indices, jnp.where(valid, signs[order], 0).astype(signs.dtype)
 
 
 def ternary_stream_bits(indices: jax.Array, signs: jax.Array, cap: int, golomb_b: int):
@@ -168,7 +178,7 @@ def stc(sparsity: float) -> Compressor:
         shell = _shell(layout)
         x = layout.flatten(updates)
         mu, positions, signs = ternarize_top(x, jnp.abs(x), shell.k)
-        indices, signs = compact(positions, signs, layout.size)
+        indices, signs = compact_ascending(positions, signs)
         mu = poison(mu, jnp.all(jnp.isfinite(x)))
         return shell.replace(mu=mu, indices=indices, signs=signs), state
 

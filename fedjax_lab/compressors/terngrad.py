@@ -103,13 +103,22 @@ def _to_bytes(payload: TernGradPayload) -> bytes:
     payload.check()
     scale, trits = host(payload.scale), host(payload.trits)
     head = _codec.floats_to_bytes(scale, "terngrad payload.scale")
-    if np.signbit(scale) or np.any(np.abs(trits.astype(np.int16)) > 1):
+    if np.signbit(scale) or (trits.size and (trits.min() < -1 or trits.max() > 1)):
         raise ValueError("to_bytes: terngrad payload needs scale >= +0 and trits in {-1, 0, 1}.")
     if scale == 0 and trits.any():
         raise ValueError("to_bytes: terngrad payload has non-zero trits with scale 0.")
-    writer = _codec.BitWriter()
-    writer.bits(np.stack([trits != 0, trits < 0], axis=1))
-    return head + writer.to_bytes()
+    return head + _pack_trits(trits)
+
+
+def _pack_trits(trits: np.ndarray) -> bytes:
+    """Two bits per trit (non-zero bit, sign bit), four trits a byte, MSB first, zero padded.
+
+    The same stream as ``BitWriter.bits`` of the (non-zero, negative) pairs, built with byte
+    arithmetic instead of one byte per bit.
+    """
+    codes = (trits != 0).astype(np.uint8) << 1 | (trits < 0).astype(np.uint8)
+    codes = np.concatenate([codes, np.zeros(-codes.size % 4, np.uint8)]).reshape(-1, 4)
+    return (codes[:, 0] << 6 | codes[:, 1] << 4 | codes[:, 2] << 2 | codes[:, 3]).tobytes()
 
 
 def _from_bytes(data: bytes, template: TernGradPayload) -> TernGradPayload:
@@ -118,11 +127,14 @@ def _from_bytes(data: bytes, template: TernGradPayload) -> TernGradPayload:
     size = template.max_bits // 8
     view = _codec.check_length(data, size, size, "terngrad payload")
     scale = _codec.floats_from_bytes(view, 0, 1, "terngrad payload.scale").reshape(())
-    reader = _codec.BitReader(view[4:], "terngrad payload")
-    pairs = reader.bits(2 * d).reshape(d, 2)
-    reader.finish()
-    nonzero, negative = pairs[:, 0].astype(bool), pairs[:, 1].astype(bool)
-    if np.any(negative & ~nonzero) or np.signbit(scale) or (scale == 0 and nonzero.any()):
+    packed = np.frombuffer(view[4:], dtype=np.uint8)
+    # Byte b holds trits 4b..4b+3 in its bit pairs 7-6, 5-4, 3-2, 1-0; beyond d only padding.
+    codes = np.stack([packed >> 6, packed >> 4, packed >> 2, packed], axis=1).reshape(-1) & 3
+    if codes[d:].any():
+        raise ValueError("from_bytes: terngrad payload: non-zero padding bits; data is corrupt.")
+    codes = codes[:d]
+    # Code 01 (zero with a sign) is invalid; 00, 10, 11 are 0, +1, -1.
+    if np.any(codes == 1) or np.signbit(scale) or (scale == 0 and codes.any()):
         raise ValueError("from_bytes: terngrad payload has an invalid trit or scale; corrupt.")
-    trits = np.where(negative, -1, nonzero.astype(np.int8)).astype(np.int8)
+    trits = np.array([0, 0, 1, -1], np.int8)[codes]
     return template.replace(scale=scale, trits=trits)

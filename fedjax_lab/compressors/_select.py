@@ -1,0 +1,156 @@
+"""Exact top-k selection without sorting: a radix threshold, then bit-word compaction.
+
+``lax.top_k`` over a whole update is a partial sort (O(d log k), single threaded on XLA:CPU).
+Top-k sparsifiers only need the *set* of the ``k`` largest scores, in ascending index order,
+with ties broken towards the lower index. This module finds it in O(d) passes:
+
+1. Scores map to ``uint32`` keys whose unsigned order is the IEEE total order of the floats
+   (``-0.0`` below ``+0.0``), the order ``lax.top_k`` uses.
+2. The k-th largest key ``T`` is found by radix selection on histograms (one scatter-add
+   counts all 65536 values of a 16-bit digit at once): the high half of ``T`` from a histogram
+   of every key's high 16 bits; then its low half from a histogram of the low 16 bits of the
+   keys in ``T``'s high bin. Those keys are compacted into a small buffer first when they fit
+   (typical data: a bin spans < 1 % of a binade); only if they do not (heavily tied data) does
+   the second histogram run over the whole vector.
+3. The result is every index with ``key > T`` plus the first ``k - count(key > T)`` indices
+   with ``key == T``, read out of 32-bit words of flags (one word per 32 coordinates) in
+   ascending order.
+
+The output equals ``jnp.sort(lax.top_k(score, k)[1])`` for NaN-free scores (tests pin this on
+adversarial inputs). NaN scores are ordered above every number (their bit patterns are clamped
+to one key); callers poison their payload on non-finite input anyway.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DIGIT = 16  # bits per radix digit: two digits cover a 32-bit key
+_BINS = 1 << _DIGIT
+_TOP = np.uint32(0xFFFFFFFF)  # NaN keys are clamped below this
+
+
+def sortable_keys(score: jax.Array) -> jax.Array:
+    """``uint32`` keys in the IEEE total order of NaN-free float32 (``-0.0 < +0.0``)."""
+    bits = jax.lax.bitcast_convert_type(score.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    keys = jnp.where(negative, ~bits, bits | np.uint32(0x80000000))
+    return jnp.minimum(keys, _TOP - 1)
+
+
+def _histogram(digits: jax.Array) -> jax.Array:
+    """Counts of each digit in ``[0, 65536)``; digits outside are dropped."""
+    return jnp.zeros((_BINS,), jnp.int32).at[digits].add(1, mode="drop")
+
+
+def _digit_of_rank(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Digit holding the ``rank``-th largest element (1-based) and the count above it."""
+    above = jnp.cumsum(hist[::-1])[::-1] - hist  # elements in strictly higher bins
+    digit = jnp.max(jnp.where((above < rank) & (above + hist >= rank), jnp.arange(_BINS), -1))
+    return digit.astype(jnp.uint32), above[digit]
+
+
+def _pack_words(flags: jax.Array) -> jax.Array:
+    """uint32 words, bit ``j`` of word ``w`` = ``flags[32 w + j]`` (zero padded)."""
+    d = flags.shape[0]
+    nw = -(-d // 32)
+    flags = jnp.pad(flags, (0, 32 * nw - d)).reshape(nw, 32).astype(jnp.uint32)
+    return jnp.sum(flags << jnp.arange(32, dtype=jnp.uint32)[None, :], axis=1, dtype=jnp.uint32)
+
+
+def _select_bit(word: jax.Array, rank: jax.Array) -> jax.Array:
+    """Position of the ``rank``-th (0-based) set bit of ``word`` counted from bit 0."""
+    pos = jnp.zeros_like(rank)
+    for width in (16, 8, 4, 2, 1):
+        low = word & np.uint32((1 << width) - 1)
+        ones = jax.lax.population_count(low).astype(rank.dtype)
+        high = rank >= ones
+        rank = jnp.where(high, rank - ones, rank)
+        word = jnp.where(high, word >> width, low)
+        pos = pos + jnp.where(high, width, 0)
+    return pos
+
+
+def _expand(words: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """Ascending positions of the first ``size`` set bits of ``words`` and their validity."""
+    nonzero = words != 0
+    ids = jnp.nonzero(nonzero, size=size, fill_value=0)[0]
+    used = jnp.arange(size) < jnp.sum(nonzero, dtype=jnp.int32)
+    chosen = jnp.where(used, words[ids], 0)
+    ones = jax.lax.population_count(chosen).astype(jnp.int32)
+    ends = jnp.cumsum(ones)
+    slot = jnp.arange(size, dtype=jnp.int32)
+    j = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), size - 1)
+    bit = _select_bit(chosen[j], slot - (ends[j] - ones[j]))
+    return (ids[j] * 32 + bit).astype(jnp.int32), slot < ends[-1]
+
+
+def nonzero_positions(flags: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """``jnp.nonzero(flags, size=size, fill_value=0)`` and which slots are filled.
+
+    Reads positions out of packed flag words: ``jnp.nonzero`` runs a whole-vector cumsum and a
+    scatter, which XLA:CPU executes several times slower than these word passes.
+    """
+    if size == 0:
+        return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool)
+    positions, valid = _expand(_pack_words(flags), size)
+    return jnp.where(valid, positions, 0), valid
+
+
+def _first_bits(words: jax.Array, keep: jax.Array) -> jax.Array:
+    """Each word with only its lowest ``keep`` set bits left (``0 <= keep <= popcount``)."""
+    ones = jax.lax.population_count(words).astype(jnp.int32)
+    cut = _select_bit(words, jnp.minimum(keep, 31))
+    low = (jnp.uint32(1) << cut.astype(jnp.uint32)) - jnp.uint32(1)
+    return jnp.where(keep >= ones, words, words & jnp.where(keep > 0, low, jnp.uint32(0)))
+
+
+def top_k_indices(score: jax.Array, k: int) -> jax.Array:
+    """Ascending indices of the ``k`` largest entries of ``score`` (ties: lower index first).
+
+    Args:
+      score: float32 vector ``[d]``.
+      k: static count, ``1 <= k <= d``.
+
+    Returns:
+      int32 ``[k]``, strictly increasing; equal to ``jnp.sort(lax.top_k(score, k)[1])`` for
+      NaN-free ``score``.
+    """
+    d = score.shape[0]
+    if not 1 <= k <= d:
+        raise ValueError(f"top_k_indices: k={k} must be in [1, {d}].")
+    keys = sortable_keys(score)
+
+    # High digit of T: one histogram over every key.
+    high, c_high = _digit_of_rank(_histogram((keys >> _DIGIT).astype(jnp.int32)), jnp.int32(k))
+    in_bin = (keys >> _DIGIT) == high
+    bin_count = jnp.sum(in_bin, dtype=jnp.int32)
+    # Low digit: histogram of the bin's keys, from a compacted buffer when the bin fits in it.
+    cap = min(d, max(1024, d // 256))
+    positions, valid = _expand(_pack_words(in_bin), cap)
+    low_digits = jnp.where(valid, keys[positions] & np.uint32(_BINS - 1), _BINS)
+    fits = bin_count <= cap
+
+    def whole(carry):
+        del carry
+        low = jnp.where(in_bin, keys & np.uint32(_BINS - 1), _BINS).astype(jnp.int32)
+        return jnp.bool_(True), _histogram(low)
+
+    # A loop of at most one step rather than lax.cond: under vmap a cond runs both branches,
+    # a while loop runs only while some client's bin did not fit.
+    _, low_hist = jax.lax.while_loop(
+        lambda carry: ~carry[0], whole, (fits, _histogram(low_digits.astype(jnp.int32)))
+    )
+    low, c_low = _digit_of_rank(low_hist, k - c_high)
+    threshold = (high << _DIGIT) | low
+    greater = c_high + c_low  # count(key > T) < k <= count(key >= T)
+
+    above = _pack_words(keys > threshold)
+    ties = _pack_words(keys == threshold)
+    tie_counts = jax.lax.population_count(ties).astype(jnp.int32)
+    before = jnp.cumsum(tie_counts) - tie_counts
+    keep = jnp.clip(k - greater - before, 0, tie_counts)
+    indices, _ = _expand(above | _first_bits(ties, keep), k)
+    return indices
