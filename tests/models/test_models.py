@@ -86,6 +86,7 @@ def test_public_api():
             "Model",
             "Params",
             "char_lstm",
+            "cnn_dropout",
             "femnist_cnn",
             "get_model",
             "logistic_regression",
