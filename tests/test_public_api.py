@@ -90,6 +90,7 @@ PUBLIC = {
         "Model",
         "Params",
         "char_lstm",
+        "cnn_dropout",
         "femnist_cnn",
         "get_model",
         "logistic_regression",

@@ -39,6 +39,7 @@ import optax
 
 from fedjax_lab.core.local import LocalUpdate, no_context
 from fedjax_lab.core.losses import softmax_cross_entropy
+from fedjax_lab.core.rng import local_step_key, local_steps_key
 from fedjax_lab.core.tree import tree_all_finite, tree_where
 from fedjax_lab.core.types import (
     Aggregate,
@@ -63,6 +64,7 @@ __all__ = [
     "UPLOAD_BITS",
     "ClientOptimizer",
     "GradTransform",
+    "KeyedObjective",
     "LocalState",
     "LocalTraining",
     "LocalUpdate",
@@ -127,6 +129,25 @@ Objective = Callable[[Params, dict[str, jax.Array], jax.Array], jax.Array]
 ObjectiveTransform = Callable[[Objective, ServerState, PyTree], Objective]
 #: ``transform(grads, params, server_state, context) -> grads`` (e.g. SCAFFOLD's ``g + c - c_i``).
 GradTransform = Callable[[PyTree, Params, ServerState, PyTree], PyTree]
+
+
+class KeyedObjective(NamedTuple):
+    """An :data:`Objective` with randomness (dropout): ``fn(params, arrays, mask, *, key)``.
+
+    :func:`local_training` gives each local step its own key (``core.rng.local_step_key`` of
+    the client key and the number of real steps taken so far, so padded and packed execution
+    draw the same) and then treats ``partial(fn, key=step_key)`` as a plain objective: the
+    objective and gradient transforms see a deterministic objective, unchanged.
+
+    Attributes:
+      fn: ``(params, arrays, mask, *, key) -> scalar``.
+    """
+
+    fn: Callable[..., jax.Array]
+
+    def __call__(self, params: Params, arrays: dict[str, jax.Array], mask: jax.Array, *,
+                 key: jax.Array) -> jax.Array:
+        return self.fn(params, arrays, mask, key=key)
 
 
 class LocalState(NamedTuple):
@@ -225,15 +246,29 @@ class LocalTraining(NamedTuple):
         at the server's round, zero counters.
       step: ``(server_state, context, carry, arrays, mask) -> carry``: one masked step; a
         fully masked step returns the carry unchanged.
+      keyed: the objective is a :class:`KeyedObjective`: the step's context is
+        ``(context, local_steps_key(client_key))`` and the update is ``keyed``.
     """
 
     start: Callable[[ServerState], LocalState]
     step: Callable[..., LocalState]
+    keyed: bool = False
 
     def update(self, finish: Callable[..., Any], context: Callable[..., Any] = no_context
                ) -> LocalUpdate:
-        """The :class:`LocalUpdate` of this training with ``finish`` (and ``context``)."""
-        return LocalUpdate(self.start, self.step, finish, context)
+        """The :class:`LocalUpdate` of this training with ``finish`` (and ``context``).
+
+        ``context`` is always ``(server_state, client_state) -> context``; with a keyed
+        objective the update's context adds the client's local-steps key to it, and the
+        transforms still see ``context`` alone.
+        """
+        if not self.keyed:
+            return LocalUpdate(self.start, self.step, finish, context)
+
+        def keyed_context(server_state: ServerState, client_state: PyTree, key: jax.Array):
+            return context(server_state, client_state), local_steps_key(key)
+
+        return LocalUpdate(self.start, self.step, finish, keyed_context, keyed=True)
 
 
 def model_objective(
@@ -245,17 +280,32 @@ def model_objective(
     Padded positions are zeroed before the model: they hold some other example (row 0 of a
     device table), and a non-finite value there would otherwise leak into this client's loss
     or gradient (a 0 mask times NaN is NaN, forward and backward).
+
+    A model with training randomness (``model.apply_train`` is not None, e.g. dropout) gives a
+    :class:`KeyedObjective` on ``apply_train(params, x, key=key)`` (train mode); evaluation
+    uses ``model.apply`` (no dropout) elsewhere.
     """
+    apply_train = getattr(model, "apply_train", None)
     apply_fn = model.apply if hasattr(model, "apply") else model
     if not callable(apply_fn):
         raise TypeError(f"model must have an apply(params, x) function, got {model!r}")
 
-    def objective(params: Params, arrays: dict[str, jax.Array], mask: jax.Array) -> jax.Array:
+    def masked_mean(forward, params, arrays, mask):
         x = arrays["x"]
         x = jnp.where((mask > 0).reshape(mask.shape + (1,) * (x.ndim - 1)), x,
                       jnp.zeros((), x.dtype))
-        losses = per_example_loss(apply_fn(params, x), arrays["y"])
+        losses = per_example_loss(forward(params, x), arrays["y"])
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    if apply_train is not None:
+        def keyed(params: Params, arrays: dict[str, jax.Array], mask: jax.Array, *,
+                  key: jax.Array) -> jax.Array:
+            return masked_mean(lambda p, x: apply_train(p, x, key=key), params, arrays, mask)
+
+        return KeyedObjective(keyed)
+
+    def objective(params: Params, arrays: dict[str, jax.Array], mask: jax.Array) -> jax.Array:
+        return masked_mean(apply_fn, params, arrays, mask)
 
     return objective
 
@@ -285,7 +335,7 @@ def proximal(mu: Any) -> ObjectiveTransform:
 
 
 def local_training(
-    objective: Objective,
+    objective: Objective | KeyedObjective,
     optimizer: optax.GradientTransformation | ClientOptimizer,
     *,
     objective_transform: ObjectiveTransform | None = None,
@@ -299,13 +349,18 @@ def local_training(
     optimizer update. A step whose mask is all zero leaves the carry exactly unchanged
     (``jnp.where``), so padding is a no-op and packed clients equal padded ones.
 
+    A :class:`KeyedObjective` (a model with dropout) gets the key
+    ``local_step_key(local_steps_key(client_key), i)`` at the client's ``i``-th real step
+    (``i`` = ``carry.num_steps``), the same in padded and packed execution.
+
     Args:
-      objective: e.g. :func:`model_objective` ``(model)``.
+      objective: e.g. :func:`model_objective` ``(model)``; a plain or a keyed objective.
       optimizer: an optax transformation (fresh state every round) or :func:`per_round`.
       objective_transform: changes the local objective (FedProx: :func:`proximal`).
       grad_transform: changes each step's gradient (SCAFFOLD: ``g + c - c_i``).
     """
     opt = client_optimizer(optimizer)
+    keyed = isinstance(objective, KeyedObjective)
 
     def start(server_state: ServerState) -> LocalState:
         params = server_state.params
@@ -318,8 +373,17 @@ def local_training(
     ) -> LocalState:
         p, opt_state = carry.params, carry.opt_state
         n = jnp.sum(mask)
-        round_objective = (objective if objective_transform is None
-                           else objective_transform(objective, server_state, context))
+        step_objective = objective
+        if keyed:
+            context, steps_key = context
+            # num_steps counts real steps only (exact in float32 below 2**24).
+            step_key = local_step_key(steps_key, carry.num_steps.astype(jnp.int32))
+
+            def step_objective(params, arrays, mask):
+                return objective(params, arrays, mask, key=step_key)
+
+        round_objective = (step_objective if objective_transform is None
+                           else objective_transform(step_objective, server_state, context))
         loss, grads = jax.value_and_grad(round_objective)(p, arrays, mask)
         if grad_transform is not None:
             grads = grad_transform(grads, p, server_state, context)
@@ -334,7 +398,7 @@ def local_training(
             carry.num_steps + active.astype(jnp.float32),
         )
 
-    return LocalTraining(start, step)
+    return LocalTraining(start, step, keyed)
 
 
 def data_spec(batch_size: Any, local_epochs: Any = 1, num_steps: Any = None) -> DataSpec:

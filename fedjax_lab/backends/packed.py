@@ -69,21 +69,23 @@ def _step_arrays(table: Any, examples: Any) -> dict[str, jax.Array]:
 
 
 def init_fn(local: LocalUpdate, slots: int) -> Callable[..., tuple[PyTree, PyTree, PyTree]]:
-    """``(server_state, client_states, weight) -> (carries [P], buffer [C], contexts [C])``.
+    """``(server_state, client_states, weight, keys) -> (carries [P], buffer [C], contexts [C])``.
 
     Every buffer row starts as the start carry, which is what a client with no real step (a
-    dropped or padded slot) finishes from.
+    dropped or padded slot) finishes from. ``keys`` are the cohort's client keys (those
+    ``finish`` gets); a ``keyed`` update's contexts are derived from them.
     """
 
-    def init(server_state: ServerState, client_states: PyTree, weight: jax.Array):
+    def init(server_state: ServerState, client_states: PyTree, weight: jax.Array,
+             keys: jax.Array):
         fresh = local.start(server_state)
 
         def tile(n):
             return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), fresh)
 
         num_clients = weight.shape[0]
-        ctx = jax.vmap(local.context, in_axes=(None, 0), axis_size=num_clients)(
-            server_state, client_states
+        ctx = jax.vmap(local.client_context, in_axes=(None, 0, 0), axis_size=num_clients)(
+            server_state, client_states, keys
         )
         return tile(slots), tile(num_clients), ctx
 
@@ -446,7 +448,7 @@ def slot_step_seconds(
     one_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), client_states
     )
-    ctx = jax.eval_shape(local.context, server_state, one_state)
+    ctx = jax.eval_shape(local.client_context, server_state, one_state, jax.random.key(0))
     carry = jax.eval_shape(local.start, server_state)
     batch = next(iter(example_spec.values())).shape[0]
     mask = jax.ShapeDtypeStruct((batch,), jnp.float32)

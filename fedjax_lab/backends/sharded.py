@@ -256,15 +256,21 @@ class ShardedBackend(SingleProcessBackend):
 
         def init(slots):
             if slots not in init_fns:
-                init_fns[slots] = jax.jit(
-                    counted("packed_init", packed.init_fn(local, slots)), out_shardings=sharded
-                )
+                fresh = packed.init_fn(local, slots)
+
+                def init_round(server_state, client_states, weight, key):
+                    # finish's keys (all slots, split before sharding): step randomness.
+                    return fresh(server_state, client_states, weight,
+                                 client_keys(key, weight.shape[0]))
+
+                init_fns[slots] = jax.jit(counted("packed_init", init_round),
+                                          out_shardings=sharded)
             return init_fns[slots]
 
         warmed: set[tuple[int, int]] = set()
         devices = self.num_devices
 
-        def warm(server_state, client_states, weight, table, layout):
+        def warm(server_state, client_states, weight, key, table, layout):
             # As VmapBackend.packed_round: compile every planned layout's segments up front.
             planned = [d for d in self.packing.layouts or () if d.slots] or [
                 packed.Decision(layout.slots // devices, layout.segment)
@@ -275,7 +281,7 @@ class ShardedBackend(SingleProcessBackend):
                 warmed.add((d.slots, d.segment))
                 for length in packed.warm_lengths(d.segment):
                     carry, buffer, ctx = init(d.slots * devices)(
-                        server_state, client_states, weight)
+                        server_state, client_states, weight, key)
                     idle = self._place(packed.idle_inputs(
                         layout, d.slots * devices, length, weight.shape[0] // devices),
                         self.time_sharded, "packed segment")
@@ -285,8 +291,8 @@ class ShardedBackend(SingleProcessBackend):
             weight = self._place(np.asarray(cohort.weight, np.float32), self.client_sharded,
                                  "cohort.weight")
             table = None if cohort.index is None else self._place_table(cohort.arrays)
-            warm(server_state, client_states, weight, table, layout)
-            carry, buffer, ctx = init(layout.slots)(server_state, client_states, weight)
+            warm(server_state, client_states, weight, key, table, layout)
+            carry, buffer, ctx = init(layout.slots)(server_state, client_states, weight, key)
             for piece in split_layout(layout):
                 inputs = self._place(packed.segment_inputs(piece), self.time_sharded,
                                      "packed segment")

@@ -362,14 +362,19 @@ class VmapBackend(SingleProcessBackend):
 
         def init(slots):
             if slots not in init_fns:
-                init_fns[slots] = jax.jit(
-                    self.programs.counted("packed_init", packed.init_fn(local, slots))
-                )
+                fresh = packed.init_fn(local, slots)
+
+                def init_round(server_state, client_states, weight, key):
+                    # The same client keys as finish's: a keyed update's step randomness.
+                    return fresh(server_state, client_states, weight,
+                                 keys_fn(key, weight.shape[0]))
+
+                init_fns[slots] = jax.jit(self.programs.counted("packed_init", init_round))
             return init_fns[slots]
 
         warmed: set[tuple[int, int]] = set()
 
-        def warm(server_state, client_states, weight, table, layout):
+        def warm(server_state, client_states, weight, key, table, layout):
             # Every program of the run's planned layouts is compiled at its first round, on idle
             # steps, so that no later round stops to compile a half or quarter segment.
             planned = [d for d in self.packing.layouts or () if d.slots] or [
@@ -380,15 +385,15 @@ class VmapBackend(SingleProcessBackend):
                     continue
                 warmed.add((d.slots, d.segment))
                 for length in packed.warm_lengths(d.segment):
-                    carry, buffer, ctx = init(d.slots)(server_state, client_states, weight)
+                    carry, buffer, ctx = init(d.slots)(server_state, client_states, weight, key)
                     segment(server_state, ctx, carry, buffer, table, *packed.idle_inputs(
                         layout, d.slots, length, weight.shape[0]))
 
         def round_fn(server_state, client_states, cohort, key, layout: PackedLayout):
             weight = jnp.asarray(cohort.weight, jnp.float32)
             table = device_table(cohort)
-            warm(server_state, client_states, weight, table, layout)
-            carry, buffer, ctx = init(layout.slots)(server_state, client_states, weight)
+            warm(server_state, client_states, weight, key, table, layout)
+            carry, buffer, ctx = init(layout.slots)(server_state, client_states, weight, key)
             for piece in split_layout(layout):
                 carry, buffer = segment(
                     server_state, ctx, carry, buffer, table, *packed.segment_inputs(piece)

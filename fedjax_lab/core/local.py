@@ -29,8 +29,10 @@ from fedjax_lab.core.types import Batches, ClientOutput, PyTree, ServerState
 # start(server_state) -> carry of a client that has not taken a step yet.
 Start = Callable[[ServerState], PyTree]
 # context(server_state, client_state) -> per-client constants the steps read (e.g. SCAFFOLD's
-# c - c_i); () when the steps read none.
-Context = Callable[[ServerState, PyTree], PyTree]
+# c - c_i); () when the steps read none. A ``keyed`` update's context also takes the client's
+# PRNG key: context(server_state, client_state, key) (randomness of the local steps, e.g.
+# dropout masks, derived from it so that padded and packed execution draw the same).
+Context = Callable[..., PyTree]
 # step(server_state, context, carry, arrays, mask) -> carry after one local step on the batch
 # ``arrays`` ({"x": [B, ...], ...}) with example mask ``mask`` [B].
 Step = Callable[[ServerState, PyTree, PyTree, dict[str, jax.Array], jax.Array], PyTree]
@@ -53,19 +55,34 @@ class LocalUpdate:
         need comes from ``context`` (computed once per client and round);
       * a step whose mask is all zero returns the carry unchanged (padding is a no-op);
       * ``finish`` sees the carry after the client's last step, its scalar weight (the number of
-        real examples, 0 for a padded or dropped slot) and its PRNG key.
+        real examples, 0 for a padded or dropped slot) and its PRNG key;
+      * randomness of the steps (dropout) comes from the context of a ``keyed`` update, which
+        receives the same client key as ``finish``; a step derives its own key from it and
+        from the carry (e.g. ``fold_in(key, steps taken)``), never from its position in a
+        padded or packed layout, so both layouts draw the same numbers.
 
     Attributes:
       start: ``server_state -> carry``.
       step: ``(server_state, context, carry, arrays, mask) -> carry``.
       finish: ``(server_state, client_state, carry, weight, *, key) -> (ClientOutput, state)``.
-      context: ``(server_state, client_state) -> context`` (default: ``()``).
+      context: ``(server_state, client_state) -> context`` (default: ``()``), or
+        ``(server_state, client_state, key) -> context`` when ``keyed``.
+      keyed: whether ``context`` takes the client's PRNG key (stochastic local steps).
     """
 
     start: Start
     step: Step
     finish: Finish
     context: Context = no_context
+    keyed: bool = False
+
+    def client_context(
+        self, server_state: ServerState, client_state: PyTree, key: jax.Array
+    ) -> PyTree:
+        """The context of one client's steps; ``key`` is the client's key (as ``finish``'s)."""
+        if self.keyed:
+            return self.context(server_state, client_state, key)
+        return self.context(server_state, client_state)
 
     def __call__(
         self, server_state: ServerState, client_state: PyTree, batches: Batches, *, key: jax.Array
@@ -81,7 +98,7 @@ class LocalUpdate:
 
         ``unroll`` changes the program's shape, never its numbers (``True``: no loop at all).
         """
-        ctx = self.context(server_state, client_state)
+        ctx = self.client_context(server_state, client_state, key)
 
         def body(carry, inputs):
             step_input, mask = inputs
@@ -99,7 +116,7 @@ class LocalUpdate:
         Wrappers that change only a client's message (FedNova's step norm, payload metrics) use
         this instead of wrapping the whole call, so that the result can still be packed.
         """
-        return LocalUpdate(self.start, self.step, wrap(self.finish), self.context)
+        return LocalUpdate(self.start, self.step, wrap(self.finish), self.context, self.keyed)
 
 
 def is_local_update(client_update: Any) -> bool:

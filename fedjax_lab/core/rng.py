@@ -16,6 +16,8 @@ SAMPLING_STREAM = 1
 SHUFFLE_STREAM = 2
 PARTITION_STREAM = 3
 SYSTEM_STREAM = 4
+# Device-side stream of a client's local-step randomness (dropout), folded into its client key.
+LOCAL_STEP_STREAM = 5
 
 
 def round_key(root: jax.Array, round_idx: int | jax.Array) -> jax.Array:
@@ -26,6 +28,25 @@ def round_key(root: jax.Array, round_idx: int | jax.Array) -> jax.Array:
 def client_keys(rkey: jax.Array, num_clients: int) -> jax.Array:
     """``[num_clients]`` keys of one round's client slots, split before any sharding."""
     return jax.random.split(rkey, num_clients)
+
+
+def local_steps_key(client_key: jax.Array) -> jax.Array:
+    """Key of a client's local-step randomness: ``fold_in(client_key, LOCAL_STEP_STREAM)``.
+
+    Folded in rather than split off, so the client key that ``finish`` (the compressor) gets
+    is unchanged and its draws stay what they were.
+    """
+    return jax.random.fold_in(client_key, LOCAL_STEP_STREAM)
+
+
+def local_step_key(steps_key: jax.Array, step: jax.Array) -> jax.Array:
+    """Key of the client's ``step``-th real local step: ``fold_in(steps_key, step)``.
+
+    ``step`` counts the client's steps with at least one real example before this one, which
+    padded and packed execution agree on (masked steps change nothing), so both draw the same
+    dropout masks for the same client and step.
+    """
+    return jax.random.fold_in(steps_key, step)
 
 
 def host_rng(seed: int, stream: int, *path: int) -> np.random.Generator:

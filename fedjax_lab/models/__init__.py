@@ -4,7 +4,7 @@ from fedjax_lab.models._base import Model, Params
 from fedjax_lab.models._registry import get_model
 from fedjax_lab.models.bn_mlp import BatchNormMLP
 from fedjax_lab.models.char_lstm import char_lstm
-from fedjax_lab.models.cnn import femnist_cnn
+from fedjax_lab.models.cnn import cnn_dropout, femnist_cnn
 from fedjax_lab.models.logistic_regression import logistic_regression
 from fedjax_lab.models.mlp import mlp
 from fedjax_lab.models.resnet import resnet18_gn
@@ -14,6 +14,7 @@ __all__ = [
     "Model",
     "Params",
     "char_lstm",
+    "cnn_dropout",
     "femnist_cnn",
     "get_model",
     "logistic_regression",

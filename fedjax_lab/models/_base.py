@@ -44,6 +44,11 @@ class Model(NamedTuple):
       has_conv: True iff some parameter leaf is a conv kernel ``[K, K, C_in, C_out]``; backends
         use it to choose an execution plan (convolutions are slow inside XLA:CPU loops).
       name: Short human-readable model name.
+      apply_train: None for deterministic models; for models with randomness in training
+        (dropout), ``apply_train(params, x, *, key) -> logits``, the training-mode forward pass
+        whose randomness is a pure function of ``key``. ``apply`` is then the evaluation mode
+        (``train=False``: no dropout). Local training (``kit.model_objective``) uses
+        ``apply_train`` with a key per local step; evaluation always uses ``apply``.
     """
 
     init: Callable[[jax.Array], Params]
@@ -53,6 +58,7 @@ class Model(NamedTuple):
     num_classes: int
     has_conv: bool
     name: str
+    apply_train: Callable[..., jax.Array] | None = None
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -156,6 +162,12 @@ def _apply_module(module: nn.Module, params: Params, x: jax.Array) -> jax.Array:
     return module.apply({"params": params}, x)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_module_train(module: nn.Module, params: Params, x: jax.Array,
+                        key: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, x, key=key)
+
+
 def from_flax(
     module: nn.Module,
     *,
@@ -165,8 +177,9 @@ def from_flax(
     has_conv: bool,
     name: str,
     check_values: Callable[[np.ndarray], None] | None = None,
+    stochastic: bool = False,
 ) -> Model:
-    """Wraps a deterministic flax.linen module ``x[B, *input_shape] -> [B, num_classes]``.
+    """Wraps a flax.linen module ``x[B, *input_shape] -> [B, num_classes]``.
 
     Args:
       module: The flax module; it must have no mutable collections other than ``'params'``.
@@ -178,6 +191,9 @@ def from_flax(
       name: Model name.
       check_values: Optional host-side check of concrete (non-traced) inputs, e.g. token ids
         in range; it cannot run under `jit`, where the module must make bad values visible.
+      stochastic: the module's ``__call__(x, key=None)`` draws its training randomness
+        (dropout) from ``key`` and is deterministic with ``key=None``; the model then has
+        ``apply_train(params, x, *, key)``.
 
     Returns:
       The `Model`.
@@ -198,7 +214,7 @@ def from_flax(
         check_key(key)
         return _init_params(module, dummy, key)
 
-    def apply(params: Params, x: jax.Array) -> jax.Array:
+    def checked(params: Params, x: jax.Array) -> jax.Array:
         mismatch = _params_mismatch(params, *_expected())
         if mismatch:
             raise ValueError(
@@ -226,7 +242,14 @@ def from_flax(
             )
         if check_values is not None and not isinstance(x, jax.core.Tracer):
             check_values(np.asarray(x))
-        return _apply_module(module, params, jnp.asarray(x, input_dtype))
+        return jnp.asarray(x, input_dtype)
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return _apply_module(module, params, checked(params, x))
+
+    def apply_train(params: Params, x: jax.Array, *, key: jax.Array) -> jax.Array:
+        check_key(key)
+        return _apply_module_train(module, params, checked(params, x), key)
 
     return Model(
         init=init,
@@ -236,4 +259,5 @@ def from_flax(
         num_classes=num_classes,
         has_conv=has_conv,
         name=name,
+        apply_train=apply_train if stochastic else None,
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 from fedjax_lab.models._base import Model, check_positive_int, check_shape
 from fedjax_lab.models.char_lstm import char_lstm
-from fedjax_lab.models.cnn import femnist_cnn
+from fedjax_lab.models.cnn import cnn_dropout, femnist_cnn
 from fedjax_lab.models.logistic_regression import logistic_regression
 from fedjax_lab.models.mlp import mlp
 from fedjax_lab.models.resnet import resnet18_gn
@@ -29,6 +29,7 @@ _FACTORIES: dict[str, Callable[..., Model]] = {
     "logreg": logistic_regression,
     "mlp": mlp,
     "cnn": femnist_cnn,
+    "cnn_dropout": cnn_dropout,
     "resnet18": resnet18_gn,
     "char_lstm": _char_lstm,
 }
@@ -38,7 +39,8 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs:
     """Builds a model by name.
 
     Args:
-      name: One of ``'logreg'``, ``'mlp'``, ``'cnn'`` (`femnist_cnn`), ``'resnet18'``
+      name: One of ``'logreg'``, ``'mlp'``, ``'cnn'`` (`femnist_cnn`), ``'cnn_dropout'``
+        (`cnn_dropout`, FedML's CNN_DropOut), ``'resnet18'``
         (`resnet18_gn`), ``'char_lstm'``.
       input_shape: Per-example input shape; ``(seq_len,)`` for ``'char_lstm'``.
       num_classes: Number of classes; the vocabulary size for ``'char_lstm'``.

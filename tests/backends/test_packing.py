@@ -210,9 +210,11 @@ def test_memory_is_bounded_by_slots_not_by_the_largest_client():
                                seed=0).build(0, np.arange(len(sizes)))
         layout = pack(cohort, 2, 4)
         local = alg.client_update
-        init = jax.jit(packed.init_fn(local, 2)).lower(state, states, cohort.weight).compile()
+        keys = jax.random.split(jax.random.key(0), len(sizes))
+        init = jax.jit(packed.init_fn(local, 2)).lower(state, states, cohort.weight,
+                                                       keys).compile()
         carry, buffer, ctx = jax.eval_shape(packed.init_fn(local, 2), state, states,
-                                            cohort.weight)
+                                            cohort.weight, keys)
         seg = jax.jit(packed.segment_fn(local, "vmap")).lower(
             state, ctx, carry, buffer, cohort.arrays,
             *packed.segment_inputs(split_layout(layout)[0])).compile()
@@ -348,7 +350,7 @@ def test_step_is_a_no_op_on_a_fully_masked_batch():
         state = alg.init(params)
         client_state = alg.client_init(params)
         carry = local.start(state)
-        ctx = local.context(state, client_state)
+        ctx = local.client_context(state, client_state, jax.random.key(2))
         arrays = {"x": jnp.ones((8, 5)), "y": jnp.zeros(8, jnp.int32)}
         after = local.step(state, ctx, carry, arrays, jnp.zeros(8))
         chex.assert_trees_all_equal(after, carry, custom_message=name)

@@ -83,9 +83,11 @@ def _lstm_count(vocab: int, embed: int, hidden: int, layers: int) -> int:
 def test_public_api():
     assert sorted(models.__all__) == sorted(
         [
+            "BatchNormMLP",
             "Model",
             "Params",
             "char_lstm",
+            "cnn_dropout",
             "femnist_cnn",
             "get_model",
             "logistic_regression",
@@ -467,7 +469,7 @@ def test_get_model_char_lstm_fields():
             lambda: get_model("lenet", (8,), 2),
             ValueError,
             r"Unknown model name 'lenet'; valid names are \['char_lstm', 'cnn', "
-            r"'logreg', 'mlp', 'resnet18'\]",
+            r"'cnn_dropout', 'logreg', 'mlp', 'resnet18'\]",
             id="unknown-name",
         ),
         pytest.param(

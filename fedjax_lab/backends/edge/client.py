@@ -172,7 +172,7 @@ class EdgeWorker:
                                    jnp.asarray(mask[0]), jnp.asarray(weight), key, self.table)
         states = jax.tree.map(lambda x: jnp.asarray(x)[None], state)
         weights = jnp.asarray(weight, jnp.float32)[None]
-        carry, buffer, ctx = self._init(server_state, states, weights)
+        carry, buffer, ctx = self._init(server_state, states, weights, key[None])
         one = Cohort(arrays=self.table, index=index, mask=mask, weight=weights,
                      client_ids=np.zeros(1, np.int32))
         for piece in split_layout(pack(one, 1, SEGMENT_STEPS)):
