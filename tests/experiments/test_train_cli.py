@@ -21,7 +21,7 @@ from fedjax_lab import compressors as Z
 from fedjax_lab.backends import VmapBackend
 from fedjax_lab.backends.packed import PackingPolicy
 from fedjax_lab.data.datasets import federate, load_dataset
-from fedjax_lab.experiment import main, run_fedavg_experiment
+from fedjax_lab.experiment import build_problem, main, run_fedavg_experiment
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import get_model
@@ -309,11 +309,20 @@ def test_csv_tensorboard_and_plots_hold_the_jsonl_numbers(tmp_path):
         runs.append(str(out))
     out = tmp_path / "a"
     jsonl = read_jsonl(str(out / "metrics.jsonl"))
+    assert [h["round"] for h in jsonl] == [1, 2]  # the trained rounds (what checkpoints hold)
+    # Round 0: the initial model (the seed's init), evaluated before any training.
+    initial = json.loads((out / "summary.json").read_text())["initial_evaluation"]
+    cfg = TrainConfig.parse([*TINY, "--eval-every", "1", "--out", str(tmp_path / "unused"),
+                             "--compressor", "qsgd", "--comm-comp-ratio", "10"])
+    _, _, _, evaluate, params = build_problem(cfg)
+    assert initial == {"round": 0, **evaluate(params)}
+    assert initial["test_accuracy"] != jsonl[-1]["test_accuracy"]  # training moved the model
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(jsonl) == 2
+    assert len(rows) == 3
     scalars = read_tensorboard(str(out))
-    for row, record in zip(rows, jsonl, strict=True):
+    assert scalars["test_accuracy"][0] == (0, pytest.approx(initial["test_accuracy"]))
+    for row, record in zip(rows, [initial, *jsonl], strict=True):
         assert set(row) == {k for r in jsonl for k in r}  # one column per metric
         for key, value in record.items():
             assert float(row[key]) == float(value)  # repr() round-trips floats exactly
@@ -325,6 +334,7 @@ def test_csv_tensorboard_and_plots_hold_the_jsonl_numbers(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     png = tmp_path / "both.png"
     assert plot.main([*runs, "--out", str(png)]) == 0 and png.stat().st_size > 10_000
+    assert plot.load_run(str(out))[1] == [initial, *jsonl]  # the overlay plots round 0 too
     names, shared = plot.labels([plot.load_run(r)[0::2] for r in runs])
     assert names == ["fedavg, qsgd", "fedprox, identity"]
     assert shared == "digits, dirichlet_per_class, α=0.5"
