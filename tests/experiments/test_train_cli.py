@@ -87,6 +87,27 @@ def test_cases_cover_every_registered_component():
     assert {"biased", "unbiased"} <= {t for c in COMPRESSOR_CASES for t in COMPRESSORS.get(c).tags}
 
 
+# Public constructors returning an Algorithm that are not --algorithm choices, and how the CLI
+# reaches them instead.
+REACHED_OTHERWISE = {
+    "with_aggregator": "--aggregator/--clip-norm",
+    "qsgd_baseline": "--algorithm fedpaq --local-steps 1 --compressor qsgd",
+}
+
+
+def test_every_public_algorithm_is_registered_or_refused_with_a_reason():
+    # An algorithm added to the library later must be a CLI choice or say why it is not.
+    import inspect
+
+    from fedjax_lab.core.types import Algorithm
+
+    public = {name for name in A.__all__ if callable(getattr(A, name))
+              and inspect.signature(getattr(A, name)).return_annotation in (Algorithm,
+                                                                            "Algorithm")}
+    assert public - set(REACHED_OTHERWISE) == set(ALGORITHMS.names()) | set(ALGORITHMS.refused())
+    assert "fedbn" in ALGORITHMS.refused()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
     """A persistent XLA cache for this module: the Python run of a case loads the CLI run's
@@ -170,6 +191,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
     ("flags", "message"),
     [
         (["--algorithm", "fedprx"], "invalid choice: 'fedprx' (choose from 'fedavg', 'fedprox'"),
+        (["--algorithm", "fedbn"], "--algorithm fedbn cannot run from the CLI: FedBN needs a "
+         "model with BatchNorm state"),
         (["--compressor", "zip"], "invalid choice: 'zip' (choose from 'identity', 'qsgd'"),
         (["--aggregator", "mode"], "invalid choice: 'mode' (choose from 'mean', 'median'"),
         (["--sparsity", "0.1"], "--sparsity needs --compressor rand_k|top_k|stc|sstc"),
@@ -188,7 +211,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
         (["--rou", "3"], "unrecognized arguments: --rou"),
         (["--no-progress", "false"], "--no-progress takes no value"),
     ],
-    ids=["algorithm", "compressor", "aggregator", "sparsity-unselected", "mu-unselected",
+    ids=["algorithm", "fedbn-refused", "compressor", "aggregator", "sparsity-unselected",
+         "mu-unselected",
          "trim-unselected", "median-mpi", "krum-chunk", "dp-clip", "fedpaq-steps",
          "scaffold-momentum", "bad-sparsity", "systems-edge", "time-model", "underscore",
          "abbreviation", "no-x-value"],
