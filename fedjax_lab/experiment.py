@@ -722,7 +722,8 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
     config.yaml (the resolved flags; ``--config`` reproduces the run), curves.png (test
     accuracy/loss vs round, uplink bytes and simulated time; train loss) and accuracy.png.
 
-    Round 0 is the initial model's evaluation (unless ``--eval-every 0``): summary.json's
+    Round 0 is the initial model's evaluation (unless ``--eval-every 0``; computed after
+    training so that it delays no round): summary.json's
     ``initial_evaluation``, the first row of metrics.csv, step 0 in TensorBoard and the first
     point of the plots. It is recomputed from the seed on every start, resumed ones included,
     so checkpoints and metrics.jsonl hold exactly the trained rounds.
@@ -788,11 +789,10 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
                 # round; the state callback is collective with rank 0's saves.
                 result = run(algorithm, backend, train, params, callbacks=[monitor], **common)
             return {"primary_process": False, "stop_reason": result.stop_reason}
-        # Round 0: the initial model, evaluated before any training. It is a function of the
-        # seed and the config alone, so it is recomputed on every start (resumed too) and never
-        # checkpointed: the checkpoint's history and metrics.jsonl stay exactly rounds 1..N.
-        initial_evaluation = ({"round": 0, **evaluate(params)} if cfg.eval_every > 0
-                              else None)
+        # Round 0 is evaluated after training, from this host copy of the initial model, so
+        # that it delays no round (edge clients and MPI ranks wait on round timeouts) and no
+        # buffer donation during training can touch it.
+        initial_params = jax.device_get(params)
         writer = JsonlWriter(os.path.join(cfg.out, "metrics.jsonl"))
         for record in ckpt.history:  # resumed: the rounds of the checkpoint, then the new ones
             writer.write(record)
@@ -818,6 +818,11 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
             folder.close()
     result.history = ckpt.history
     result.wall_seconds = time.perf_counter() - start
+    # Round 0: the initial model's evaluation. It is a function of the seed and the config
+    # alone, so it is recomputed on every start (resumed too) and never checkpointed: the
+    # checkpoint's history and metrics.jsonl stay exactly rounds 1..N.
+    initial_evaluation = ({"round": 0, **evaluate(initial_params)} if cfg.eval_every > 0
+                          else None)
     # The outputs written at the end start at round 0 (metrics.jsonl holds rounds 1..N).
     curve = [initial_evaluation, *result.history] if initial_evaluation else result.history
     evals = [h for h in curve if "test_accuracy" in h]
