@@ -673,7 +673,9 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     if summary.get("rounds_all_rejected"):
         lines.append(f" all-rejected rounds : {summary['rounds_all_rejected']} (every client's "
                      "update was non-finite; the model did not move)")
+    initial = summary.get("initial_evaluation") or {}
     lines += [
+        f" round 0 test acc.   : {_number(initial.get('test_accuracy'))} (the initial model)",
         f" final test accuracy : {_number(summary['final_test_accuracy'])}",
         f" final test loss     : {_number(summary['final_test_loss'])}",
         f" final train loss    : {_number(summary.get('final_train_loss'))}",
@@ -715,10 +717,16 @@ def open_run_folder(cfg: Any, process: Any = None) -> Any:
 def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, Any]:
     """Builds everything from ``cfg``, trains, writes the run's outputs into ``cfg.out``.
 
-    Outputs: metrics.jsonl (streamed, one line per round), metrics.csv and TensorBoard event
-    files (the same numbers, written at the end), summary.json, config.yaml (the resolved
-    flags; ``--config`` reproduces the run), curves.png (test accuracy/loss vs round, uplink
-    bytes and simulated time; train loss) and accuracy.png.
+    Outputs: metrics.jsonl (streamed, one line per round 1..N), metrics.csv and TensorBoard
+    event files (the same numbers, written at the end, preceded by round 0), summary.json,
+    config.yaml (the resolved flags; ``--config`` reproduces the run), curves.png (test
+    accuracy/loss vs round, uplink bytes and simulated time; train loss) and accuracy.png.
+
+    Round 0 is the initial model's evaluation (unless ``--eval-every 0``; computed after
+    training so that it delays no round): summary.json's
+    ``initial_evaluation``, the first row of metrics.csv, step 0 in TensorBoard and the first
+    point of the plots. It is recomputed from the seed on every start, resumed ones included,
+    so checkpoints and metrics.jsonl hold exactly the trained rounds.
 
     ``backend`` overrides ``build_backend(cfg)`` (the caller then closes it). ``cfg.out`` is
     locked for the run and an earlier run's results there are kept unless ``--resume`` or
@@ -781,6 +789,10 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
                 # round; the state callback is collective with rank 0's saves.
                 result = run(algorithm, backend, train, params, callbacks=[monitor], **common)
             return {"primary_process": False, "stop_reason": result.stop_reason}
+        # Round 0 is evaluated after training, from this host copy of the initial model, so
+        # that it delays no round (edge clients and MPI ranks wait on round timeouts) and no
+        # buffer donation during training can touch it.
+        initial_params = jax.device_get(params)
         writer = JsonlWriter(os.path.join(cfg.out, "metrics.jsonl"))
         for record in ckpt.history:  # resumed: the rounds of the checkpoint, then the new ones
             writer.write(record)
@@ -806,18 +818,26 @@ def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, A
             folder.close()
     result.history = ckpt.history
     result.wall_seconds = time.perf_counter() - start
-    evals = [h for h in result.history if "test_accuracy" in h]
+    # Round 0: the initial model's evaluation. It is a function of the seed and the config
+    # alone, so it is recomputed on every start (resumed too) and never checkpointed: the
+    # checkpoint's history and metrics.jsonl stay exactly rounds 1..N.
+    initial_evaluation = ({"round": 0, **evaluate(initial_params)} if cfg.eval_every > 0
+                          else None)
+    # The outputs written at the end start at round 0 (metrics.jsonl holds rounds 1..N).
+    curve = [initial_evaluation, *result.history] if initial_evaluation else result.history
+    evals = [h for h in curve if "test_accuracy" in h]
     plot_curves(
         os.path.join(cfg.out, "accuracy.png"),
         {algorithm.name: ([h["round"] for h in evals], [h["test_accuracy"] for h in evals])},
         xlabel="round", ylabel="test accuracy", title=plot.title(cfg.as_dict(), algorithm.name),
     )
     # Every round's numbers in the formats researchers read (same values as metrics.jsonl).
-    write_csv(os.path.join(cfg.out, "metrics.csv"), result.history)
-    write_tensorboard(cfg.out, result.history)
-    plot.plot_runs([(algorithm.name, result.history)], os.path.join(cfg.out, "curves.png"),
+    write_csv(os.path.join(cfg.out, "metrics.csv"), curve)
+    write_tensorboard(cfg.out, curve)
+    plot.plot_runs([(algorithm.name, curve)], os.path.join(cfg.out, "curves.png"),
                    plot.title(cfg.as_dict(), algorithm.name))
-    extra = {"algorithm": algorithm.name, "num_train_clients": train.num_clients}
+    extra = {"algorithm": algorithm.name, "num_train_clients": train.num_clients,
+             "initial_evaluation": initial_evaluation}
     for key in ("uplink_bytes", "uplink_message_bytes", "downlink_bytes", "dropped_clients"):
         if any(key in h for h in result.history):  # measured by the edge backend
             extra[key] = sum(h.get(key, 0.0) for h in result.history)

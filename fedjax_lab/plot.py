@@ -112,7 +112,10 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: str
 
 
 def load_run(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
-    """``(config, history, algorithm name)`` of a run folder; ValueError names what is missing."""
+    """``(config, history, algorithm name)`` of a run folder; ValueError names what is missing.
+
+    The history starts at round 0 (summary.json's ``initial_evaluation``) when the run has it.
+    """
     summary_path = os.path.join(run_dir, "summary.json")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     for path in (summary_path, metrics_path):
@@ -120,7 +123,10 @@ def load_run(run_dir: str) -> tuple[dict[str, Any], list[dict[str, Any]], str | 
             raise ValueError(f"{run_dir} is not a finished run folder: no {os.path.basename(path)}")
     with open(summary_path) as f:
         summary = json.load(f)
-    return summary.get("config", {}), read_jsonl(metrics_path), summary.get("algorithm")
+    # Round 0 (the initial model) lives in summary.json: metrics.jsonl holds rounds 1..N.
+    initial = summary.get("initial_evaluation")
+    history = ([initial] if initial else []) + read_jsonl(metrics_path)
+    return summary.get("config", {}), history, summary.get("algorithm")
 
 
 def labels(configs: Sequence[tuple[Mapping[str, Any], str | None]]) -> tuple[list[str], str]:

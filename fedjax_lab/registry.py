@@ -109,6 +109,7 @@ class Registry:
         self.kind = kind
         self.description = description
         self._components: dict[str, Component] = {}
+        self._refused: dict[str, str] = {}
 
     def register(
         self,
@@ -135,6 +136,19 @@ class Registry:
         self._components[name] = Component(name, description, build, tuple(params),
                                            frozenset(tags))
 
+    def refuse(self, name: str, reason: str) -> None:
+        """Names a library component the CLI cannot run, and why (``get`` raises the reason).
+
+        So that ``--algorithm fedbn`` says why and what to do instead of "not one of ...".
+        """
+        if name in self._components or name in self._refused:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._refused[name] = reason
+
+    def refused(self) -> dict[str, str]:
+        """The refused names with their reasons."""
+        return dict(self._refused)
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._components)
 
@@ -145,7 +159,11 @@ class Registry:
         return name in self._components
 
     def get(self, name: str) -> Component:
-        """The component ``name``; ValueError listing the valid names (and the closest)."""
+        """The component ``name``; ValueError listing the valid names (and the closest), or
+        the reason a refused name cannot run."""
+        if name in self._refused:
+            raise ValueError(f"--{self.kind} {name} cannot run from the CLI: "
+                             f"{self._refused[name]}")
         if name not in self._components:
             close = difflib.get_close_matches(name, self.names(), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""

@@ -90,9 +90,12 @@ class TrainConfig(RunConfig):
         parser.add_flag("local_steps", int, None, TRAINING_HELP["local_steps"], optional=True)
         for registry in registries:
             group = parser.add_argument_group(registry.kind, registry.description)
-            catalog = "; ".join(f"{c.name}: {c.description}" for c in registry)
+            catalog = "; ".join([f"{c.name}: {c.description}" for c in registry]
+                                + [f"{name}: refused ({reason})"
+                                   for name, reason in registry.refused().items()])
+            # Refused names parse, so that validation exits 2 with their reason.
             parser.add_flag(registry.kind, str, getattr(cls, registry.kind), catalog,
-                            choices=registry.names(), group=group)
+                            choices=(*registry.names(), *registry.refused()), group=group)
             if registry.kind == "compressor":
                 parser.add_flag("error_feedback", bool, False, TRAINING_HELP["error_feedback"],
                                 group=group)

@@ -30,7 +30,13 @@ from fedjax_lab.algorithms.fedpaq import fedpaq
 from fedjax_lab.algorithms.fedprox import fedprox
 from fedjax_lab.algorithms.robust import krum, mean, median, multi_krum, trimmed_mean
 from fedjax_lab.algorithms.scaffold import scaffold
-from fedjax_lab.registry import AlgorithmContext, Param, register_aggregator, register_algorithm
+from fedjax_lab.registry import (
+    ALGORITHMS,
+    AlgorithmContext,
+    Param,
+    register_aggregator,
+    register_algorithm,
+)
 
 SERVER_LR = Param("server_lr", float, 1.0, "server learning rate on the averaged update")
 ADAPTIVE = (
@@ -136,6 +142,14 @@ register_algorithm(
     params=(Param("dp_clip_norm", float, 1.0, "DP-FedAvg L2 bound S on each client's update"),
             Param("noise_multiplier", float, 1.0,
                   "DP-FedAvg noise multiplier z (noise std z*S on the sum)")))
+# FedBN trains a model with BatchNorm state (apply(params, state, x, ...)) and is evaluated
+# with each client's own BatchNorm layer, which lives in the client-state store: the CLI's
+# --model choices and its evaluator (the server's parameters on the test set) provide neither,
+# so a CLI "fedbn" run would report numbers of a model FedBN never uses.
+ALGORITHMS.refuse(
+    "fedbn", "FedBN needs a model with BatchNorm state and evaluation with each client's own "
+    "BatchNorm layer, which --model and the CLI's server-side evaluation do not provide; build "
+    "it in Python: fedjax_lab.algorithms.fedbn(fedjax_lab.models.BatchNormMLP(...), ...)")
 
 register_aggregator("mean", lambda: mean(), tags=("additive",),
                     description="the algorithm's own weighted mean (additive)")

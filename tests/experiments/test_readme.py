@@ -1,8 +1,9 @@
 """The README is tested: its commands and its Python block run, shortened by appended flags.
 
-Commands of ``experiments/fedavg.py`` and ``experiments/train.py`` run (2 rounds, a small
-population, logistic regression: flags appended after the README's, so they win); the slower
-figure/sweep scripts are checked for flags their ``--help`` does not list; ``make`` targets,
+Commands of ``experiments/fedavg.py``, ``experiments/train.py`` and ``experiments/sweep.py``
+run (2 rounds, a small population, logistic regression, a 2-point sweep: flags appended after
+the README's, so they win); the figure/table scripts, whose every curve compiles its own
+program, are checked for flags their ``--help`` does not list; ``make`` targets,
 ``mpirun`` jobs and the edge backend are not run here (``make`` would recurse into this suite;
 the MPI and edge backends have their own tests), and the test fails on any other command so a
 new README command cannot go unchecked.
@@ -21,8 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 README = os.path.join(ROOT, "README.md")
 SHORT = ["--rounds", "2", "--num-clients", "8", "--clients-per-round", "4", "--model", "logreg",
          "--local-epochs", "1", "--eval-every", "1", "--no-progress"]
-RUN = ("experiments/fedavg.py", "experiments/train.py")
-FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py", "experiments/sweep.py")
+# The sweep's shortening: 2 rounds, 2 learning rates x 1 seed (about 10 s instead of ~40 s).
+SWEEP_SHORT = ["--rounds", "2", "--client-lrs", "0.1,0.2", "--seeds", "1", "--num-clients", "8",
+               "--clients-per-round", "4", "--model", "logreg", "--local-epochs", "1"]
+SHORTENED = {"experiments/fedavg.py": SHORT, "experiments/train.py": SHORT,
+             "experiments/sweep.py": SWEEP_SHORT}
+# Each curve/table entry of these compiles its own program: no flag makes them take seconds
+# (fedpaq.py --quick: ~70 s, sstc_compression.py with 2 rounds: minutes on 2 shared cores), so
+# the README's flags are checked against --help; tests/experiments/test_fedpaq_figure.py and
+# test_sstc_compression.py run their code on tiny settings.
+FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py")
+# The output each run script writes into --out.
+OUTPUT = {"experiments/fedavg.py": "summary.json", "experiments/train.py": "summary.json",
+          "experiments/sweep.py": "results.json"}
 
 
 def _blocks(language):
@@ -46,7 +58,7 @@ def _kind(command):
     if words[0] == "make" or "mpirun" in command or "--backend edge" in command:
         return "not run"
     script = next((w for w in words if w.startswith("experiments/")), None)
-    if script in RUN:
+    if script in SHORTENED:
         return "run"
     if script in FLAGS_ONLY:
         return "flags"
@@ -70,14 +82,14 @@ def test_readme_command_runs(command, tmp_path, monkeypatch, capsys):
     argv = words[words.index(script) + 1:]
     if "--help" not in argv:
         # A later flag wins: shorter, and outputs into tmp_path instead of the repository.
-        argv += [*SHORT, "--out", str(tmp_path / "out")]
+        argv += [*SHORTENED[script], "--out", str(tmp_path / "out")]
     monkeypatch.chdir(ROOT)  # the README runs from the repository root (preset paths)
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     assert e.value.code == 0, capsys.readouterr().err
     if "--help" not in argv:
-        assert (tmp_path / "out" / "summary.json").exists()
+        assert (tmp_path / "out" / OUTPUT[script]).exists()
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if _kind(c) == "flags"])

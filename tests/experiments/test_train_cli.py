@@ -21,7 +21,7 @@ from fedjax_lab import compressors as Z
 from fedjax_lab.backends import VmapBackend
 from fedjax_lab.backends.packed import PackingPolicy
 from fedjax_lab.data.datasets import federate, load_dataset
-from fedjax_lab.experiment import main, run_fedavg_experiment
+from fedjax_lab.experiment import build_problem, main, run_fedavg_experiment
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import get_model
@@ -85,6 +85,27 @@ def test_cases_cover_every_registered_component():
     assert set(ALGORITHM_CASES) == set(ALGORITHMS.names())
     assert set(AGGREGATOR_CASES) == set(AGGREGATORS.names())
     assert {"biased", "unbiased"} <= {t for c in COMPRESSOR_CASES for t in COMPRESSORS.get(c).tags}
+
+
+# Public constructors returning an Algorithm that are not --algorithm choices, and how the CLI
+# reaches them instead.
+REACHED_OTHERWISE = {
+    "with_aggregator": "--aggregator/--clip-norm",
+    "qsgd_baseline": "--algorithm fedpaq --local-steps 1 --compressor qsgd",
+}
+
+
+def test_every_public_algorithm_is_registered_or_refused_with_a_reason():
+    # An algorithm added to the library later must be a CLI choice or say why it is not.
+    import inspect
+
+    from fedjax_lab.core.types import Algorithm
+
+    public = {name for name in A.__all__ if callable(getattr(A, name))
+              and inspect.signature(getattr(A, name)).return_annotation in (Algorithm,
+                                                                            "Algorithm")}
+    assert public - set(REACHED_OTHERWISE) == set(ALGORITHMS.names()) | set(ALGORITHMS.refused())
+    assert "fedbn" in ALGORITHMS.refused()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -170,6 +191,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
     ("flags", "message"),
     [
         (["--algorithm", "fedprx"], "invalid choice: 'fedprx' (choose from 'fedavg', 'fedprox'"),
+        (["--algorithm", "fedbn"], "--algorithm fedbn cannot run from the CLI: FedBN needs a "
+         "model with BatchNorm state"),
         (["--compressor", "zip"], "invalid choice: 'zip' (choose from 'identity', 'qsgd'"),
         (["--aggregator", "mode"], "invalid choice: 'mode' (choose from 'mean', 'median'"),
         (["--sparsity", "0.1"], "--sparsity needs --compressor rand_k|top_k|stc|sstc"),
@@ -188,7 +211,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
         (["--rou", "3"], "unrecognized arguments: --rou"),
         (["--no-progress", "false"], "--no-progress takes no value"),
     ],
-    ids=["algorithm", "compressor", "aggregator", "sparsity-unselected", "mu-unselected",
+    ids=["algorithm", "fedbn-refused", "compressor", "aggregator", "sparsity-unselected",
+         "mu-unselected",
          "trim-unselected", "median-mpi", "krum-chunk", "dp-clip", "fedpaq-steps",
          "scaffold-momentum", "bad-sparsity", "systems-edge", "time-model", "underscore",
          "abbreviation", "no-x-value"],
@@ -309,11 +333,20 @@ def test_csv_tensorboard_and_plots_hold_the_jsonl_numbers(tmp_path):
         runs.append(str(out))
     out = tmp_path / "a"
     jsonl = read_jsonl(str(out / "metrics.jsonl"))
+    assert [h["round"] for h in jsonl] == [1, 2]  # the trained rounds (what checkpoints hold)
+    # Round 0: the initial model (the seed's init), evaluated before any training.
+    initial = json.loads((out / "summary.json").read_text())["initial_evaluation"]
+    cfg = TrainConfig.parse([*TINY, "--eval-every", "1", "--out", str(tmp_path / "unused"),
+                             "--compressor", "qsgd", "--comm-comp-ratio", "10"])
+    _, _, _, evaluate, params = build_problem(cfg)
+    assert initial == {"round": 0, **evaluate(params)}
+    assert initial["test_accuracy"] != jsonl[-1]["test_accuracy"]  # training moved the model
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(jsonl) == 2
+    assert len(rows) == 3
     scalars = read_tensorboard(str(out))
-    for row, record in zip(rows, jsonl, strict=True):
+    assert scalars["test_accuracy"][0] == (0, pytest.approx(initial["test_accuracy"]))
+    for row, record in zip(rows, [initial, *jsonl], strict=True):
         assert set(row) == {k for r in jsonl for k in r}  # one column per metric
         for key, value in record.items():
             assert float(row[key]) == float(value)  # repr() round-trips floats exactly
@@ -325,6 +358,7 @@ def test_csv_tensorboard_and_plots_hold_the_jsonl_numbers(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     png = tmp_path / "both.png"
     assert plot.main([*runs, "--out", str(png)]) == 0 and png.stat().st_size > 10_000
+    assert plot.load_run(str(out))[1] == [initial, *jsonl]  # the overlay plots round 0 too
     names, shared = plot.labels([plot.load_run(r)[0::2] for r in runs])
     assert names == ["fedavg, qsgd", "fedprox, identity"]
     assert shared == "digits, dirichlet_per_class, α=0.5"
