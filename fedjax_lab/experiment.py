@@ -6,6 +6,7 @@ that builds datasets, models, algorithms and backends lives here so it is tested
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import os
@@ -39,7 +40,7 @@ EXIT_DIVERGED = 3
 
 
 @dataclass
-class RunConfig:
+class RunConfig(abc.ABC):
     """Settings every experiment run shares; every field is a ``--flag-name`` CLI flag.
 
     Subclasses add the algorithm's settings and say how to build it (:meth:`make_algorithm`).
@@ -186,16 +187,16 @@ class RunConfig:
         """The settings config.yaml records (``--config`` of it reproduces the run)."""
         return {k: v for k, v in self.as_dict().items() if k not in NOT_REPRODUCED}
 
-    def on_start(self) -> None:
+    def on_start(self) -> None:  # noqa: B027 (an optional hook: the default does nothing)
         """Called on the primary process once the run's folder is ready (before training)."""
 
     def to_argv(self) -> list[str]:
         """The command line that parses back into this config (edge client processes)."""
         return config_argv(self)
 
+    @abc.abstractmethod
     def make_algorithm(self, model: Any) -> Any:
         """The ``Algorithm`` of this config for ``model``; ValueError names a bad flag."""
-        raise NotImplementedError
 
     def systems(self, num_params: int) -> dict[str, Any]:
         """``run`` keywords of the system simulation (availability, time model); none here."""
@@ -492,16 +493,20 @@ def build_algorithm(cfg: FedAvgConfig, model: Any):
 
 def config_argv(cfg: Any) -> list[str]:
     """The ``--flag value`` command line that :func:`parse_config` turns back into ``cfg``."""
+    return settings_argv({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+
+def settings_argv(settings: dict[str, Any]) -> list[str]:
+    """``--flag value`` pairs of settings by field name; the parsers read every value back."""
     argv = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+    for name, value in settings.items():
         if value is None:
             text = "none"
         elif isinstance(value, bool):
             text = "true" if value else "false"
         else:
             text = str(value)  # str(float) round-trips exactly
-        argv += [f"--{_flag(f.name)}", text]
+        argv += [f"--{_flag(name)}", text]
     return argv
 
 

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fedjax_lab.experiment import RunConfig, add_config_fields, build_problem, problem_config
+from fedjax_lab.experiment import (
+    RunConfig,
+    add_config_fields,
+    build_problem,
+    problem_config,
+    settings_argv,
+)
 
 STRAGGLER_POLICIES = ("partial", "drop")
 # Backends that reduce partial sums of the aggregate over shards/ranks, or aggregate elsewhere.
@@ -327,16 +333,7 @@ class TrainConfig(RunConfig):
         return values
 
     def to_argv(self) -> list[str]:
-        argv = []
-        for name, value in self.as_dict().items():
-            if value is None:
-                text = "none"
-            elif isinstance(value, bool):
-                text = "true" if value else "false"
-            else:
-                text = str(value)  # str(float) round-trips exactly
-            argv += [f"--{name.replace('_', '-')}", text]
-        return argv
+        return settings_argv(self.as_dict())
 
 
 def edge_problem(argv: Sequence[str]) -> Any:
