@@ -25,6 +25,7 @@ from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import Cohort
 
 StragglerPolicy = Literal["partial", "drop"]
+StragglerSampling = Literal["bernoulli", "exact"]
 # Sub-stream of SYSTEM_STREAM, so availability and the time model never share draws.
 AVAILABILITY_SUBSTREAM = 0
 
@@ -51,6 +52,20 @@ class Availability:
        straggler like a dropout. A client with a single step cannot do less work and is never
        a straggler.
 
+    Two options reproduce the released FedProx code (``flearn/trainers/fedprox.py``), which
+    the paper's Figure 1 was produced with:
+
+    * ``straggler_sampling="exact"``: instead of an independent coin per client, exactly
+      ``m - round(m * (1 - straggler_fraction))`` of the ``m`` eligible (non-dropped, >= 2
+      steps) clients straggle, the ones with the smallest straggle draws (the code keeps
+      ``round(K * (1 - drop_percent))`` active devices of the ``K`` sampled ones);
+    * ``straggler_epochs=E``: a straggler completes ``e ~ Uniform{1, ..., E - 1}`` whole local
+      epochs of its ``E`` (the code's ``np.random.randint(1, E)``; the paper's text says
+      "uniformly at random between 1 and E"), i.e. ``e * tau_i / E`` steps, instead of a
+      uniform number of steps. ``tau_i`` must be a multiple of ``E`` (it is in
+      ``local_epochs=E`` mode, where every epoch has ``ceil(n_i / B)`` steps). With ``E = 1``
+      nobody can do less than a full epoch and nobody straggles.
+
     Draws come from ``host_rng(seed, SYSTEM_STREAM, round, AVAILABILITY_SUBSTREAM)``; three
     uniform vectors of the cohort's length are drawn every round whatever the outcome, so a
     round's availability depends only on ``(seed, round)``.
@@ -60,11 +75,16 @@ class Availability:
       straggler_fraction: probability in ``[0, 1]`` that a non-dropped client straggles
         (FedProx's "x% stragglers").
       straggler_policy: ``"partial"`` or ``"drop"``.
+      straggler_sampling: ``"bernoulli"`` (a coin per client) or ``"exact"`` (a fixed count).
+      straggler_epochs: ``None`` (a straggler's work is a uniform number of steps) or the
+        number ``E`` of local epochs (its work is a uniform number of whole epochs < E).
     """
 
     dropout: float = 0.0
     straggler_fraction: float = 0.0
     straggler_policy: StragglerPolicy = "partial"
+    straggler_sampling: StragglerSampling = "bernoulli"
+    straggler_epochs: int | None = None
 
     def __post_init__(self) -> None:
         _check_probability(self.dropout, "dropout")
@@ -74,6 +94,16 @@ class Availability:
                 f"straggler_policy must be 'partial' (keep partial work, FedProx) or 'drop' "
                 f"(discard stragglers, FedAvg), got {self.straggler_policy!r}"
             )
+        if self.straggler_sampling not in ("bernoulli", "exact"):
+            raise ValueError(
+                f"straggler_sampling must be 'bernoulli' (a coin per client) or 'exact' (a "
+                f"fixed count, as FedProx's code), got {self.straggler_sampling!r}"
+            )
+        epochs = self.straggler_epochs
+        if epochs is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, int | np.integer) or epochs < 1
+        ):
+            raise ValueError(f"straggler_epochs must be None or an integer >= 1, got {epochs!r}")
 
     def draw(
         self, step_counts: np.ndarray, real: np.ndarray, *, seed: int, round_idx: int
@@ -97,9 +127,31 @@ class Availability:
         c = len(step_counts)
         u_drop, u_straggle, u_steps = rng.random(c), rng.random(c), rng.random(c)
         dropped = real & (u_drop < self.dropout)
-        straggler = real & ~dropped & (u_straggle < self.straggler_fraction) & (step_counts >= 2)
-        # Uniform on {1, ..., tau - 1}; min() guards the u -> 1 rounding edge.
-        partial = np.minimum(1 + np.floor(u_steps * (step_counts - 1)), step_counts - 1)
+        epochs = self.straggler_epochs
+        if epochs is None:
+            eligible = real & ~dropped & (step_counts >= 2)
+            # Uniform on {1, ..., tau - 1}; min() guards the u -> 1 rounding edge.
+            partial = np.minimum(1 + np.floor(u_steps * (step_counts - 1)), step_counts - 1)
+        else:
+            eligible = real & ~dropped & (step_counts >= 1) & (epochs >= 2)
+            if np.any(step_counts[eligible] % epochs):
+                raise ValueError(
+                    f"straggler_epochs={epochs} needs every client's local steps to be a "
+                    f"multiple of it (local_epochs={epochs} without a step cap), got "
+                    f"{step_counts[eligible].tolist()}"
+                )
+            # Whole epochs, uniform on {1, ..., E - 1} (FedProx's np.random.randint(1, E)).
+            done = np.minimum(1 + np.floor(u_steps * (epochs - 1)), max(epochs - 1, 1))
+            partial = done * (step_counts // epochs)
+        if self.straggler_sampling == "bernoulli":
+            straggler = eligible & (u_straggle < self.straggler_fraction)
+        else:
+            m = int(eligible.sum())
+            # Python's round(), as the released code: round(K * (1 - drop_percent)) finish.
+            count = m - round(m * (1.0 - self.straggler_fraction))
+            order = np.argsort(np.where(eligible, u_straggle, np.inf), kind="stable")
+            straggler = np.zeros(c, bool)
+            straggler[order[:count]] = True
         limit = np.where(straggler, partial, step_counts).astype(np.int64)
         if self.straggler_policy == "drop":
             dropped = dropped | straggler

@@ -120,6 +120,42 @@ def numpy_fedprox_stragglers(data, params, avail, *, rounds, cpr, mu, lr, seed):
     return x
 
 
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
+def test_fedprox_code_stragglers_exact_count_whole_epochs(fraction):
+    """FedProx's released code: round(K (1 - f)) finish, stragglers do randint(1, E) epochs."""
+    epochs, k = 20, 10
+    avail = Availability(straggler_fraction=fraction, straggler_sampling="exact",
+                         straggler_epochs=epochs)
+    per_epoch = np.array([1, 2, 3, 7, 1, 4, 5, 2, 9, 3])  # ceil(n_i / B) of each slot
+    steps = epochs * per_epoch
+    real = np.ones(k, bool)
+    seen = set()
+    for r in range(300):
+        dropped, limit, straggler = avail.draw(steps, real, seed=1, round_idx=r)
+        assert straggler.sum() == k - round(k * (1 - fraction)) and not dropped.any()
+        done = limit[straggler] // per_epoch[straggler]
+        np.testing.assert_array_equal(limit[straggler] % per_epoch[straggler], 0)
+        assert done.min(initial=1) >= 1 and done.max(initial=1) <= epochs - 1
+        seen.update(done.tolist())
+        np.testing.assert_array_equal(limit[~straggler], steps[~straggler])
+    assert seen == (set(range(1, epochs)) if fraction else set())
+    drop = Availability(straggler_fraction=fraction, straggler_policy="drop",
+                        straggler_sampling="exact", straggler_epochs=epochs)
+    dropped, limit, straggler = drop.draw(steps, real, seed=1, round_idx=7)
+    # The same devices straggle under both policies (the code seeds both with the round).
+    np.testing.assert_array_equal(straggler, avail.draw(steps, real, seed=1, round_idx=7)[2])
+    np.testing.assert_array_equal(dropped, straggler)
+    assert np.all(limit[straggler] == 0)
+    with pytest.raises(ValueError, match="multiple of it"):
+        Availability(straggler_fraction=0.5, straggler_epochs=3).draw(
+            np.full(4, 7), np.ones(4, bool), seed=0, round_idx=0)
+    with pytest.raises(ValueError, match="straggler_sampling"):
+        Availability(straggler_sampling="sometimes")
+    with pytest.raises(ValueError, match="straggler_epochs"):
+        Availability(straggler_epochs=0)
+
+
 def test_fedprox_keeps_stragglers_partial_work():
     data = make_population([7, 12, 3, 9, 15, 5], seed=1)
     params = MODEL.init(jax.random.key(0))
