@@ -312,7 +312,11 @@ def plot_grid(path: str, results: dict[str, Any], cfg: FedProxSyntheticConfig, m
     import matplotlib.pyplot as plt
 
     rows, cols = len(cfg.stragglers), len(cfg.datasets)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows + 0.4), squeeze=False,
+    # The legend sits above the grid: one row of three entries, or a column on a narrow grid.
+    ncol = 3 if cols >= 3 else 1
+    legend_h = 0.4 if ncol == 3 else 0.8
+    width, height = 3.6 * cols, 2.6 * rows + legend_h
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False,
                              sharex=True)
     styles = {"fedavg": ("FedAvg (drops stragglers)", "tab:green", "-"),
               "fedprox_mu0": ("FedProx, mu = 0 (keeps partial work)", "tab:blue", "--"),
@@ -336,9 +340,9 @@ def plot_grid(path: str, results: dict[str, Any], cfg: FedProxSyntheticConfig, m
                 ax.set_ylabel(ylabel)
     # One legend for the figure and fixed margins: tight_layout measures every text box,
     # which took seconds per figure.
-    fig.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=1 - 0.45 / rows, hspace=0.4,
-                        wspace=0.3)
+    fig.legend(loc="upper center", ncol=ncol, fontsize=8, frameon=False)
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.1 / width, bottom=0.5 / height,
+                        top=1 - (legend_h + 0.25) / height, hspace=0.45, wspace=0.3)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
