@@ -9,6 +9,7 @@ the MPI and edge backends have their own tests), and the test fails on any other
 new README command cannot go unchecked.
 """
 
+import functools
 import os
 import re
 import runpy
@@ -29,9 +30,11 @@ SHORTENED = {"experiments/fedavg.py": SHORT, "experiments/train.py": SHORT,
              "experiments/sweep.py": SWEEP_SHORT}
 # Each curve/table entry of these compiles its own program: no flag makes them take seconds
 # (fedpaq.py --quick: ~70 s, sstc_compression.py with 2 rounds: minutes on 2 shared cores), so
-# the README's flags are checked against --help; tests/experiments/test_fedpaq_figure.py and
-# test_sstc_compression.py run their code on tiny settings.
-FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py")
+# the README's flags are checked against --help; tests/experiments/test_fedpaq_figure.py,
+# test_sstc_compression.py and test_fedprox_synthetic.py (fedprox_synthetic.py --quick: ~30 s)
+# run their code on tiny settings.
+FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py",
+              "experiments/fedprox_synthetic.py")
 # The output each run script writes into --out.
 OUTPUT = {"experiments/fedavg.py": "summary.json", "experiments/train.py": "summary.json",
           "experiments/sweep.py": "results.json"}
@@ -92,15 +95,22 @@ def test_readme_command_runs(command, tmp_path, monkeypatch, capsys):
         assert (tmp_path / "out" / OUTPUT[script]).exists()
 
 
+@functools.cache
+def _help(script):
+    """``script --help`` (once per script: each start imports jax, ~5 s here)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 @pytest.mark.parametrize("command", [c for c in COMMANDS if _kind(c) == "flags"])
 def test_readme_flags_of_slow_scripts_exist(command):
     words = shlex.split(command)
     script = next(w for w in words if w.startswith("experiments/"))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
+    usage = _help(script)
     for flag in (w.split("=")[0] for w in words if w.startswith("--")):
-        assert re.search(rf"{re.escape(flag)}\b", proc.stdout), f"{script} has no {flag}"
+        assert re.search(rf"{re.escape(flag)}\b", usage), f"{script} has no {flag}"
 
 
 def test_readme_python_block_runs():
