@@ -242,7 +242,7 @@ class Programs:
 
 def run_curve(cfg: FedProxSyntheticConfig, data: FederatedData, programs: Programs,
               params: Any, evaluate: Callable[[Any], dict[str, float]], fraction: float,
-              mu: float | None) -> dict[str, Any]:
+              mu: float | None, title: str = "") -> dict[str, Any]:
     """One curve: FedAvg dropping stragglers (``mu=None``) or FedProx keeping their work.
 
     FedAvg and FedProx with mu = 0 run the same local update (the same compiled program);
@@ -264,7 +264,7 @@ def run_curve(cfg: FedProxSyntheticConfig, data: FederatedData, programs: Progra
     curve["final_test_accuracy"] = curve["test_accuracy"][-1]
     curve["wall_seconds"] = result.wall_seconds
     # Progress on stderr: the full grid is 72 runs of 200 rounds (tens of minutes on a CPU).
-    print(f"  {data.num_clients} devices, {cell_key(fraction)} stragglers, "
+    print(f"  {title or f'{data.num_clients} devices'}, {cell_key(fraction)} stragglers, "
           f"{curve_label(mu)}: final loss {curve['final_train_loss']:.4f} "
           f"({result.wall_seconds:.1f} s)", file=sys.stderr, flush=True)
     return curve
@@ -284,9 +284,10 @@ def best_mu(curves: dict[str, dict[str, Any]], mus: Sequence[float]) -> float:
 
 def run_cell(cfg: FedProxSyntheticConfig, data: FederatedData, programs: Programs,
              params: Any, evaluate: Callable[[Any], dict[str, float]],
-             fraction: float) -> dict[str, Any]:
+             fraction: float, title: str = "") -> dict[str, Any]:
     """All curves of one (dataset, straggler fraction) cell and its best mu."""
-    curves = {curve_label(mu): run_curve(cfg, data, programs, params, evaluate, fraction, mu)
+    curves = {curve_label(mu): run_curve(cfg, data, programs, params, evaluate, fraction, mu,
+                                         title)
               for mu in (None, 0.0, *cfg.mus)}
     mu = best_mu(curves, cfg.mus)
     return {
@@ -364,7 +365,8 @@ def run_experiment(cfg: FedProxSyntheticConfig) -> dict[str, Any]:
             results["datasets"][name] = {
                 "title": TITLES[name],
                 "stats": dataset_stats(dataset),
-                "cells": {cell_key(f): run_cell(cfg, data, programs, params, evaluate, f)
+                "cells": {cell_key(f): run_cell(cfg, data, programs, params, evaluate, f,
+                                                  TITLES[name])
                           for f in cfg.stragglers},
             }
         for metric, ylabel, logy in (("train_loss", "training loss", False),
