@@ -586,7 +586,7 @@ def _rogue_spec(path, address, problem, round_timeout):
 
 
 def test_hostile_clients_are_dropped_and_the_round_completes(tmp_path):
-    round_timeout = 3.0
+    round_timeout = 5.0  # the honest client must finish a round in it on a loaded machine
     master = tmp_path / "master"
     master.write_bytes(TOKEN)
     flags = [*FLAGS, "--edge-round-timeout", str(round_timeout), "--out", str(tmp_path / "run")]
