@@ -33,6 +33,9 @@ from fedjax_lab.io.writers import (
 BACKENDS = ("vmap", "edge", "sharded", "mpi")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 DIVERGENCE_POLICIES = ("warn", "stop")
+# Federated evaluation: off, a seeded held-out fraction of every client (any partition), or
+# every natural client's own test examples from the data (--partition natural).
+CLIENT_EVAL_MODES = ("off", "split", "natural")
 # Seeds feed numpy's SeedSequence and jax.random.key: one unsigned 32-bit word.
 MAX_SEED = 2**32 - 1
 # Exit status of a run that --on-divergence stop ended early (2 is bad input).
@@ -83,7 +86,8 @@ class RunConfig(abc.ABC):
     segment_steps: int | None = None  # local steps per packed call (default: cost model)
     max_examples_per_client: int | None = None  # train each client on a fresh random subset
     max_local_steps: int | None = None  # stop each client after this many local steps
-    client_eval_fraction: float = 0.0  # hold out this fraction of each client for evaluation
+    client_eval: str | None = None  # off, split, natural (none: split iff a fraction is given)
+    client_eval_fraction: float = 0.0  # --client-eval split: held-out fraction of each client
 
     def validate(self) -> None:
         """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
@@ -117,9 +121,7 @@ class RunConfig(abc.ABC):
                 f"{self.mpi_round_timeout}"
             )
         check_dataset_flags(self)
-        if not (0.0 <= self.client_eval_fraction < 1.0):
-            raise ValueError(f"--client-eval-fraction must be in [0, 1) (0: off), got "
-                             f"{self.client_eval_fraction}")
+        self.client_eval = check_client_eval(self)
         from fedjax_lab.backends.packed import PACKING
 
         if self.packing not in PACKING:
@@ -285,6 +287,50 @@ def check_dataset_flags(cfg: Any) -> None:
             raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {value}")
 
 
+def check_client_eval(cfg: Any) -> str:
+    """The federated evaluation mode of ``--client-eval``/``--client-eval-fraction``.
+
+    ``--client-eval`` none (unset) means ``split`` when ``--client-eval-fraction`` is given and
+    ``off`` otherwise, so that ``--client-eval-fraction F`` alone keeps its meaning.
+
+    Raises:
+      ValueError: naming the flags of a contradictory or unsupported combination: a fraction
+        without ``split`` or ``split`` without a fraction, or ``natural`` on a dataset whose
+        test examples have no natural client or with a partition other than ``natural``.
+    """
+    from fedjax_lab.data.datasets import NATURAL_TEST_DATASETS
+
+    fraction = cfg.client_eval_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--client-eval-fraction must be in [0, 1) (0: none), got {fraction}")
+    mode = cfg.client_eval
+    if mode is None:
+        mode = "split" if fraction else "off"
+    if mode not in CLIENT_EVAL_MODES:
+        raise ValueError(f"--client-eval must be one of {', '.join(CLIENT_EVAL_MODES)} (or none), "
+                         f"got {mode!r}")
+    if mode == "split" and not fraction:
+        raise ValueError("--client-eval split holds out a fraction of every client's examples: "
+                         "pass --client-eval-fraction F with F in (0, 1)")
+    if mode != "split" and fraction:
+        why = (" (natural evaluates on the dataset's own test examples and takes none out of "
+               "training)" if mode == "natural" else "")
+        raise ValueError(f"--client-eval-fraction needs --client-eval split (got --client-eval "
+                         f"{mode}){why}: drop --client-eval-fraction")
+    if mode == "natural":
+        if cfg.dataset not in NATURAL_TEST_DATASETS:
+            raise ValueError(
+                f"--client-eval natural needs a dataset whose test examples belong to natural "
+                f"clients (--dataset {'|'.join(NATURAL_TEST_DATASETS)}), got --dataset "
+                f"{cfg.dataset}: use --client-eval split --client-eval-fraction F")
+        if cfg.partition != "natural":
+            raise ValueError(
+                f"--client-eval natural evaluates each natural client on its own test examples: "
+                f"it needs --partition natural (got --partition {cfg.partition}); a partitioned "
+                "population takes --client-eval split --client-eval-fraction F")
+    return mode
+
+
 def dataset_kwargs(cfg: Any) -> dict[str, Any]:
     """``load_dataset`` keywords of a config's ``--dataset`` and its dataset flags."""
     from fedjax_lab.data.datasets import LAZY_DATASETS
@@ -354,9 +400,15 @@ FIELD_HELP = {
     "segment_steps": "local steps per packed call (none: cost model)",
     "max_examples_per_client": "train each client on a fresh random subset of this size",
     "max_local_steps": "stop each client after this many local steps",
-    "client_eval_fraction": "federated evaluation: hold out this seeded fraction of every "
-                            "client's examples and report the distribution of per-client "
-                            "accuracy (mean, p10, min; 0: off)",
+    "client_eval": "federated evaluation of the global model on each client's own test "
+                   "examples, reported as the distribution of per-client accuracy (mean, p10, "
+                   "min) and clients_evaluated: split (hold out --client-eval-fraction of every "
+                   "client's examples), natural (the dataset's own per-client test examples: "
+                   "--dataset synthetic|synthetic_iid|leaf with --partition natural; trains on "
+                   "every example) or off; none: split if --client-eval-fraction is given, "
+                   "else off",
+    "client_eval_fraction": "--client-eval split: the seeded fraction of every client's "
+                            "examples held out for its evaluation (0: none)",
 }
 
 
@@ -447,6 +499,7 @@ def build_problem(cfg: FedAvgConfig):
     from fedjax_lab.data.datasets import LAZY_DATASETS, federate, load_dataset
     from fedjax_lab.metrics.client_evaluation import (
         make_client_evaluator,
+        natural_client_examples,
         split_client_examples,
     )
     from fedjax_lab.metrics.evaluation import make_evaluator
@@ -462,13 +515,17 @@ def build_problem(cfg: FedAvgConfig):
     train = federate(
         dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
     )
+    # Configs without the federated evaluation flags (e.g. sweep.py's) evaluate centrally.
     fraction = getattr(cfg, "client_eval_fraction", 0.0)
-    if fraction:
+    mode = getattr(cfg, "client_eval", None) or ("split" if fraction else "off")
+    if mode == "split":
         train, client_test = split_client_examples(train, fraction, cfg.seed)
+    elif mode == "natural":
+        client_test = natural_client_examples(train, dataset.test, dataset.test_client_ids)
     check_round_memory(cfg, train)
     central = make_evaluator(model.apply, dataset.test, num_classes=model.num_classes)
     evaluate = central
-    if fraction:
+    if mode != "off":
         per_client = make_client_evaluator(model.apply, client_test,
                                            num_classes=model.num_classes)
 
@@ -608,9 +665,11 @@ def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dic
         "stop_reason": stop_reason,
         "final_test_accuracy": last.get("test_accuracy"),
         "final_test_loss": last.get("test_loss"),
-        # Federated evaluation (--client-eval-fraction): per-client accuracy distribution.
+        # Federated evaluation (--client-eval): the per-client accuracy distribution and how
+        # many clients it is over.
         **{f"final_{k}": last[k] for k in ("client_accuracy_mean", "client_accuracy_p10",
-                                           "client_accuracy_min") if k in last},
+                                           "client_accuracy_min", "clients_evaluated")
+           if k in last},
         "final_train_loss": result.history[-1].get("train_loss") if result.history else None,
         "rounds_all_rejected": sum(all_rejected(h) for h in result.history),
         "rounds_without_update": sum(
