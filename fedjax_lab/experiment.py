@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import optax
 
 from fedjax_lab import plot
 from fedjax_lab.io.writers import (
@@ -31,7 +30,6 @@ from fedjax_lab.io.writers import (
 )
 
 BACKENDS = ("vmap", "edge", "sharded", "mpi")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 DIVERGENCE_POLICIES = ("warn", "stop")
 # Federated evaluation: off, a seeded held-out fraction of every client (any partition), or
 # every natural client's own test examples from the data (--partition natural).
@@ -162,6 +160,9 @@ class RunConfig(abc.ABC):
                 "--plan loop runs clients from a host loop and cannot be sharded over devices; "
                 "use --plan auto, vmap or unrolled with --backend sharded"
             )
+        if self.backend == "edge" and self.EDGE_PROBLEM is None:
+            raise ValueError(f"--backend edge: {type(self).__name__} names no problem factory "
+                             "for the client processes (EDGE_PROBLEM); use another --backend")
         if self.edge_clients < 1:
             raise ValueError(f"--edge-clients must be >= 1, got {self.edge_clients}")
         if self.backend == "edge" and self.edge_clients > self.num_clients:
@@ -205,30 +206,9 @@ class RunConfig(abc.ABC):
         del num_params
         return {}
 
-    # The edge client processes' problem factory (``module:function`` of the flags).
-    EDGE_PROBLEM: typing.ClassVar[str] = "fedjax_lab.experiment:edge_problem"
-
-
-@dataclass
-class FedAvgConfig(RunConfig):
-    """Configuration of a FedAvg-family run; every field is a ``--flag-name`` CLI flag."""
-
-    server_lr: float = 1.0
-    server_optimizer: str = "sgd"
-
-    def validate(self) -> None:
-        """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
-        super().validate()
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
-            raise ValueError(f"--server-lr must be a finite number > 0, got {self.server_lr}")
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(
-                f"--server-optimizer must be one of {SERVER_OPTIMIZERS}, "
-                f"got {self.server_optimizer!r}"
-            )
-
-    def make_algorithm(self, model: Any) -> Any:
-        return build_algorithm(self, model)
+    # The edge client processes' problem factory (``module:function`` building the problem
+    # of this config's flags, e.g. ``fedjax_lab.train:edge_problem``); None: no edge backend.
+    EDGE_PROBLEM: typing.ClassVar[str | None] = None
 
 
 def _flag(name: str) -> str:
@@ -377,8 +357,6 @@ FIELD_HELP = {
     "batch_size": "local minibatch size",
     "client_lr": "local (client) learning rate",
     "client_momentum": "local heavy-ball momentum in [0, 1) (0: plain SGD)",
-    "server_lr": "server learning rate",
-    "server_optimizer": "server optimizer on the averaged update (FedOpt, Reddi et al. 2021)",
     "model": "model: logreg, mlp, cnn, resnet18, char_lstm",
     "seed": "run seed: partition, sampling, init, local shuffles",
     "backend": "where rounds run: vmap, sharded (devices), mpi (mpirun), edge (gRPC processes)",
@@ -449,28 +427,6 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, prog: str | None 
     return cfg
 
 
-def server_optimizer(name: str, lr: float) -> optax.GradientTransformation:
-    """Server optimizers of Reddi et al. 2021 (FedOpt) by name."""
-    from fedjax_lab.algorithms.fedopt import reddi_adaptive
-
-    table = {
-        "sgd": lambda: optax.sgd(lr),
-        "momentum": lambda: optax.sgd(lr, momentum=0.9),
-        # Reddi et al. 2021 Alg. 2 exactly (optax's adam/yogi/adagrad differ: bias correction,
-        # where tau enters, v_0), so --server-optimizer adam == algorithms.fedadam.
-        "adam": lambda: reddi_adaptive("adam", lr),
-        "yogi": lambda: reddi_adaptive("yogi", lr),
-        "adagrad": lambda: reddi_adaptive("adagrad", lr),
-    }
-    if name not in table:
-        raise ValueError(f"server optimizer must be one of {sorted(table)}, got {name!r}")
-    return table[name]()
-
-
-def client_optimizer(lr: float, momentum: float = 0.0) -> optax.GradientTransformation:
-    return optax.sgd(lr, momentum=momentum or None)
-
-
 def check_round_memory(cfg: Any, train: Any) -> None:
     """Refuses (ValueError) a config whose round cohort cannot fit in this machine's memory.
 
@@ -490,7 +446,7 @@ def check_round_memory(cfg: Any, train: Any) -> None:
     )
 
 
-def build_problem(cfg: FedAvgConfig):
+def build_problem(cfg: RunConfig):
     """Dataset, federated train split, model, evaluator and initial params for a config.
 
     The labels (train and test) and the round's memory are checked before the model is
@@ -535,19 +491,6 @@ def build_problem(cfg: FedAvgConfig):
     return dataset, train, model, evaluate, params
 
 
-def build_algorithm(cfg: FedAvgConfig, model: Any):
-    """The FedAvg-family algorithm of a config (FedAvg, or FedOpt with a server optimizer)."""
-    from fedjax_lab.algorithms.fedopt import fedopt
-
-    return fedopt(
-        model,
-        client_optimizer(cfg.client_lr, cfg.client_momentum),
-        server_optimizer(cfg.server_optimizer, cfg.server_lr),
-        batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
-        name="fedavg" if cfg.server_optimizer == "sgd" else f"fed{cfg.server_optimizer}",
-    )
-
-
 def config_argv(cfg: Any) -> list[str]:
     """The ``--flag value`` command line that :func:`parse_config` turns back into ``cfg``."""
     return settings_argv({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
@@ -578,16 +521,7 @@ def problem_config(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL_FIELDS}
 
 
-def edge_problem(argv: Sequence[str]):
-    """Problem factory of edge client processes: the experiment of these FedAvg flags."""
-    from fedjax_lab.backends.edge import EdgeProblem
-
-    cfg = parse_config(FedAvgConfig, argv, prog="edge client")
-    _, train, model, _, params = build_problem(cfg)
-    return EdgeProblem(build_algorithm(cfg, model), train, params, cfg.seed, problem_config(cfg))
-
-
-def build_edge_backend(cfg: FedAvgConfig):
+def build_edge_backend(cfg: RunConfig):
     """A loopback edge server that spawns and supervises ``--edge-clients`` CPU processes."""
     import secrets
 
@@ -604,7 +538,7 @@ def build_edge_backend(cfg: FedAvgConfig):
     )
 
 
-def build_backend(cfg: FedAvgConfig):
+def build_backend(cfg: RunConfig):
     if cfg.backend == "edge":
         return build_edge_backend(cfg)
     from fedjax_lab.backends.packed import PackingPolicy
@@ -778,7 +712,7 @@ def open_run_folder(cfg: Any, process: Any = None) -> Any:
     return folder
 
 
-def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, Any]:
+def run_fedavg_experiment(cfg: RunConfig, backend: Any = None) -> dict[str, Any]:
     """Builds everything from ``cfg``, trains, writes the run's outputs into ``cfg.out``.
 
     Outputs: metrics.jsonl (streamed, one line per round 1..N), metrics.csv and TensorBoard
