@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import optax
 
 from fedjax_lab import plot
 from fedjax_lab.io.writers import (
@@ -31,8 +30,10 @@ from fedjax_lab.io.writers import (
 )
 
 BACKENDS = ("vmap", "edge", "sharded", "mpi")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 DIVERGENCE_POLICIES = ("warn", "stop")
+# Federated evaluation: off, a seeded held-out fraction of every client (any partition), or
+# every natural client's own test examples from the data (--partition natural).
+CLIENT_EVAL_MODES = ("off", "split", "natural")
 # Seeds feed numpy's SeedSequence and jax.random.key: one unsigned 32-bit word.
 MAX_SEED = 2**32 - 1
 # Exit status of a run that --on-divergence stop ended early (2 is bad input).
@@ -83,7 +84,8 @@ class RunConfig(abc.ABC):
     segment_steps: int | None = None  # local steps per packed call (default: cost model)
     max_examples_per_client: int | None = None  # train each client on a fresh random subset
     max_local_steps: int | None = None  # stop each client after this many local steps
-    client_eval_fraction: float = 0.0  # hold out this fraction of each client for evaluation
+    client_eval: str | None = None  # off, split, natural (none: split iff a fraction is given)
+    client_eval_fraction: float = 0.0  # --client-eval split: held-out fraction of each client
 
     def validate(self) -> None:
         """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
@@ -117,9 +119,7 @@ class RunConfig(abc.ABC):
                 f"{self.mpi_round_timeout}"
             )
         check_dataset_flags(self)
-        if not (0.0 <= self.client_eval_fraction < 1.0):
-            raise ValueError(f"--client-eval-fraction must be in [0, 1) (0: off), got "
-                             f"{self.client_eval_fraction}")
+        self.client_eval = check_client_eval(self)
         from fedjax_lab.backends.packed import PACKING
 
         if self.packing not in PACKING:
@@ -160,6 +160,9 @@ class RunConfig(abc.ABC):
                 "--plan loop runs clients from a host loop and cannot be sharded over devices; "
                 "use --plan auto, vmap or unrolled with --backend sharded"
             )
+        if self.backend == "edge" and self.EDGE_PROBLEM is None:
+            raise ValueError(f"--backend edge: {type(self).__name__} names no problem factory "
+                             "for the client processes (EDGE_PROBLEM); use another --backend")
         if self.edge_clients < 1:
             raise ValueError(f"--edge-clients must be >= 1, got {self.edge_clients}")
         if self.backend == "edge" and self.edge_clients > self.num_clients:
@@ -203,30 +206,9 @@ class RunConfig(abc.ABC):
         del num_params
         return {}
 
-    # The edge client processes' problem factory (``module:function`` of the flags).
-    EDGE_PROBLEM: typing.ClassVar[str] = "fedjax_lab.experiment:edge_problem"
-
-
-@dataclass
-class FedAvgConfig(RunConfig):
-    """Configuration of a FedAvg-family run; every field is a ``--flag-name`` CLI flag."""
-
-    server_lr: float = 1.0
-    server_optimizer: str = "sgd"
-
-    def validate(self) -> None:
-        """Raises ValueError naming the bad flag; runs before anything is built or compiled."""
-        super().validate()
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
-            raise ValueError(f"--server-lr must be a finite number > 0, got {self.server_lr}")
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(
-                f"--server-optimizer must be one of {SERVER_OPTIMIZERS}, "
-                f"got {self.server_optimizer!r}"
-            )
-
-    def make_algorithm(self, model: Any) -> Any:
-        return build_algorithm(self, model)
+    # The edge client processes' problem factory (``module:function`` building the problem
+    # of this config's flags, e.g. ``fedjax_lab.train:edge_problem``); None: no edge backend.
+    EDGE_PROBLEM: typing.ClassVar[str | None] = None
 
 
 def _flag(name: str) -> str:
@@ -285,6 +267,50 @@ def check_dataset_flags(cfg: Any) -> None:
             raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {value}")
 
 
+def check_client_eval(cfg: Any) -> str:
+    """The federated evaluation mode of ``--client-eval``/``--client-eval-fraction``.
+
+    ``--client-eval`` none (unset) means ``split`` when ``--client-eval-fraction`` is given and
+    ``off`` otherwise, so that ``--client-eval-fraction F`` alone keeps its meaning.
+
+    Raises:
+      ValueError: naming the flags of a contradictory or unsupported combination: a fraction
+        without ``split`` or ``split`` without a fraction, or ``natural`` on a dataset whose
+        test examples have no natural client or with a partition other than ``natural``.
+    """
+    from fedjax_lab.data.datasets import NATURAL_TEST_DATASETS
+
+    fraction = cfg.client_eval_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--client-eval-fraction must be in [0, 1) (0: none), got {fraction}")
+    mode = cfg.client_eval
+    if mode is None:
+        mode = "split" if fraction else "off"
+    if mode not in CLIENT_EVAL_MODES:
+        raise ValueError(f"--client-eval must be one of {', '.join(CLIENT_EVAL_MODES)} (or none), "
+                         f"got {mode!r}")
+    if mode == "split" and not fraction:
+        raise ValueError("--client-eval split holds out a fraction of every client's examples: "
+                         "pass --client-eval-fraction F with F in (0, 1)")
+    if mode != "split" and fraction:
+        why = (" (natural evaluates on the dataset's own test examples and takes none out of "
+               "training)" if mode == "natural" else "")
+        raise ValueError(f"--client-eval-fraction needs --client-eval split (got --client-eval "
+                         f"{mode}){why}: drop --client-eval-fraction")
+    if mode == "natural":
+        if cfg.dataset not in NATURAL_TEST_DATASETS:
+            raise ValueError(
+                f"--client-eval natural needs a dataset whose test examples belong to natural "
+                f"clients (--dataset {'|'.join(NATURAL_TEST_DATASETS)}), got --dataset "
+                f"{cfg.dataset}: use --client-eval split --client-eval-fraction F")
+        if cfg.partition != "natural":
+            raise ValueError(
+                f"--client-eval natural evaluates each natural client on its own test examples: "
+                f"it needs --partition natural (got --partition {cfg.partition}); a partitioned "
+                "population takes --client-eval split --client-eval-fraction F")
+    return mode
+
+
 def dataset_kwargs(cfg: Any) -> dict[str, Any]:
     """``load_dataset`` keywords of a config's ``--dataset`` and its dataset flags."""
     from fedjax_lab.data.datasets import LAZY_DATASETS
@@ -331,8 +357,6 @@ FIELD_HELP = {
     "batch_size": "local minibatch size",
     "client_lr": "local (client) learning rate",
     "client_momentum": "local heavy-ball momentum in [0, 1) (0: plain SGD)",
-    "server_lr": "server learning rate",
-    "server_optimizer": "server optimizer on the averaged update (FedOpt, Reddi et al. 2021)",
     "model": "model: logreg, mlp, cnn, resnet18, char_lstm",
     "seed": "run seed: partition, sampling, init, local shuffles",
     "backend": "where rounds run: vmap, sharded (devices), mpi (mpirun), edge (gRPC processes)",
@@ -354,9 +378,15 @@ FIELD_HELP = {
     "segment_steps": "local steps per packed call (none: cost model)",
     "max_examples_per_client": "train each client on a fresh random subset of this size",
     "max_local_steps": "stop each client after this many local steps",
-    "client_eval_fraction": "federated evaluation: hold out this seeded fraction of every "
-                            "client's examples and report the distribution of per-client "
-                            "accuracy (mean, p10, min; 0: off)",
+    "client_eval": "federated evaluation of the global model on each client's own test "
+                   "examples, reported as the distribution of per-client accuracy (mean, p10, "
+                   "min) and clients_evaluated: split (hold out --client-eval-fraction of every "
+                   "client's examples), natural (the dataset's own per-client test examples: "
+                   "--dataset synthetic|synthetic_iid|leaf with --partition natural; trains on "
+                   "every example) or off; none: split if --client-eval-fraction is given, "
+                   "else off",
+    "client_eval_fraction": "--client-eval split: the seeded fraction of every client's "
+                            "examples held out for its evaluation (0: none)",
 }
 
 
@@ -397,28 +427,6 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, prog: str | None 
     return cfg
 
 
-def server_optimizer(name: str, lr: float) -> optax.GradientTransformation:
-    """Server optimizers of Reddi et al. 2021 (FedOpt) by name."""
-    from fedjax_lab.algorithms.fedopt import reddi_adaptive
-
-    table = {
-        "sgd": lambda: optax.sgd(lr),
-        "momentum": lambda: optax.sgd(lr, momentum=0.9),
-        # Reddi et al. 2021 Alg. 2 exactly (optax's adam/yogi/adagrad differ: bias correction,
-        # where tau enters, v_0), so --server-optimizer adam == algorithms.fedadam.
-        "adam": lambda: reddi_adaptive("adam", lr),
-        "yogi": lambda: reddi_adaptive("yogi", lr),
-        "adagrad": lambda: reddi_adaptive("adagrad", lr),
-    }
-    if name not in table:
-        raise ValueError(f"server optimizer must be one of {sorted(table)}, got {name!r}")
-    return table[name]()
-
-
-def client_optimizer(lr: float, momentum: float = 0.0) -> optax.GradientTransformation:
-    return optax.sgd(lr, momentum=momentum or None)
-
-
 def check_round_memory(cfg: Any, train: Any) -> None:
     """Refuses (ValueError) a config whose round cohort cannot fit in this machine's memory.
 
@@ -438,7 +446,7 @@ def check_round_memory(cfg: Any, train: Any) -> None:
     )
 
 
-def build_problem(cfg: FedAvgConfig):
+def build_problem(cfg: RunConfig):
     """Dataset, federated train split, model, evaluator and initial params for a config.
 
     The labels (train and test) and the round's memory are checked before the model is
@@ -447,6 +455,7 @@ def build_problem(cfg: FedAvgConfig):
     from fedjax_lab.data.datasets import LAZY_DATASETS, federate, load_dataset
     from fedjax_lab.metrics.client_evaluation import (
         make_client_evaluator,
+        natural_client_examples,
         split_client_examples,
     )
     from fedjax_lab.metrics.evaluation import make_evaluator
@@ -462,13 +471,17 @@ def build_problem(cfg: FedAvgConfig):
     train = federate(
         dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
     )
+    # Configs without the federated evaluation flags (e.g. sweep.py's) evaluate centrally.
     fraction = getattr(cfg, "client_eval_fraction", 0.0)
-    if fraction:
+    mode = getattr(cfg, "client_eval", None) or ("split" if fraction else "off")
+    if mode == "split":
         train, client_test = split_client_examples(train, fraction, cfg.seed)
+    elif mode == "natural":
+        client_test = natural_client_examples(train, dataset.test, dataset.test_client_ids)
     check_round_memory(cfg, train)
     central = make_evaluator(model.apply, dataset.test, num_classes=model.num_classes)
     evaluate = central
-    if fraction:
+    if mode != "off":
         per_client = make_client_evaluator(model.apply, client_test,
                                            num_classes=model.num_classes)
 
@@ -476,19 +489,6 @@ def build_problem(cfg: FedAvgConfig):
             return {**central(params), **per_client(params)}
     params = model.init(jax.random.key(cfg.seed))
     return dataset, train, model, evaluate, params
-
-
-def build_algorithm(cfg: FedAvgConfig, model: Any):
-    """The FedAvg-family algorithm of a config (FedAvg, or FedOpt with a server optimizer)."""
-    from fedjax_lab.algorithms.fedopt import fedopt
-
-    return fedopt(
-        model,
-        client_optimizer(cfg.client_lr, cfg.client_momentum),
-        server_optimizer(cfg.server_optimizer, cfg.server_lr),
-        batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
-        name="fedavg" if cfg.server_optimizer == "sgd" else f"fed{cfg.server_optimizer}",
-    )
 
 
 def config_argv(cfg: Any) -> list[str]:
@@ -521,16 +521,7 @@ def problem_config(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL_FIELDS}
 
 
-def edge_problem(argv: Sequence[str]):
-    """Problem factory of edge client processes: the experiment of these FedAvg flags."""
-    from fedjax_lab.backends.edge import EdgeProblem
-
-    cfg = parse_config(FedAvgConfig, argv, prog="edge client")
-    _, train, model, _, params = build_problem(cfg)
-    return EdgeProblem(build_algorithm(cfg, model), train, params, cfg.seed, problem_config(cfg))
-
-
-def build_edge_backend(cfg: FedAvgConfig):
+def build_edge_backend(cfg: RunConfig):
     """A loopback edge server that spawns and supervises ``--edge-clients`` CPU processes."""
     import secrets
 
@@ -547,7 +538,7 @@ def build_edge_backend(cfg: FedAvgConfig):
     )
 
 
-def build_backend(cfg: FedAvgConfig):
+def build_backend(cfg: RunConfig):
     if cfg.backend == "edge":
         return build_edge_backend(cfg)
     from fedjax_lab.backends.packed import PackingPolicy
@@ -608,9 +599,11 @@ def summarize(cfg: Any, result: Any, extra: dict[str, Any] | None = None) -> dic
         "stop_reason": stop_reason,
         "final_test_accuracy": last.get("test_accuracy"),
         "final_test_loss": last.get("test_loss"),
-        # Federated evaluation (--client-eval-fraction): per-client accuracy distribution.
+        # Federated evaluation (--client-eval): the per-client accuracy distribution and how
+        # many clients it is over.
         **{f"final_{k}": last[k] for k in ("client_accuracy_mean", "client_accuracy_p10",
-                                           "client_accuracy_min") if k in last},
+                                           "client_accuracy_min", "clients_evaluated")
+           if k in last},
         "final_train_loss": result.history[-1].get("train_loss") if result.history else None,
         "rounds_all_rejected": sum(all_rejected(h) for h in result.history),
         "rounds_without_update": sum(
@@ -719,7 +712,7 @@ def open_run_folder(cfg: Any, process: Any = None) -> Any:
     return folder
 
 
-def run_fedavg_experiment(cfg: FedAvgConfig, backend: Any = None) -> dict[str, Any]:
+def run_fedavg_experiment(cfg: RunConfig, backend: Any = None) -> dict[str, Any]:
     """Builds everything from ``cfg``, trains, writes the run's outputs into ``cfg.out``.
 
     Outputs: metrics.jsonl (streamed, one line per round 1..N), metrics.csv and TensorBoard

@@ -6,6 +6,7 @@ from :mod:`fedjax_lab.registry` (filled by the packages' ``__init__``), then run
 :func:`fedjax_lab.experiment.run_fedavg_experiment` (outputs, checkpoints, resume, every
 backend). A hyperparameter of a component that is not selected, or a combination the backends
 cannot run, exits with status 2 naming both flags before anything is built.
+:class:`FedAvgConfig` is ``experiments/fedavg.py``: a preset of the same flags (FedAvg/FedOpt).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ class TrainConfig(RunConfig):
             parser.add_flag(name, tp, getattr(cls, name), SYSTEM_HELP[name], optional=optional,
                             group=group,
                             choices=STRAGGLER_POLICIES if name == "straggler_policy" else None)
-        parser.set_defaults(out=None)
+        # The class's own default (a preset's folder; None: a new named folder per run).
+        parser.set_defaults(out=cls.out)
         values = vars(parser.parse_args(argv))
         values.pop("config")
         hparams = {}
@@ -166,6 +168,11 @@ class TrainConfig(RunConfig):
             raise ValueError(f"hparams {extra} belong to no selected component "
                              f"(--algorithm {self.algorithm}, --compressor {self.compressor}, "
                              f"--aggregator {self.aggregator})")
+        for name, value in self._params(algorithm).items():
+            # Learning rates are positive: optax would step backwards on a negative one.
+            if name.endswith("_lr") and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, "
+                                 f"got {value}")
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"--local-steps must be >= 1 (or none), got {self.local_steps}")
         if "fixed_local_steps" in algorithm.tags and self.local_steps is None:
@@ -336,10 +343,44 @@ class TrainConfig(RunConfig):
         return settings_argv(self.as_dict())
 
 
-def edge_problem(argv: Sequence[str]) -> Any:
-    """Problem factory of edge client processes: the experiment of these train.py flags."""
+@dataclass
+class FedAvgConfig(TrainConfig):
+    """FedAvg (McMahan et al. 2017) and FedOpt (Reddi et al. 2021): `experiments/fedavg.py`.
+
+    A preset of :class:`TrainConfig` (every flag of ``experiments/train.py``) whose defaults
+    are ``--algorithm fedopt --server-optimizer sgd --server-lr 1.0`` (exactly FedAvg) and
+    ``--out runs/fedavg``; ``--server-optimizer sgd|momentum|adam|yogi|adagrad`` with
+    ``--server-lr`` picks the FedOpt server optimizer. The algorithm keeps the names this
+    script has always logged: ``fedavg`` for the sgd server, else ``fed<server optimizer>``.
+    """
+
+    algorithm: str = "fedopt"
+    out: str | None = "runs/fedavg"
+
+    EDGE_PROBLEM: ClassVar[str] = "fedjax_lab.train:fedavg_edge_problem"
+
+    def make_algorithm(self, model: Any) -> Any:
+        algorithm = super().make_algorithm(model)
+        if self.algorithm != "fedopt":
+            return algorithm
+        server = self.as_dict()["server_optimizer"]
+        return algorithm._replace(name="fedavg" if server == "sgd" else f"fed{server}")
+
+
+def _edge_problem(cls: type[TrainConfig], argv: Sequence[str]) -> Any:
     from fedjax_lab.backends.edge import EdgeProblem
 
-    cfg = TrainConfig.parse(argv, prog="edge client")
+    cfg = cls.parse(argv, prog="edge client")
     _, train, model, _, params = build_problem(cfg)
     return EdgeProblem(cfg.make_algorithm(model), train, params, cfg.seed, problem_config(cfg))
+
+
+def edge_problem(argv: Sequence[str]) -> Any:
+    """Problem factory of edge client processes: the experiment of these train.py flags."""
+    return _edge_problem(TrainConfig, argv)
+
+
+def fedavg_edge_problem(argv: Sequence[str]) -> Any:
+    """Problem factory of edge client processes: the experiment of these fedavg.py flags (the
+    default of ``python -m fedjax_lab.backends.edge client``)."""
+    return _edge_problem(FedAvgConfig, argv)

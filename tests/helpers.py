@@ -92,7 +92,8 @@ def make_population(
 KILL_AFTER = r"""
 import os, sys
 from fedjax_lab.io import writers
-from fedjax_lab.experiment import FedAvgConfig, main, run_fedavg_experiment
+from fedjax_lab.experiment import main, run_fedavg_experiment
+from fedjax_lab.train import FedAvgConfig
 write = writers.JsonlWriter.write
 def write_then_die(self, record):
     write(self, record)
@@ -126,9 +127,10 @@ def checkpointed_server_state(directory, algorithm, params, rounds: int):
 
 def experiment_server_state(out, flags):
     """The final checkpointed server state of the FedAvg run with ``flags`` in ``out``."""
-    from fedjax_lab.experiment import FedAvgConfig, build_algorithm, build_problem, parse_config
+    from fedjax_lab.experiment import build_problem
+    from fedjax_lab.train import FedAvgConfig
 
-    cfg = parse_config(FedAvgConfig, flags)
+    cfg = FedAvgConfig.parse(flags)
     _, _, model, _, params = build_problem(cfg)
-    return checkpointed_server_state(out / "checkpoints", build_algorithm(cfg, model), params,
+    return checkpointed_server_state(out / "checkpoints", cfg.make_algorithm(model), params,
                                      cfg.rounds)

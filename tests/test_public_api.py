@@ -72,6 +72,7 @@ PUBLIC = {
         "LAZY_DATASETS",
         "LEAF_TASKS",
         "LazyImageSplit",
+        "NATURAL_TEST_DATASETS",
         "SHAKESPEARE_VOCAB",
         "cifar10",
         "cifar100",

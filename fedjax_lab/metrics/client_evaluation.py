@@ -5,9 +5,12 @@ says how it does for each client (Li et al. 2020, "Fair Resource Allocation in F
 Learning"; the LEAF benchmark): the distribution over clients of their accuracy, reported as
 mean, 10th percentile and minimum.
 
-:func:`split_client_examples` holds out a seeded fraction of every client's examples;
-:func:`make_client_evaluator` evaluates the model on every client's held-out examples at once,
-vmapped over clients like training (clients padded to the largest, padding masked).
+:func:`split_client_examples` holds out a seeded fraction of every client's examples (any
+partition); :func:`natural_client_examples` gives every natural client the dataset's own test
+examples of that client (LEAF's per-user test files, FedProx synthetic's per-device split) and
+takes nothing out of training; :func:`make_client_evaluator` evaluates the model on every
+client's held-out examples at once, vmapped over clients like training (clients padded to the
+largest, padding masked).
 """
 
 from __future__ import annotations
@@ -83,6 +86,48 @@ def split_client_examples(
     return train, HeldOut(data.client_ids, *subset(test_rows, test_sizes))
 
 
+def natural_client_examples(
+    data: FederatedData, test: dict[str, np.ndarray], test_client_ids: np.ndarray | None
+) -> HeldOut:
+    """Every client's own test examples: the test rows whose natural client id is the client's.
+
+    ``data`` must be the natural partition of the dataset whose ``test`` split and
+    ``test_client_ids`` (``Dataset.test_client_ids``) are given: its client ids are the
+    natural ids as strings, and a test example belongs to the client with the same id. A
+    client without a test example gets none (it is left out of the client metrics, which count
+    the clients evaluated); test examples of an id that is no client of ``data`` (a LEAF user
+    with test data only) are in no client's part (they stay in the central test set).
+
+    Raises:
+      ValueError: ``test_client_ids`` is None or not one id per test example, or no client of
+        ``data`` has a test example.
+    """
+    if test_client_ids is None:
+        raise ValueError("--client-eval natural needs the dataset's per-client test examples, "
+                         "and this dataset does not say whose its test examples are "
+                         "(test_client_ids is None): use --client-eval split "
+                         "--client-eval-fraction F")
+    test_client_ids = np.asarray(test_client_ids)
+    if test_client_ids.shape != np.shape(test["y"]):
+        raise ValueError(f"test_client_ids has shape {test_client_ids.shape}; it must hold one "
+                         f"id per test example ({len(test['y'])})")
+    position = {cid: i for i, cid in enumerate(data.client_ids)}
+    # Ids are compared as strings, as the natural partition names its clients.
+    ids, inverse = np.unique(test_client_ids, return_inverse=True)
+    client_of_id = np.array([position.get(str(i), -1) for i in ids], dtype=np.int64)
+    client_of_row = client_of_id[inverse.reshape(-1)]
+    owned = np.flatnonzero(client_of_row >= 0)
+    if not len(owned):
+        raise ValueError("--client-eval natural: no client of the population has a test "
+                         "example (the test ids match no train client id); use --client-eval "
+                         "split --client-eval-fraction F")
+    # Stable: each client's test examples keep their order in the test set.
+    rows = owned[np.argsort(client_of_row[owned], kind="stable")]
+    sizes = np.bincount(client_of_row[owned], minlength=data.num_clients)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return HeldOut(data.client_ids, {k: np.asarray(v)[rows] for k, v in test.items()}, offsets)
+
+
 def make_client_evaluator(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     clients: HeldOut,
@@ -94,14 +139,16 @@ def make_client_evaluator(
 
     Keys: ``client_accuracy_mean``, ``client_accuracy_p10`` (10th percentile, numpy's linear
     interpolation), ``client_accuracy_min``, ``client_loss_mean`` and ``clients_evaluated``
-    (clients with at least one held-out example). Every client is evaluated in one jitted
+    (clients with at least one held-out example: only those enter the distribution, a client
+    without one is not counted as accuracy 0). Every client is evaluated in one jitted
     call vmapped over clients (``[K, M, ...]``, padded to the largest client and masked).
     """
     check_labels(clients.arrays["y"], num_classes, "held-out client examples: labels 'y'")
     sizes = np.diff(clients.offsets)
     keep = np.flatnonzero(sizes > 0)
     if not len(keep):
-        raise ValueError("no client has a held-out example; raise --client-eval-fraction")
+        raise ValueError("no client has a held-out example: raise --client-eval-fraction "
+                         "(--client-eval split)")
     m = int(sizes.max())
     k = len(keep)
     stacked: dict[str, np.ndarray] = {}

@@ -36,16 +36,10 @@ from fedjax_lab.backends.edge.client import EXIT_REFUSED, EdgeClientError, _Conn
 from fedjax_lab.backends.edge.server import EdgeServer, _ResultSchema
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import qsgd, rand_k, with_error_feedback
-from fedjax_lab.experiment import (
-    FedAvgConfig,
-    build_problem,
-    edge_problem,
-    main,
-    parse_config,
-    run_fedavg_experiment,
-)
+from fedjax_lab.experiment import build_problem, main, run_fedavg_experiment
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import run
+from fedjax_lab.train import FedAvgConfig, fedavg_edge_problem
 from tests.helpers import LinearModel, checkpointed_server_state, make_population
 from tests.io.test_checkpoint import KILL_AFTER
 
@@ -604,7 +598,7 @@ def test_hostile_clients_are_dropped_and_the_round_completes(tmp_path):
         procs.append(subprocess.Popen(
             [*_client_cmd(address, _key_file(tmp_path, 0)), "--", *flags],
             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        problem = edge_problem(flags)  # while they start
+        problem = fedavg_edge_problem(flags)  # while they start
         assert problem.data.sizes[ROGUES.index("huge") + 1] >= 2  # weight * 3e38 overflows
         _rogue_spec(tmp_path / "spec.json", address, problem, round_timeout)
         modes = [*ROGUES, "intruder"]
@@ -653,7 +647,7 @@ def test_hostile_clients_are_dropped_and_the_round_completes(tmp_path):
     assert summary["dropped_clients"] == 15.0
     # Round 1 aggregated exactly the honest client (FedAvg of client 0 alone); round 2's
     # overflowing update was not committed: the model evaluated after it is round 1's.
-    _, _, _, evaluate, _ = build_problem(parse_config(FedAvgConfig, flags))
+    _, _, _, evaluate, _ = build_problem(FedAvgConfig.parse(flags))
     ref = run(problem.algorithm, VmapBackend("vmap"), problem.data.subset([0]),
               problem.init_params, rounds=2, clients_per_round=1, seed=problem.seed,
               evaluate=evaluate, eval_every=1)
@@ -769,8 +763,8 @@ SMALL = [*DATA, "--num-clients", "4", "--clients-per-round", "4", "--edge-client
 
 def test_unauthenticated_flood_neither_stalls_rounds_nor_gets_its_bodies_read(tmp_path):
     flags = [*SMALL, "--rounds", "2"]
-    problem = edge_problem(flags)
-    launcher = WorkerLauncher("fedjax_lab.experiment:edge_problem", flags,
+    problem = fedavg_edge_problem(flags)
+    launcher = WorkerLauncher("fedjax_lab.train:fedavg_edge_problem", flags,
                               log_dir=str(tmp_path), env=ENV)
     backend = EdgeBackend(num_workers=2, token=TOKEN, launcher=launcher, round_timeout=60,
                           join_timeout=60, problem_config=problem.config)
@@ -798,7 +792,7 @@ def test_unauthenticated_flood_neither_stalls_rounds_nor_gets_its_bodies_read(tm
 
 def test_client_with_other_hyperparameters_is_refused_at_join(tmp_path, capfd):
     flags = [*SMALL, "--rounds", "1"]
-    problem = edge_problem(flags)
+    problem = fedavg_edge_problem(flags)
     backend = EdgeBackend(num_workers=2, token=TOKEN, round_timeout=30, join_timeout=60,
                           problem_config=problem.config)
     lr = ["--client-lr", "5.0"]  # the server's is 0.2; every shape still agrees
@@ -942,8 +936,8 @@ def test_killed_edge_server_resumes_to_the_uninterrupted_result(tmp_path):
             if k not in TIME_FIELDS:
                 assert b[k] == pytest.approx(v, abs=1e-5), k
         assert b["uplink_bytes"] * 8 == a["upload_bits"]  # float32 deltas: 32 bits each
-    cfg = parse_config(FedAvgConfig, edge_flags)
-    problem = edge_problem(edge_flags)
+    cfg = FedAvgConfig.parse(edge_flags)
+    problem = fedavg_edge_problem(edge_flags)
     final = [checkpointed_server_state(d / "checkpoints", problem.algorithm,
                                        problem.init_params, cfg.rounds) for d in (out, ref_out)]
     chex.assert_trees_all_close(*final, atol=1e-5)

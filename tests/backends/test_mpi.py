@@ -21,15 +21,12 @@ from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.core.rng import SAMPLING_STREAM, host_rng
 from fedjax_lab.data.cohort import padded_cohort_size
 from fedjax_lab.data.federated import sample_clients
-from fedjax_lab.experiment import (
-    FedAvgConfig,
-    main,
-    run_fedavg_experiment,
-)
+from fedjax_lab.experiment import main, run_fedavg_experiment
 from fedjax_lab.io.checkpoint import Checkpointer
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore, owned_slots, run
 from fedjax_lab.systems.availability import Availability
+from fedjax_lab.train import FedAvgConfig
 from tests.backends import mpi_job
 from tests.helpers import (
     CKPT_FLAGS,

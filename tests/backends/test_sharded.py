@@ -17,8 +17,9 @@ from fedjax_lab.backends.sharded import ShardedBackend
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import qsgd, with_error_feedback
 from fedjax_lab.data.cohort import CohortBuilder
-from fedjax_lab.experiment import FedAvgConfig, build_backend, main, run_fedavg_experiment
+from fedjax_lab.experiment import build_backend, main, run_fedavg_experiment
 from fedjax_lab.runner import ClientStateStore, run
+from fedjax_lab.train import FedAvgConfig
 from tests.helpers import LAYOUT_FIELDS, LinearModel, make_population
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

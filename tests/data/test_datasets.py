@@ -118,6 +118,24 @@ def test_synthetic_layout_and_determinism():
     )
 
 
+@pytest.mark.parametrize("iid", [False, True], ids=["synthetic", "synthetic_iid"])
+def test_synthetic_test_client_ids_are_each_devices_own_test_part(iid):
+    ds = (D.synthetic_iid(num_clients=6, seed=1) if iid
+          else D.synthetic(0.0, 1.0, num_clients=6, seed=1))
+    assert ds.test_client_ids.shape == ds.test["y"].shape
+    n_train = np.bincount(ds.train_client_ids, minlength=6)
+    n_test = np.bincount(ds.test_client_ids, minlength=6)
+    # Every device is split floor(0.8 n) / rest, so each has its own test examples.
+    np.testing.assert_array_equal(n_train, (0.8 * (n_train + n_test)).astype(int))
+    assert n_test.min() >= 1
+    # Each device's features centre on its own v_k (v_k = 0 for all in the IID variant): the
+    # nearest device mean of the train part names a test example's device.
+    if not iid:
+        means = np.stack([ds.train["x"][ds.train_client_ids == k].mean(0) for k in range(6)])
+        nearest = np.argmin(((ds.test["x"][:, None] - means[None]) ** 2).sum(-1), axis=1)
+        np.testing.assert_array_equal(nearest, ds.test_client_ids)
+
+
 def test_synthetic_client_sizes_lognormal():
     # n_k = floor(lognormal(4, 2)) + 50, split floor(0.8 n) / rest.  Recover n_k (to within 1.25)
     # from the train counts, pool 5 seeds (150 clients) and check median / IQR of log(n - 50)
@@ -231,6 +249,14 @@ def test_load_dataset_registry(full_digits):
     syn = D.load_dataset("synthetic", alpha=0.5, beta=0.5, num_clients=4, seed=2)
     np.testing.assert_array_equal(syn.train["x"], D.synthetic(0.5, 0.5, 4, seed=2).train["x"])
     assert set(D.DATASET_NAMES) >= {"digits", "synthetic", "synthetic_iid", "mnist", "leaf"}
+    # NATURAL_TEST_DATASETS (what --client-eval natural accepts) is what the loaders return;
+    # leaf's test ids are checked with its files below, the TFDS loaders pass none.
+    for name, kwargs in (("digits", {}), ("synthetic_iid", {"num_clients": 2})):
+        has_ids = D.load_dataset(name, **kwargs).test_client_ids is not None
+        assert has_ids == (name in D.NATURAL_TEST_DATASETS)
+    assert syn.test_client_ids is not None and "synthetic" in D.NATURAL_TEST_DATASETS
+    assert "leaf" in D.NATURAL_TEST_DATASETS
+    assert not set(D.LAZY_DATASETS) & set(D.NATURAL_TEST_DATASETS)
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*digits"):
         D.load_dataset("imagenet")
 
@@ -271,7 +297,8 @@ def _leaf_femnist(root, rng):
 
 
 def test_leaf_femnist_round_trip(tmp_path):
-    train, _ = _leaf_femnist(tmp_path, np.random.default_rng(0))
+    train, test = _leaf_femnist(tmp_path, np.random.default_rng(0))
+    test_users = test["a.json"]
     ds = D.leaf(tmp_path, "femnist")
     assert ds.name == "leaf/femnist" and ds.num_classes == 62 and ds.input_shape == (28, 28, 1)
     users = {**train["a.json"], **train["b.json"]}
@@ -280,6 +307,9 @@ def test_leaf_femnist_round_trip(tmp_path):
     np.testing.assert_array_equal(ds.train["x"].reshape(9, 784), want_x)
     np.testing.assert_array_equal(ds.train["y"], np.concatenate([u["y"] for u in users.values()]))
     assert ds.test["x"].shape == (4, 28, 28, 1) and ds.test["y"].dtype == np.int32
+    # The test files' users, in file order: each test example keeps its writer.
+    np.testing.assert_array_equal(ds.test_client_ids, ["w1", "w2", "w3", "w3"])
+    np.testing.assert_array_equal(ds.test["y"][ds.test_client_ids == "w3"], test_users["w3"]["y"])
     fd = D.federate(ds, "natural", None, seed=0)
     assert fd.client_ids == ("w1", "w2", "w3")
     np.testing.assert_array_equal(fd.client(2)["y"], users["w3"]["y"])
@@ -307,6 +337,7 @@ def test_leaf_shakespeare_round_trip(tmp_path):
         c for u in train["all.json"].values() for c in u["y"]
     )
     np.testing.assert_array_equal(ds.train_client_ids, ["HAMLET"] * 3 + ["OPHELIA"] * 2)
+    np.testing.assert_array_equal(ds.test_client_ids, ["HAMLET"])
 
 
 def test_leaf_shakespeare_unknown_character(tmp_path):

@@ -179,12 +179,13 @@ def test_lazy_train_split_reads_only_the_rows_taken(prepared, name):
 
 
 def test_the_mpi_experiment_loads_tfds_lazily(prepared):
-    from fedjax_lab.experiment import FedAvgConfig, build_problem, parse_config
+    from fedjax_lab.experiment import build_problem
+    from fedjax_lab.train import FedAvgConfig
 
     data_dir, _ = prepared
     argv = ["--dataset", "mnist", "--data-dir", str(data_dir), "--partition", "iid",
             "--num-clients", "3", "--clients-per-round", "2", "--model", "logreg"]
-    _, train, *_ = build_problem(parse_config(FedAvgConfig, [*argv, "--backend", "mpi"]))
+    _, train, *_ = build_problem(FedAvgConfig.parse([*argv, "--backend", "mpi"]))
     assert train.is_lazy
-    _, train, *_ = build_problem(parse_config(FedAvgConfig, argv))
+    _, train, *_ = build_problem(FedAvgConfig.parse(argv))
     assert not train.is_lazy

@@ -13,11 +13,12 @@ import sys
 import jax
 import pytest
 
-from fedjax_lab.experiment import EXIT_DIVERGED, FedAvgConfig, main, run_fedavg_experiment
+from fedjax_lab.experiment import EXIT_DIVERGED, main, run_fedavg_experiment
 from fedjax_lab.experiments_lib.fedpaq import main as fedpaq_main
 from fedjax_lab.experiments_lib.sstc import main as sstc_main
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.sweep import main as sweep_main
+from fedjax_lab.train import FedAvgConfig
 
 TINY = ["--rounds", "2", "--num-clients", "8", "--clients-per-round", "3", "--eval-every", "2",
         "--model", "logreg", "--progress", "false", "--local-epochs", "1"]

@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from fedjax_lab.experiment import FedAvgConfig, main, parse_config, run_fedavg_experiment
+from fedjax_lab.experiment import main, run_fedavg_experiment
 from fedjax_lab.io.writers import read_jsonl
+from fedjax_lab.models import get_model
+from fedjax_lab.train import FedAvgConfig, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--rounds", "3", "--num-clients", "8", "--clients-per-round", "3", "--eval-every", "2",
@@ -59,11 +61,11 @@ def test_bad_values_exit_2_with_message(argv, message, capsys, tmp_path):
 
 def test_unknown_flag_and_unparsable_value_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
-        parse_config(FedAvgConfig, ["--rounds", "3", "--learning-rate", "1"])
+        FedAvgConfig.parse(["--rounds", "3", "--learning-rate", "1"])
     assert e.value.code == 2
     assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        parse_config(FedAvgConfig, ["--rounds", "three"])
+        FedAvgConfig.parse(["--rounds", "three"])
     assert e.value.code == 2
     assert "invalid int value: 'three'" in capsys.readouterr().err
 
@@ -78,3 +80,39 @@ def test_same_seed_reproduces_metrics(tmp_path):
         runs.append([{k: v for k, v in r.items() if k != "round_seconds"} for r in recs])
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [([], "fedavg"), (["--server-lr", "0.5"], "fedavg"),
+     (["--server-optimizer", "adam", "--server-lr", "0.01"], "fedadam"),
+     (["--server-optimizer", "momentum"], "fedmomentum")],
+    ids=["default", "server-lr", "adam", "momentum"],
+)
+def test_fedavg_py_is_a_preset_of_train_py(flags, name):
+    """fedavg.py = train.py --algorithm fedopt --out runs/fedavg (same settings, so the same
+    run); the algorithm keeps the names fedavg.py always logged."""
+    preset = FedAvgConfig.parse(flags)
+    general = TrainConfig.parse(["--algorithm", "fedopt", "--out", "runs/fedavg", *flags])
+    assert preset.as_dict() == general.as_dict()
+    assert preset.out == "runs/fedavg" and not preset.auto_out
+    model = get_model("logreg", (4,), 3)
+    assert preset.make_algorithm(model).name == name
+    assert general.make_algorithm(model).name == "fedopt"
+    assert FedAvgConfig.parse(["--algorithm", "fedprox"]).make_algorithm(model).name == "fedprox"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--server-lr", "-1"], "--server-lr must be a finite number > 0, got -1.0"),
+     (["--server-optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+     (["--algorithm", "fedprox", "--server-lr", "0.5"], "--server-lr needs --algorithm fedopt")],
+    ids=["negative-lr", "unknown-optimizer", "lr-without-server-optimizer"],
+)
+def test_bad_server_flags_exit_2(flags, message, capsys, tmp_path):
+    try:
+        code = main(FedAvgConfig, run_fedavg_experiment, [*TINY, "--out", str(tmp_path), *flags])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -210,12 +210,27 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
         (["--client_lr", "0.1"], "unrecognized arguments: --client_lr (did you mean --client-lr?)"),
         (["--rou", "3"], "unrecognized arguments: --rou"),
         (["--no-progress", "false"], "--no-progress takes no value"),
+        (["--client-eval", "natural"], "--client-eval natural needs a dataset whose test "
+         "examples belong to natural clients (--dataset synthetic|synthetic_iid|leaf), got "
+         "--dataset digits"),
+        (["--client-eval", "natural", "--dataset", "synthetic_iid"],
+         "it needs --partition natural (got --partition dirichlet_per_class)"),
+        (["--client-eval", "natural", "--dataset", "synthetic_iid", "--partition", "natural",
+          "--client-eval-fraction", "0.2"], "--client-eval-fraction needs --client-eval split "
+         "(got --client-eval natural)"),
+        (["--client-eval", "off", "--client-eval-fraction", "0.2"],
+         "--client-eval-fraction needs --client-eval split (got --client-eval off)"),
+        (["--client-eval", "split"], "--client-eval split holds out a fraction of every "
+         "client's examples: pass --client-eval-fraction"),
+        (["--client-eval", "all"], "--client-eval must be one of off, split, natural"),
     ],
     ids=["algorithm", "fedbn-refused", "compressor", "aggregator", "sparsity-unselected",
          "mu-unselected",
          "trim-unselected", "median-mpi", "krum-chunk", "dp-clip", "fedpaq-steps",
          "scaffold-momentum", "bad-sparsity", "systems-edge", "time-model", "underscore",
-         "abbreviation", "no-x-value"],
+         "abbreviation", "no-x-value", "natural-client-eval-digits",
+         "natural-client-eval-partitioned", "natural-client-eval-fraction",
+         "client-eval-off-fraction", "client-eval-split-no-fraction", "client-eval-unknown"],
 )
 def test_bad_input_exits_2_naming_the_flags(flags, message, capsys, tmp_path):
     try:
@@ -310,12 +325,30 @@ def test_presets_parse_and_the_offline_ones_run(preset, tmp_path):
     assert summary["config"]["dataset"] == cfg.dataset and summary["rounds"] == 2
 
 
-def test_synthetic_iid_with_any_client_count(tmp_path):
+def test_synthetic_iid_with_any_client_count_and_natural_client_evaluation(tmp_path):
+    """Any --num-clients; --client-eval natural evaluates each device on its own test examples
+    (a numpy loop over the devices here) and trains on every train example."""
     out = tmp_path / "run"
     argv = [*TINY, "--dataset", "synthetic_iid", "--partition", "natural", "--num-clients", "7",
-            "--out", str(out)]
+            "--client-eval", "natural", "--eval-every", "1", "--out", str(out)]
     assert main(TrainConfig, run_fedavg_experiment, argv) == 0
-    assert json.loads((out / "summary.json").read_text())["num_train_clients"] == 7
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_train_clients"] == 7 and summary["final_clients_evaluated"] == 7
+    assert summary["config"]["client_eval"] == "natural"
+    records = read_jsonl(str(out / "metrics.jsonl"))
+    assert [r["clients_evaluated"] for r in records] == [7, 7]
+    assert summary["final_client_accuracy_mean"] == records[-1]["client_accuracy_mean"]
+    dataset, train, model, evaluate, params = build_problem(TrainConfig.parse(argv))
+    assert train.num_examples == len(dataset.train["y"])  # nothing held out of training
+    accuracies = []
+    for k in range(7):
+        mine = dataset.test_client_ids == k
+        logits = np.asarray(model.apply(params, dataset.test["x"][mine]))
+        accuracies.append(np.mean(np.argmax(logits, 1) == dataset.test["y"][mine]))
+    got = evaluate(params)
+    np.testing.assert_allclose(got["client_accuracy_mean"], np.mean(accuracies), rtol=1e-6)
+    np.testing.assert_allclose(got["client_accuracy_min"], np.min(accuracies), rtol=1e-6)
+    assert summary["initial_evaluation"]["client_accuracy_mean"] == got["client_accuracy_mean"]
 
 
 def test_csv_tensorboard_and_plots_hold_the_jsonl_numbers(tmp_path):

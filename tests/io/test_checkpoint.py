@@ -16,14 +16,11 @@ from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import qsgd, with_error_feedback
 from fedjax_lab.core.types import ServerState
-from fedjax_lab.experiment import (
-    FedAvgConfig,
-    main,
-    run_fedavg_experiment,
-)
+from fedjax_lab.experiment import main, run_fedavg_experiment
 from fedjax_lab.io.checkpoint import Checkpointer, RunCheckpointing
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore, run
+from fedjax_lab.train import FedAvgConfig
 from tests.helpers import (
     CKPT_FLAGS as FLAGS,
 )

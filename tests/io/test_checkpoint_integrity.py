@@ -21,7 +21,7 @@ import optax
 import pytest
 
 from fedjax_lab.core.types import ServerState
-from fedjax_lab.experiment import FedAvgConfig, main, run_fedavg_experiment
+from fedjax_lab.experiment import main, run_fedavg_experiment
 from fedjax_lab.io.checkpoint import (
     CHECKSUM_FILE,
     CheckpointCorrupt,
@@ -33,6 +33,7 @@ from fedjax_lab.io.checkpoint import (
 )
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.runner import ClientStateStore
+from fedjax_lab.train import FedAvgConfig
 from tests.helpers import CKPT_FLAGS, experiment_server_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,13 +1,18 @@
-"""Federated evaluation equals a plain numpy loop over clients; the held-out split is exact."""
+"""Federated evaluation equals a plain numpy loop over clients; the held-out split is exact;
+natural evaluation gives every client the dataset's own test examples of that client."""
+
+import json
 
 import jax
 import numpy as np
 import pytest
 
+from fedjax_lab.data.datasets import federate, leaf
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.metrics.client_evaluation import (
     HeldOut,
     make_client_evaluator,
+    natural_client_examples,
     split_client_examples,
 )
 from fedjax_lab.models import get_model
@@ -49,19 +54,73 @@ def test_client_metrics_equal_a_numpy_loop_over_clients():
     model = get_model("logreg", (5,), 3)
     params = model.init(jax.random.key(2))
     got = make_client_evaluator(model.apply, data, num_classes=3)(params)
+    clients = [{k: v[offsets[i]:offsets[i + 1]] for k, v in data.arrays.items()}
+               for i in range(len(sizes))]
+    _assert_numpy_loop(got, model, params, clients, evaluated=5)
+
+
+def _assert_numpy_loop(got, model, params, clients, evaluated):
+    """``got`` (an evaluator's metrics) equals a numpy loop over ``clients`` (x, y dicts);
+    clients without an example are not evaluated (not counted as accuracy 0)."""
     accuracies, losses = [], []
-    for i in range(len(sizes)):
-        client = {k: v[offsets[i]:offsets[i + 1]] for k, v in data.arrays.items()}
+    for client in clients:
         if not len(client["y"]):
-            continue  # no held-out example: not evaluated
+            continue
         logits = np.asarray(model.apply(params, client["x"]), np.float64)
         log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1,
                                            keepdims=True)) - logits.max(1, keepdims=True)
         accuracies.append(np.mean(np.argmax(logits, 1) == client["y"]))
         losses.append(-np.mean(log_probs[np.arange(len(client["y"])), client["y"]]))
-    assert got["clients_evaluated"] == 5
+    assert got["clients_evaluated"] == evaluated == len(accuracies)
     np.testing.assert_allclose(got["client_accuracy_mean"], np.mean(accuracies), rtol=1e-6)
     np.testing.assert_allclose(got["client_accuracy_p10"], np.percentile(accuracies, 10),
                                rtol=1e-6)
     np.testing.assert_allclose(got["client_accuracy_min"], np.min(accuracies), rtol=1e-6)
     np.testing.assert_allclose(got["client_loss_mean"], np.mean(losses), rtol=1e-5)
+
+
+def _write_leaf(root, split, users):
+    (root / split).mkdir(parents=True)
+    blob = {"users": list(users), "num_samples": [len(u["y"]) for u in users.values()],
+            "user_data": users}
+    (root / split / "data.json").write_text(json.dumps(blob))
+
+
+def test_natural_client_metrics_equal_a_numpy_loop_over_the_users_test_files(tmp_path):
+    """LEAF JSON written here: each user is evaluated on its own test entries. A user with
+    train data only is not evaluated; one with test data only is no client."""
+    rng = np.random.default_rng(3)
+
+    def user(n):
+        return {"x": rng.normal(size=(n, 4)).round(3).tolist(),
+                "y": rng.integers(0, 3, n).tolist()}
+
+    train = {"u3": user(5), "u1": user(4), "only_train": user(3), "u2": user(6)}
+    test = {"u2": user(3), "only_test": user(2), "u1": user(1), "u3": user(4)}
+    test["u1"]["y"][0] = 2  # the largest label appears, as num_classes = 1 + max label
+    _write_leaf(tmp_path, "train", train)
+    _write_leaf(tmp_path, "test", test)
+    ds = leaf(tmp_path, "synthetic")
+    population = federate(ds, "natural", None, seed=0)
+    held = natural_client_examples(population, ds.test, ds.test_client_ids)
+    assert held.client_ids == population.client_ids == ("only_train", "u1", "u2", "u3")
+    assert list(np.diff(held.offsets)) == [0, 1, 3, 4]
+    model = get_model("logreg", ds.input_shape, ds.num_classes)
+    params = model.init(jax.random.key(1))
+    got = make_client_evaluator(model.apply, held, num_classes=ds.num_classes)(params)
+    clients = [{"x": np.asarray(test[u]["x"], np.float32), "y": np.asarray(test[u]["y"])}
+               for u in ("u1", "u2", "u3")]
+    _assert_numpy_loop(got, model, params, clients, evaluated=3)
+
+
+def test_natural_client_examples_bad_input():
+    data = _population([3, 2])  # clients "0" and "1"
+    test = {"x": np.zeros((3, 5), np.float32), "y": np.zeros(3, np.int32)}
+    with pytest.raises(ValueError, match=r"test_client_ids is None.*--client-eval split"):
+        natural_client_examples(data, test, None)
+    with pytest.raises(ValueError, match="one id per test example"):
+        natural_client_examples(data, test, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="no client of the population has a test example"):
+        natural_client_examples(data, test, np.array(["a", "b", "c"]))
+    held = natural_client_examples(data, test, np.array([1, 1, 0]))  # ids compared as strings
+    assert list(np.diff(held.offsets)) == [1, 2]

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 from fedjax_lab.backends.edge import protocol
 
-DEFAULT_PROBLEM = "fedjax_lab.experiment:edge_problem"
+DEFAULT_PROBLEM = "fedjax_lab.train:fedavg_edge_problem"
 
 
 class _BadFlag(ValueError):
@@ -125,17 +125,12 @@ def _server(argv: Sequence[str]) -> int:
         return _fail(err)
 
     from fedjax_lab.backends.edge.server import EdgeBackend
-    from fedjax_lab.experiment import (
-        FedAvgConfig,
-        parse_config,
-        print_summary,
-        problem_config,
-        run_fedavg_experiment,
-    )
+    from fedjax_lab.experiment import print_summary, problem_config, run_fedavg_experiment
     from fedjax_lab.io.writers import write_json
+    from fedjax_lab.train import FedAvgConfig
 
     try:
-        cfg = parse_config(FedAvgConfig, [*rest, "--backend", "edge"], prog="edge server")
+        cfg = FedAvgConfig.parse([*rest, "--backend", "edge"], prog="edge server")
     except ValueError as err:
         return _fail(err)
     try:

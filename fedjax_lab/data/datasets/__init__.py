@@ -1,7 +1,12 @@
 """Dataset loaders returning a common `Dataset`, and `federate` to split one into clients."""
 
 from fedjax_lab.data.datasets._base import Dataset, federate
-from fedjax_lab.data.datasets._registry import DATASET_NAMES, LAZY_DATASETS, load_dataset
+from fedjax_lab.data.datasets._registry import (
+    DATASET_NAMES,
+    LAZY_DATASETS,
+    NATURAL_TEST_DATASETS,
+    load_dataset,
+)
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import LEAF_TASKS, SHAKESPEARE_VOCAB, leaf
 from fedjax_lab.data.datasets.synthetic import synthetic, synthetic_iid
@@ -18,6 +23,7 @@ __all__ = [
     "DATASET_NAMES",
     "LAZY_DATASETS",
     "LEAF_TASKS",
+    "NATURAL_TEST_DATASETS",
     "SHAKESPEARE_VOCAB",
     "Dataset",
     "LazyImageSplit",

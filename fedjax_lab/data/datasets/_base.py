@@ -27,6 +27,9 @@ class Dataset(NamedTuple):
       input_shape: per-example shape of ``x``.
       train_client_ids: natural client id (writer, user, device) of each train example, or
         None when the dataset has no natural clients.
+      test_client_ids: natural client id of each test example (the same ids as
+        `train_client_ids`: a client's own held-out examples, e.g. a LEAF user's test file
+        entries), or None when the data do not say whose the test examples are.
     """
 
     name: str
@@ -35,6 +38,8 @@ class Dataset(NamedTuple):
     num_classes: int
     input_shape: tuple[int, ...]
     train_client_ids: np.ndarray | None
+    # Defaulted: loaders without natural test clients (and older callers) need not pass it.
+    test_client_ids: np.ndarray | None = None
 
 
 def check_dataset(ds: Dataset) -> Dataset:
@@ -65,6 +70,12 @@ def check_dataset(ds: Dataset) -> Dataset:
         check_labels(y, ds.num_classes, f"{ds.name}: `{split}` labels")
     if ds.train_client_ids is not None and ds.train_client_ids.shape != ds.train["y"].shape:
         raise ValueError(f"{ds.name}: `train_client_ids` must have one id per train example")
+    if ds.test_client_ids is not None:
+        if ds.train_client_ids is None:
+            raise ValueError(f"{ds.name}: `test_client_ids` needs `train_client_ids` (the "
+                             "test examples' clients are the train set's natural clients)")
+        if ds.test_client_ids.shape != ds.test["y"].shape:
+            raise ValueError(f"{ds.name}: `test_client_ids` must have one id per test example")
     return ds
 
 

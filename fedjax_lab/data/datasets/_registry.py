@@ -27,6 +27,9 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 DATASET_NAMES = tuple(_LOADERS)
 # Loaders with ``lazy=True``: the train split stays on disk and is read per round, per client.
 LAZY_DATASETS = ("mnist", "fashion_mnist", "emnist", "cifar10", "cifar100")
+# Loaders whose test examples carry their natural client (``Dataset.test_client_ids``): FedProx's
+# per-device train/test split and LEAF's per-user test files.
+NATURAL_TEST_DATASETS = ("synthetic", "synthetic_iid", "leaf")
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:

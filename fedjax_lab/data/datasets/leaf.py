@@ -147,13 +147,14 @@ def leaf(root_dir: str | Path, task: str) -> Dataset:
       task: one of ``"femnist", "shakespeare", "synthetic"``.
 
     Returns:
-      A `Dataset` named ``"leaf/<task>"`` whose ``train_client_ids`` are the LEAF user names.
+      A `Dataset` named ``"leaf/<task>"`` whose ``train_client_ids`` and ``test_client_ids``
+      are the LEAF user names (a test user need not appear in train, nor the reverse).
     """
     if task not in LEAF_TASKS:
         raise ValueError(f"unknown LEAF `task` {task!r}; valid tasks: {', '.join(LEAF_TASKS)}")
     root = Path(root_dir)
     x_tr, y_tr, ids = _read_split(root, "train", task)
-    x_te, y_te, _ = _read_split(root, "test", task)
+    x_te, y_te, test_ids = _read_split(root, "test", task)
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise ValueError(
             f"LEAF {task}: train examples have shape {x_tr.shape[1:]}, test {x_te.shape[1:]}"
@@ -177,5 +178,6 @@ def leaf(root_dir: str | Path, task: str) -> Dataset:
             num_classes=num_classes,
             input_shape=tuple(x_tr.shape[1:]),
             train_client_ids=ids,
+            test_client_ids=test_ids,
         )
     )

@@ -64,7 +64,7 @@ def _generate(
         big_b = rng.normal(0.0, beta, num_clients)
         means_x = rng.normal(big_b[:, None], 1.0, (num_clients, _DIM))
 
-    xs_train, ys_train, ids_train, xs_test, ys_test = [], [], [], [], []
+    xs_train, ys_train, ids_train, xs_test, ys_test, ids_test = [], [], [], [], [], []
     for k in range(num_clients):
         n = int(sizes[k])
         if iid:
@@ -89,6 +89,7 @@ def _generate(
         ids_train.append(np.full(n_train, k, dtype=np.int64))
         xs_test.append(x[te])
         ys_test.append(y[te])
+        ids_test.append(np.full(n - n_train, k, dtype=np.int64))
 
     return check_dataset(
         Dataset(
@@ -104,6 +105,7 @@ def _generate(
             num_classes=_NUM_CLASSES,
             input_shape=(_DIM,),
             train_client_ids=np.concatenate(ids_train),
+            test_client_ids=np.concatenate(ids_test),
         )
     )
 
@@ -128,7 +130,7 @@ def synthetic(
     Each client's examples are shuffled and split into ``floor(train_fraction * n)`` train
     examples and the rest test (the paper reports an 80/20 split; the released generator uses
     90/10: pass ``train_fraction=0.9`` to match it). The test set is the union of the clients'
-    test parts.
+    test parts, and ``test_client_ids`` says whose each one is.
 
     Args:
       alpha: model heterogeneity (>= 0).
@@ -138,7 +140,8 @@ def synthetic(
       train_fraction: per-client train fraction in ``(0, 1)``.
 
     Returns:
-      A `Dataset` whose ``train_client_ids`` are the device indices (natural partition).
+      A `Dataset` whose ``train_client_ids`` and ``test_client_ids`` are the device indices
+      (natural partition; every device has at least one test example).
     """
     alpha = _check_nonneg(alpha, "alpha")
     beta = _check_nonneg(beta, "beta")
@@ -159,6 +162,6 @@ def synthetic_iid(num_clients: int = 30, *, seed: int = 0, train_fraction: float
       train_fraction: per-client train fraction in ``(0, 1)``.
 
     Returns:
-      A `Dataset` whose ``train_client_ids`` are the device indices (natural partition).
+      A `Dataset` whose ``train_client_ids`` and ``test_client_ids`` are the device indices.
     """
     return _generate(0.0, 0.0, True, num_clients, seed, train_fraction, "synthetic_iid")
