@@ -277,6 +277,29 @@ def floor_log2_np(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def flatnonzero(values: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of a 1-D integer array, fast when most entries are zero.
+
+    Entries are scanned 8 bytes at a time (one uint64 word covers ``8 // itemsize`` entries),
+    and only words that are non-zero are expanded: on a sparse vector (QSGD levels at small
+    ``s``, unary bit streams of long runs) that is one pass over ``d / 8`` words instead of
+    ``d`` entries. Mostly non-zero inputs take the plain ``np.flatnonzero``.
+    """
+    values = np.ascontiguousarray(values).ravel()
+    per_word = 8 // values.itemsize
+    if values.itemsize > 8 or per_word == 1 or values.size < 1024:
+        return np.flatnonzero(values)
+    head = values.size - values.size % per_word
+    words = np.flatnonzero(values[:head].view(np.uint64))
+    if 2 * words.size > head // per_word:  # mostly non-zero: expanding would not pay
+        return np.flatnonzero(values)
+    local = np.flatnonzero(values[:head].reshape(-1, per_word)[words])
+    out = words[local // per_word] * per_word + local % per_word
+    if head < values.size:
+        out = np.concatenate([out, head + np.flatnonzero(values[head:])])
+    return out
+
+
 # floor(log2(v)) for v < 2**16 (entry 0, never a valid argument, is -1).
 _SMALL = (np.frexp(np.arange(1 << 16, dtype=np.float64))[1] - 1).astype(np.int8)
 
@@ -327,7 +350,7 @@ class BitReader:
         # A valid field spans at most n * (max_count + 1) bits: never scan (or allocate) beyond.
         remaining = self._bits.size - self._pos
         window = min(remaining, n * (max_count + 1))
-        ones = np.flatnonzero(self._bits[self._pos : self._pos + window])[:n]
+        ones = flatnonzero(self._bits[self._pos : self._pos + window])[:n]
         if ones.size < n:
             if window < remaining:  # n codes within their maxima would fit in the window
                 raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
