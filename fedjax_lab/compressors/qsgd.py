@@ -244,18 +244,16 @@ def _host_streams(
     """
     if nonzero_pos is None:
         nonzero_pos = _codec.flatnonzero(levels)
-    magnitudes = np.abs(levels[nonzero_pos].astype(np.int64))
+    # Magnitudes are at most s: their code lengths come from a histogram (one pass, no
+    # per-non-zero int64 temporaries), γ(l + 1) for the dense and γ(l) for the sparse coding.
+    counts = np.bincount(np.abs(levels[nonzero_pos].astype(np.int32)))
+    magnitude = np.arange(counts.size)
+    gamma_of_next = 2 * _codec.floor_log2_np(magnitude + 1) + 1
+    gamma_of_level = 2 * _codec.floor_log2_np(np.maximum(magnitude, 1)) + 1
     runs = np.diff(nonzero_pos, prepend=-1) - 1
-    gamma_of_next = 2 * _codec.floor_log2_np(magnitudes + 1) + 1
-    gamma_of_level = 2 * _codec.floor_log2_np(magnitudes) + 1
     n = nonzero_pos.size
-    dense = (d - n) + int(np.sum(gamma_of_next)) + n
-    sparse = (
-        _codec.count_width(d)
-        + int(np.sum(2 * _codec.floor_log2_np(runs + 1) + 1))
-        + n
-        + int(np.sum(gamma_of_level))
-    )
+    dense = (d - n) + int(counts @ gamma_of_next) + n
+    sparse = _codec.count_width(d) + _codec.gamma_total(runs + 1) + n + int(counts @ gamma_of_level)
     return dense, sparse, nonzero_pos, runs
 
 

@@ -128,7 +128,8 @@ def _pack_trits(trits: np.ndarray) -> bytes:
     2-bit codes at once (a quarter of the array operations of a per-trit pass).
     """
     raw = np.ascontiguousarray(trits, dtype=np.int8).view(np.uint8)
-    raw = np.concatenate([raw, np.zeros(-raw.size % 4, np.uint8)])
+    if raw.size % 4:
+        raw = np.concatenate([raw, np.zeros(-raw.size % 4, np.uint8)])
     words = raw.view("<u4")
     lanes = np.uint32(0x01010101)
     codes = (words & lanes) << np.uint32(1) | (words >> np.uint32(1)) & lanes
