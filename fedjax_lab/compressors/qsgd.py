@@ -118,7 +118,7 @@ def qsgd(
       rounding_bits: random bits behind each coordinate's ``Bernoulli(s|x_i|/‖x‖ - l)``.
         ``None`` (default; the outputs of earlier versions for a given key): one float32
         uniform per coordinate, ``P(round up)`` exact to ``2**-23``. ``16`` or ``8``: a
-        16/8-bit uniform plus a 32-bit tie breaker shared by 16 coordinates, about 2x/3x less
+        16/8-bit uniform plus a 32-bit tie breaker shared by 16 coordinates, 1.8x/3.2x less
         threefry work on XLA:CPU; ``P(round up)`` is exact to ``2**-(k+32)`` (exact for every
         ``s|x_i|/‖x‖ >= 2**-(k+9)``), so unbiasedness and the variance above hold as for
         independent draws, while coordinates of a tie-breaker group are correlated by at most
