@@ -212,11 +212,19 @@ class BitWriter:
 
     def varwidth(self, values: np.ndarray, widths: np.ndarray) -> None:
         """Writes ``values[j]`` in ``widths[j]`` bits (``widths <= 64``, values fit)."""
-        values = np.asarray(values).ravel().astype(np.uint64)
+        values = np.asarray(values).ravel()
         widths = np.asarray(widths, dtype=np.int64).ravel()
         total = int(widths.sum())
         if total == 0:
             return
+        if int(widths.max()) <= 8:
+            # Short codes (QSGD's γ mantissas, small levels): each value's 8 bits as a row,
+            # keeping its last `width` bits; row-major compaction is the stream order.
+            used = widths > 0
+            rows = np.unpackbits(values[used].astype(np.uint8)[:, None], axis=1)
+            self._add(rows[_LAST_BITS[widths[used]]])
+            return
+        values = values.astype(np.uint64)
         out = np.zeros(total, dtype=np.uint8)
         starts = np.cumsum(widths) - widths
         # Step t writes bit t (from the top) of every code longer than t: the work is one
@@ -233,9 +241,16 @@ class BitWriter:
 
     def gamma(self, values: np.ndarray) -> None:
         """Elias-γ codes of ``values >= 1`` in separated order (all prefixes, then mantissas)."""
-        values = np.asarray(values, dtype=np.uint64).ravel()
+        values = np.asarray(values).ravel()
         if values.size == 0:
             return
+        if values.max() < _SMALL.size:
+            # Small values (QSGD levels): table exponents and int32 arithmetic, no uint64 copy.
+            n = _SMALL[values]
+            self.unary(n)
+            self.varwidth(values.astype(np.int32) - (np.int32(1) << n.astype(np.int32)), n)
+            return
+        values = values.astype(np.uint64)
         n = floor_log2_np(values)
         self.unary(n)
         mask = (np.uint64(1) << n.astype(np.uint64)) - np.uint64(1)
@@ -277,6 +292,44 @@ def floor_log2_np(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def flatnonzero(values: np.ndarray, expected_nonzeros: int | None = None) -> np.ndarray:
+    """``np.flatnonzero`` of a 1-D integer array, fast when most entries are zero.
+
+    Entries are scanned 8 bytes at a time (one uint64 word covers ``8 // itemsize`` entries),
+    and only words that are non-zero are expanded: on a sparse vector (QSGD levels at small
+    ``s``, unary bit streams of long runs) that is one pass over ``d / 8`` words instead of
+    ``d`` entries. Mostly non-zero inputs take the plain ``np.flatnonzero``, directly when the
+    caller's estimate ``expected_nonzeros`` says so (it only picks the path).
+    """
+    values = np.ascontiguousarray(values).ravel()
+    per_word = 8 // values.itemsize
+    if values.itemsize > 8 or per_word == 1 or values.size < 1024:
+        return np.flatnonzero(values)
+    if expected_nonzeros is not None and 16 * expected_nonzeros > values.size:
+        return np.flatnonzero(values)
+    head = values.size - values.size % per_word
+    words = np.flatnonzero(values[:head].view(np.uint64))
+    if 2 * words.size > head // per_word:  # mostly non-zero: expanding would not pay
+        return np.flatnonzero(values)
+    local = np.flatnonzero(values[:head].reshape(-1, per_word)[words])
+    out = words[local // per_word] * per_word + local % per_word
+    if head < values.size:
+        out = np.concatenate([out, head + np.flatnonzero(values[head:])])
+    return out
+
+
+def gamma_total(values: np.ndarray) -> int:
+    """``Σ (2 floor(log2 v) + 1)``: the Elias-γ length of integer ``values >= 1`` together."""
+    values = np.asarray(values)
+    if values.size and values.max() < _SMALL.size:
+        # Table lookups summed in int64 without an int64 copy of the lookups.
+        return 2 * int(np.sum(_SMALL[values], dtype=np.int64)) + values.size
+    return int(np.sum(2 * floor_log2_np(values) + 1))
+
+
+# Row w: which of a byte's 8 bits (MSB first) belong to a w-bit code, its last w.
+_LAST_BITS = np.arange(8)[None, :] >= 8 - np.arange(9)[:, None]
+
 # floor(log2(v)) for v < 2**16 (entry 0, never a valid argument, is -1).
 _SMALL = (np.frexp(np.arange(1 << 16, dtype=np.float64))[1] - 1).astype(np.int8)
 
@@ -288,7 +341,10 @@ class BitReader:
     """Parses a bit section written by :class:`BitWriter`; every failure is a ``ValueError``."""
 
     def __init__(self, data: memoryview, what: str) -> None:
-        self._bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+        raw = np.frombuffer(data, dtype=np.uint8)
+        self._bits = np.unpackbits(raw)
+        # The bytes again, 8 zero bytes longer, for 64-bit windows at any byte (varwidth).
+        self._bytes = np.concatenate([raw, np.zeros(8, np.uint8)])
         self._pos = 0
         self._what = what
 
@@ -327,7 +383,8 @@ class BitReader:
         # A valid field spans at most n * (max_count + 1) bits: never scan (or allocate) beyond.
         remaining = self._bits.size - self._pos
         window = min(remaining, n * (max_count + 1))
-        ones = np.flatnonzero(self._bits[self._pos : self._pos + window])[:n]
+        # The field holds n ones: dense fields (QSGD dense γ prefixes) skip the word scan.
+        ones = flatnonzero(self._bits[self._pos : self._pos + window], n)[:n]
         if ones.size < n:
             if window < remaining:  # n codes within their maxima would fit in the window
                 raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
@@ -347,7 +404,23 @@ class BitReader:
         if int(widths.max()) > 63:
             raise ValueError(f"codec: varwidth fields are at most 63 bits, got {widths.max()}.")
         total = int(widths.sum())
+        first = self._pos
         chunk = self._take(total)
+        max_width = int(widths.max())
+        if max_width <= 57:
+            # Each code lies within the 8 * nbytes bits from its first byte (bit offset <= 7,
+            # width <= 8 * nbytes - 7): read that big-endian word through an overlapping
+            # byte-stride view and shift the code out, a few operations per code instead of
+            # one per bit, in the narrowest word that fits (2 bytes for QSGD's mantissas).
+            nbytes = 2 if max_width <= 9 else 4 if max_width <= 25 else 8
+            word = np.dtype(f"u{nbytes}")
+            starts = first + np.cumsum(widths) - widths
+            windows = np.ndarray(
+                (self._bytes.size - 7,), dtype=f">u{nbytes}", buffer=self._bytes, strides=(1,)
+            )[starts >> 3].astype(word)
+            shift = (8 * nbytes - (starts & 7) - widths).astype(word)
+            mask = (word.type(1) << widths.astype(word)) - word.type(1)
+            return ((windows >> shift) & mask).astype(np.int64)
         values = np.zeros(n, dtype=np.int64)
         # Step t appends bit t of every code longer than t (see BitWriter.varwidth).
         codes = np.flatnonzero(widths)

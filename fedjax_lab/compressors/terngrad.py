@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _codec
+from fedjax_lab.compressors import _bernoulli, _codec
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -37,7 +37,7 @@ class TernGradPayload:
         check_array(self.trits, (self.layout.size,), np.int8, "terngrad payload.trits")
 
 
-def terngrad(clip_sigmas: float | None = None) -> Compressor:
+def terngrad(clip_sigmas: float | None = None, *, rounding_bits: int | None = None) -> Compressor:
     """TernGrad: ``s_t · sign(g) ∘ b`` with ``b_i ~ Bernoulli(|g_i|/s_t)``, ``s_t = max|g|``.
 
     Wen, Xu, Yan, Wu, Wang, Chen, Li (2017), "TernGrad: Ternary Gradients to Reduce
@@ -55,6 +55,14 @@ def terngrad(clip_sigmas: float | None = None) -> Compressor:
 
     Args:
       clip_sigmas: ``None`` (unbiased) or a positive float ``c``.
+      rounding_bits: random bits behind each ``Bernoulli(|x_i|/s_t)``. ``None`` (default; the
+        outputs of earlier versions for a given key): one float32 uniform per coordinate,
+        exact to ``2**-23``. ``16`` or ``8``: a 16/8-bit uniform plus a 32-bit tie breaker
+        shared by 16 coordinates, 1.8x/3.2x less threefry work on XLA:CPU, exact to
+        ``2**-(k+32)`` (exact for every ``|x_i|/s_t >= 2**-(k+9)``), so unbiasedness and the
+        per-coordinate variance hold as for independent draws, with coordinates of a
+        tie-breaker group correlated by at most ``1/(2**k - 1)`` (proof in
+        ``fedjax_lab.compressors._bernoulli.bernoulli``).
 
     Returns:
       A stateless :class:`Compressor`.
@@ -65,6 +73,7 @@ def terngrad(clip_sigmas: float | None = None) -> Compressor:
         or not float(clip_sigmas) > 0.0
     ):
         raise ValueError(f"terngrad: clip_sigmas must be None or > 0, got {clip_sigmas!r}.")
+    _bernoulli.check_rounding_bits(rounding_bits, "terngrad")
 
     def _layout(tree, what):
         layout = tree_layout(tree, what=f"terngrad.{what}")
@@ -84,7 +93,7 @@ def terngrad(clip_sigmas: float | None = None) -> Compressor:
             x = jnp.clip(x, -bound, bound)
         scale = jnp.max(jnp.abs(x), initial=0.0)
         probability = jnp.abs(x) / jnp.where(scale > 0, scale, 1.0)
-        keep = jax.random.uniform(key, x.shape) < probability
+        keep = _bernoulli.bernoulli(key, probability, rounding_bits)
         trits = jnp.where(keep, jnp.sign(x), 0.0).astype(jnp.int8)
         return TernGradPayload(poison(scale, finite), trits, layout), state
 
@@ -113,12 +122,34 @@ def _to_bytes(payload: TernGradPayload) -> bytes:
 def _pack_trits(trits: np.ndarray) -> bytes:
     """Two bits per trit (non-zero bit, sign bit), four trits a byte, MSB first, zero padded.
 
-    The same stream as ``BitWriter.bits`` of the (non-zero, negative) pairs, built with byte
-    arithmetic instead of one byte per bit.
+    The same stream as ``BitWriter.bits`` of the (non-zero, negative) pairs. Four int8 trits are
+    one little-endian uint32 whose bytes are 0x00, 0x01 or 0xFF: bit 0 of a byte is the
+    non-zero bit and bit 1 the sign bit, so a few lane-wise word operations build the four
+    2-bit codes at once (a quarter of the array operations of a per-trit pass).
     """
-    codes = (trits != 0).astype(np.uint8) << 1 | (trits < 0).astype(np.uint8)
-    codes = np.concatenate([codes, np.zeros(-codes.size % 4, np.uint8)]).reshape(-1, 4)
-    return (codes[:, 0] << 6 | codes[:, 1] << 4 | codes[:, 2] << 2 | codes[:, 3]).tobytes()
+    raw = np.ascontiguousarray(trits, dtype=np.int8).view(np.uint8)
+    if raw.size % 4:
+        raw = np.concatenate([raw, np.zeros(-raw.size % 4, np.uint8)])
+    words = raw.view("<u4")
+    lanes = np.uint32(0x01010101)
+    codes = (words & lanes) << np.uint32(1) | (words >> np.uint32(1)) & lanes
+    packed = (
+        (codes & np.uint32(3)) << np.uint32(6)
+        | (codes >> np.uint32(8) & np.uint32(3)) << np.uint32(4)
+        | (codes >> np.uint32(16) & np.uint32(3)) << np.uint32(2)
+        | codes >> np.uint32(24)
+    )
+    return packed.astype(np.uint8).tobytes()
+
+
+def _trit_table() -> np.ndarray:
+    """``uint32[256]``: byte ``b`` -> its four trits as int8 bytes of a little-endian word."""
+    codes = (np.arange(256)[:, None] >> np.array([6, 4, 2, 0])) & 3
+    trits = np.array([0, 0, 1, -1], np.int8)[codes]  # code 01 is invalid, rejected separately
+    return np.ascontiguousarray(trits).view("<u4").reshape(256)
+
+
+_TRITS = _trit_table()
 
 
 def _from_bytes(data: bytes, template: TernGradPayload) -> TernGradPayload:
@@ -129,12 +160,12 @@ def _from_bytes(data: bytes, template: TernGradPayload) -> TernGradPayload:
     scale = _codec.floats_from_bytes(view, 0, 1, "terngrad payload.scale").reshape(())
     packed = np.frombuffer(view[4:], dtype=np.uint8)
     # Byte b holds trits 4b..4b+3 in its bit pairs 7-6, 5-4, 3-2, 1-0; beyond d only padding.
-    codes = np.stack([packed >> 6, packed >> 4, packed >> 2, packed], axis=1).reshape(-1) & 3
-    if codes[d:].any():
+    tail = 2 * (-d % 4)
+    if packed.size and packed[-1] & ((1 << tail) - 1):
         raise ValueError("from_bytes: terngrad payload: non-zero padding bits; data is corrupt.")
-    codes = codes[:d]
     # Code 01 (zero with a sign) is invalid; 00, 10, 11 are 0, +1, -1.
-    if np.any(codes == 1) or np.signbit(scale) or (scale == 0 and codes.any()):
+    sign_without_value = (packed & ~(packed >> 1) & 0x55).any()
+    if sign_without_value or np.signbit(scale) or (scale == 0 and packed.any()):
         raise ValueError("from_bytes: terngrad payload has an invalid trit or scale; corrupt.")
-    trits = np.array([0, 0, 1, -1], np.int8)[codes]
+    trits = _TRITS[packed].view(np.int8)[:d]
     return template.replace(scale=scale, trits=trits)
