@@ -342,6 +342,12 @@ class EdgeServer:
                 ("grpc.max_receive_message_length", protocol.CHUNK_BYTES + 1024),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+                # A fixed per-stream window of one chunk: with gRPC's adaptive (BDP) windows a
+                # caller could push many MiB of a body into the transport's buffers before the
+                # gate's refusal reaches it. Honest uploads stream 1 MiB chunks, so one chunk
+                # of lookahead keeps them at full speed on a LAN.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", protocol.CHUNK_BYTES + 1024),
                 # Two servers silently sharing a port would split the clients between them.
                 ("grpc.so_reuseport", 0),
             ],
