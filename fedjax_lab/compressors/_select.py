@@ -30,6 +30,8 @@ import numpy as np
 _DIGIT = 16  # bits per radix digit: two digits cover a 32-bit key
 _BINS = 1 << _DIGIT
 _TOP = np.uint32(0xFFFFFFFF)  # NaN keys are clamped below this
+# From this many coordinates on, "auto" selects by radix histograms (see top_k_indices).
+RADIX_MIN_SIZE = 1 << 20
 
 
 def sortable_keys(score: jax.Array) -> jax.Array:
@@ -107,12 +109,18 @@ def _first_bits(words: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(keep >= ones, words, words & jnp.where(keep > 0, low, jnp.uint32(0)))
 
 
-def top_k_indices(score: jax.Array, k: int) -> jax.Array:
+def top_k_indices(score: jax.Array, k: int, *, method: str = "auto") -> jax.Array:
     """Ascending indices of the ``k`` largest entries of ``score`` (ties: lower index first).
 
     Args:
       score: float32 vector ``[d]``.
       k: static count, ``1 <= k <= d``.
+      method: ``"radix"`` (the histogram selection above), ``"sort"`` (``lax.top_k`` of the
+        same keys, then a sort of the ``k`` indices) or ``"auto"``: radix from
+        :data:`RADIX_MIN_SIZE` coordinates on. Both give the same indices. Below ~1M the two
+        65536-bin histograms cost more than the partial sort, and under ``vmap`` over many
+        small vectors (a statistical test's 10^4 keys) they dominate time and memory
+        (measured on XLA:CPU: d = 4096, 1.3 ms vs 0.04 ms; d = 4M, 51 ms vs 84 ms).
 
     Returns:
       int32 ``[k]``, strictly increasing; equal to ``jnp.sort(lax.top_k(score, k)[1])`` for
@@ -121,7 +129,14 @@ def top_k_indices(score: jax.Array, k: int) -> jax.Array:
     d = score.shape[0]
     if not 1 <= k <= d:
         raise ValueError(f"top_k_indices: k={k} must be in [1, {d}].")
+    if method not in ("auto", "radix", "sort"):
+        raise ValueError(f"top_k_indices: method must be 'auto', 'radix' or 'sort', got {method!r}")
     keys = sortable_keys(score)
+    if method == "sort" or (method == "auto" and d < RADIX_MIN_SIZE):
+        # The same keys as signed integers keep their order; lax.top_k puts equal values'
+        # lower index first, the tie rule of the radix path.
+        signed = jax.lax.bitcast_convert_type(keys ^ np.uint32(0x80000000), jnp.int32)
+        return jnp.sort(jax.lax.top_k(signed, k)[1]).astype(jnp.int32)
 
     # High digit of T: one histogram over every key.
     high, c_high = _digit_of_rank(_histogram((keys >> _DIGIT).astype(jnp.int32)), jnp.int32(k))

@@ -35,15 +35,17 @@ def _reference(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1]))
 
 
+@pytest.mark.parametrize("method", ["radix", "sort"])
 @pytest.mark.parametrize("d", [1, 33, 1000, 5000])
-def test_matches_lax_top_k_on_adversarial_inputs(d):
+def test_matches_lax_top_k_on_adversarial_inputs(d, method):
     # d=5000 has a 1024-slot bin buffer: all-equal and few-value inputs overflow it and take the
     # whole-vector histogram; the others fit.
     rng = np.random.default_rng(d)
     inputs = {name: x.astype(np.float32) for name, x in _inputs(d, rng).items()}
     for k in sorted({1, 2, d // 2, d - 1, d} & set(range(1, d + 1))):
         select = jax.jit(
-            functools.partial(_select.top_k_indices, k=k), compiler_options=FAST_COMPILE
+            functools.partial(_select.top_k_indices, k=k, method=method),
+            compiler_options=FAST_COMPILE,
         )
         for name, x in inputs.items():
             for score in (x, np.abs(x)):
@@ -58,7 +60,8 @@ def test_vmapped_rows_that_fit_and_do_not_fit_the_buffer():
         [rng.standard_normal(d), np.full(d, -1.0), rng.integers(0, 3, d) * 1.0, np.zeros(d)]
     ).astype(np.float32)
     select = jax.jit(
-        jax.vmap(functools.partial(_select.top_k_indices, k=k)), compiler_options=FAST_COMPILE
+        jax.vmap(functools.partial(_select.top_k_indices, k=k, method="radix")),
+        compiler_options=FAST_COMPILE,
     )
     got = np.asarray(select(rows))
     for row, indices in zip(rows, got, strict=True):
@@ -73,6 +76,16 @@ def test_sortable_keys_order_floats():
     keys = np.asarray(jax.jit(_select.sortable_keys)(values)).astype(np.int64)
     # IEEE total order, as lax.top_k: -0.0 ranks below +0.0.
     assert np.all(np.diff(keys) > 0)
+
+
+def test_auto_method_switches_at_the_documented_size():
+    small = jax.make_jaxpr(lambda s: _select.top_k_indices(s, 3))(jnp.zeros(1000))
+    large = jax.make_jaxpr(lambda s: _select.top_k_indices(s, 3))(
+        jnp.zeros(_select.RADIX_MIN_SIZE))
+    assert "top_k" in str(small) and "scatter" not in str(small)
+    assert "scatter" in str(large) and "top_k" not in str(large)
+    with pytest.raises(ValueError, match="method must be"):
+        _select.top_k_indices(jnp.zeros(5), 2, method="heap")
 
 
 @pytest.mark.parametrize("k", [0, 6])
