@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +43,9 @@ from fedjax_lab.compressors import qsgd
 from fedjax_lab.core.tree import tree_size
 from fedjax_lab.data.datasets import Dataset, federate, load_dataset
 from fedjax_lab.experiment import MAX_SEED
-from fedjax_lab.io.run_folder import RunFolder, check_output_file
-from fedjax_lab.io.writers import JsonlWriter, plot_curves, write_json
+from fedjax_lab.experiments_lib.common import validated_run
+from fedjax_lab.io.run_folder import RunFolder
+from fedjax_lab.io.writers import JsonlWriter, plot_curves
 from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import get_model, mlp
 from fedjax_lab.runner import run
@@ -345,16 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = "lr" if quick else ",".join(SETTINGS)
     cfg = FedPAQFigureConfig(settings=tuple(s for s in settings.split(",") if s), quick=quick,
                              **args)
-    try:
-        cfg.validate()
-        if json_out:
-            check_output_file(json_out, "--json")
-        results = run_figure(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = validated_run(cfg, json_out, run_figure)
+    if results is None:
         return 2
-    if json_out:
-        write_json(json_out, results)
     for name, res in results["settings"].items():
         ttt = ", ".join(
             f"{m}={t:.4g}" if t is not None else f"{m}=never"

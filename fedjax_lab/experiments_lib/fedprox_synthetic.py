@@ -50,8 +50,8 @@ from fedjax_lab.core.losses import softmax_cross_entropy
 from fedjax_lab.data.datasets import Dataset, federate, synthetic, synthetic_iid
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.experiment import MAX_SEED
-from fedjax_lab.io.run_folder import RunFolder, check_output_file
-from fedjax_lab.io.writers import write_json
+from fedjax_lab.experiments_lib.common import validated_run
+from fedjax_lab.io.run_folder import RunFolder
 from fedjax_lab.models import get_model
 from fedjax_lab.runner import run
 from fedjax_lab.systems import Availability
@@ -422,16 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args["datasets"] = tuple(d for d in args["datasets"].split(",") if d)
     given = {k: v for k, v in args.items() if v is not None}
     cfg = FedProxSyntheticConfig(quick=quick, **{**(QUICK if quick else {}), **given})
-    try:
-        cfg.validate()
-        if json_out:
-            check_output_file(json_out, "--json")
-        results = run_experiment(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = validated_run(cfg, json_out, run_experiment)
+    if results is None:
         return 2
-    if json_out:
-        write_json(json_out, results)
     for ds in results["datasets"].values():
         for key, cell in ds["cells"].items():
             best = curve_label(cell["best_mu"])

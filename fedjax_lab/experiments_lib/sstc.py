@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,8 +58,9 @@ from fedjax_lab.core.types import Aggregate, Algorithm
 from fedjax_lab.data.budget import check_cohort_memory
 from fedjax_lab.data.datasets import federate, load_dataset
 from fedjax_lab.experiment import MAX_SEED
-from fedjax_lab.io.run_folder import RunFolder, check_output_file
-from fedjax_lab.io.writers import plot_curves, write_json
+from fedjax_lab.experiments_lib.common import validated_run
+from fedjax_lab.io.run_folder import RunFolder
+from fedjax_lab.io.writers import plot_curves
 from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import femnist_cnn
 from fedjax_lab.runner import run
@@ -356,16 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = args.pop("quick")
     given = {k: v for k, v in args.items() if v is not None}
     cfg = SSTCConfig(**{**(QUICK if quick else {}), **given})
-    try:
-        cfg.validate()
-        if json_out:
-            check_output_file(json_out, "--json")
-        results = run_experiment(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = validated_run(cfg, json_out, run_experiment)
+    if results is None:
         return 2
-    if json_out:
-        write_json(json_out, results)
     print(f"FEMNIST CNN: {results['num_params']} params, {results['conv_params']} in conv "
           f"kernels; {cfg.rounds} rounds, {cfg.clients_per_round}/{cfg.num_clients} clients")
     print(f"STC  p={cfg.sparsity:g}: conv density {results['stc_conv_density']:.4f}, conv "
