@@ -28,6 +28,10 @@ from fedjax_lab.experiment import (
 )
 
 STRAGGLER_POLICIES = ("partial", "drop")
+STRAGGLER_SAMPLINGS = ("bernoulli", "exact")
+STRAGGLER_WORK = ("steps", "epochs")
+SYSTEM_CHOICES = {"straggler_policy": STRAGGLER_POLICIES,
+                  "straggler_sampling": STRAGGLER_SAMPLINGS, "straggler_work": STRAGGLER_WORK}
 # Backends that reduce partial sums of the aggregate over shards/ranks, or aggregate elsewhere.
 NON_ROBUST_BACKENDS = ("sharded", "mpi", "edge")
 # Backends on which the runner simulates availability and the time model.
@@ -38,6 +42,10 @@ SYSTEM_HELP = {
     "straggler_fraction": "probability that a client straggles: it completes a random part "
                           "of its local steps (FedProx §5.2)",
     "straggler_policy": "stragglers' partial work: partial (kept, FedProx) or drop (FedAvg)",
+    "straggler_sampling": "bernoulli (a coin per client) or exact (round(m x fraction) of the "
+                          "m eligible clients straggle, as the FedProx code)",
+    "straggler_work": "a straggler's work: a uniform number of steps, or of whole local epochs "
+                      "below --local-epochs (the FedProx code's randint(1, E))",
     "comm_comp_ratio": "FedPAQ time model: communication/computation time ratio of one "
                        "uncompressed upload (none: no simulated time)",
     "comp_shift": "FedPAQ time model: deterministic computation time per example",
@@ -77,6 +85,8 @@ class TrainConfig(RunConfig):
     dropout: float = 0.0
     straggler_fraction: float = 0.0
     straggler_policy: str = "partial"
+    straggler_sampling: str = "bernoulli"
+    straggler_work: str = "steps"
     comm_comp_ratio: float | None = None
     comp_shift: float = 1.0
     comp_scale: float = 1.0
@@ -123,11 +133,12 @@ class TrainConfig(RunConfig):
         group = parser.add_argument_group("systems", "client availability and simulated time")
         for name, tp, optional in (("dropout", float, False), ("straggler_fraction", float, False),
                                    ("straggler_policy", str, False),
+                                   ("straggler_sampling", str, False),
+                                   ("straggler_work", str, False),
                                    ("comm_comp_ratio", float, True), ("comp_shift", float, False),
                                    ("comp_scale", float, False)):
             parser.add_flag(name, tp, getattr(cls, name), SYSTEM_HELP[name], optional=optional,
-                            group=group,
-                            choices=STRAGGLER_POLICIES if name == "straggler_policy" else None)
+                            group=group, choices=SYSTEM_CHOICES.get(name))
         # The class's own default (a preset's folder; None: a new named folder per run).
         parser.set_defaults(out=cls.out)
         values = vars(parser.parse_args(argv))
@@ -200,9 +211,20 @@ class TrainConfig(RunConfig):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-        if self.straggler_policy not in STRAGGLER_POLICIES:
-            raise ValueError(f"--straggler-policy must be one of {STRAGGLER_POLICIES}, got "
-                             f"{self.straggler_policy!r}")
+        for name, choices in SYSTEM_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got "
+                                 f"{getattr(self, name)!r}")
+        shaped = [f"--{n.replace('_', '-')} {getattr(self, n)}"
+                  for n in ("straggler_sampling", "straggler_work")
+                  if getattr(self, n) != getattr(type(self), n)]
+        if shaped and not self.straggler_fraction:
+            raise ValueError(f"{' and '.join(shaped)} shape(s) the stragglers: they need "
+                             f"--straggler-fraction > 0")
+        if self.straggler_work == "epochs" and self.local_steps is not None:
+            raise ValueError("--straggler-work epochs counts whole local epochs; --local-steps "
+                             "fixes steps instead: drop --local-steps or use --straggler-work "
+                             "steps")
         for name in ("comm_comp_ratio", "comp_shift", "comp_scale"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -324,8 +346,10 @@ class TrainConfig(RunConfig):
 
         out: dict[str, Any] = {}
         if self.dropout or self.straggler_fraction:
-            out["availability"] = Availability(self.dropout, self.straggler_fraction,
-                                               self.straggler_policy)
+            out["availability"] = Availability(
+                self.dropout, self.straggler_fraction, self.straggler_policy,
+                straggler_sampling=self.straggler_sampling,
+                straggler_epochs=self.local_epochs if self.straggler_work == "epochs" else None)
         if self.comm_comp_ratio is not None:
             out["time_model"] = TimeModel.from_ratio(self.comm_comp_ratio, num_params,
                                                      shift=self.comp_shift, scale=self.comp_scale)

@@ -43,6 +43,9 @@ from fedjax_lab.train import FedAvgConfig, fedavg_edge_problem
 from tests.helpers import LinearModel, checkpointed_server_state, make_population
 from tests.io.test_checkpoint import KILL_AFTER
 
+# Client processes, sockets and round timeouts: run alone (scripts/run_tests.sh).
+pytestmark = pytest.mark.serial
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKEN = b"0123456789abcdef0123456789abcdef"
 # Not compared with vmap: timings, and how the simulation laid out its steps (edge clients

@@ -38,6 +38,9 @@ from tests.helpers import (
     make_population,
 )
 
+# mpirun jobs (2 ranks each) with watchdog timeouts: run alone (scripts/run_tests.sh).
+pytestmark = pytest.mark.serial
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 MPIRUN = shutil.which("mpirun", path=BIN) or shutil.which("mpirun")

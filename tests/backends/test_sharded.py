@@ -275,6 +275,8 @@ def test_auto_plan_is_judged_on_one_shard():
         == "vmap"
 
 
+# Two processes that must meet at a coordinator within a timeout: run alone.
+@pytest.mark.serial
 def test_two_processes_with_jax_distributed_equal_vmap(reference, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

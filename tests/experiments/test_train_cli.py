@@ -27,6 +27,7 @@ from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import get_model
 from fedjax_lab.registry import AGGREGATORS, ALGORITHMS, COMPRESSORS
 from fedjax_lab.runner import run
+from fedjax_lab.systems import Availability
 from fedjax_lab.train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -223,6 +224,12 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
         (["--client-eval", "split"], "--client-eval split holds out a fraction of every "
          "client's examples: pass --client-eval-fraction"),
         (["--client-eval", "all"], "--client-eval must be one of off, split, natural"),
+        (["--straggler-sampling", "exact"], "--straggler-sampling exact shape(s) the "
+         "stragglers: they need --straggler-fraction > 0"),
+        (["--straggler-fraction", "0.5", "--straggler-work", "epochs", "--local-steps", "3"],
+         "--straggler-work epochs counts whole local epochs; --local-steps fixes steps"),
+        (["--straggler-work", "rounds"], "invalid choice: 'rounds' (choose from 'steps', "
+         "'epochs')"),
     ],
     ids=["algorithm", "fedbn-refused", "compressor", "aggregator", "sparsity-unselected",
          "mu-unselected",
@@ -230,7 +237,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
          "scaffold-momentum", "bad-sparsity", "systems-edge", "time-model", "underscore",
          "abbreviation", "no-x-value", "natural-client-eval-digits",
          "natural-client-eval-partitioned", "natural-client-eval-fraction",
-         "client-eval-off-fraction", "client-eval-split-no-fraction", "client-eval-unknown"],
+         "client-eval-off-fraction", "client-eval-split-no-fraction", "client-eval-unknown",
+         "straggler-sampling-alone", "straggler-epochs-steps", "straggler-work-unknown"],
 )
 def test_bad_input_exits_2_naming_the_flags(flags, message, capsys, tmp_path):
     try:
@@ -240,6 +248,18 @@ def test_bad_input_exits_2_naming_the_flags(flags, message, capsys, tmp_path):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_straggler_flags_build_the_fedprox_code_availability():
+    """--straggler-sampling exact --straggler-work epochs is the availability that
+    experiments/fedprox_synthetic.py runs (the FedProx code's stragglers)."""
+    cfg = TrainConfig.parse([*TINY, "--straggler-fraction", "0.5", "--straggler-sampling",
+                             "exact", "--straggler-work", "epochs", "--local-epochs", "4"])
+    cfg.validate()
+    assert cfg.systems(10)["availability"] == Availability(
+        0.0, 0.5, "partial", straggler_sampling="exact", straggler_epochs=4)
+    default = TrainConfig.parse([*TINY, "--straggler-fraction", "0.5"])
+    assert default.systems(10)["availability"] == Availability(0.0, 0.5, "partial")
 
 
 def _write(path, text):
@@ -438,6 +458,8 @@ def test_federated_evaluation_reports_the_client_distribution(tmp_path):
         assert summary[f"final_client_accuracy_{key}"] == records[-1][f"client_accuracy_{key}"]
 
 
+# Edge client processes with a round timeout: run alone.
+@pytest.mark.serial
 def test_edge_backend_carries_the_selected_compressor(problem, tmp_path):
     """The edge server and its client processes get the compressor the algorithm encodes
     with (its wire codec); the run equals the vmap one."""
