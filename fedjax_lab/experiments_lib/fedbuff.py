@@ -8,9 +8,10 @@ per client, times a lognormal per-device slowdown of ``--slowdown-sigma``):
 
 * ``fedbuff``: ``--concurrency`` clients in flight, a server step per ``--buffer-size`` (K)
   arrivals, staleness weight ``--staleness`` (:func:`fedjax_lab.topologies.run_fedbuff`);
-* ``sync`` (``--compare-sync``): the runner's FedAvg with K clients per round; a round lasts
-  as long as its slowest client (its clients' durations are drawn exactly as FedBuff draws a
-  cohort's), and it runs until it has used at least FedBuff's simulated time.
+* ``sync`` (unless ``--no-compare-sync``): the runner's FedAvg with K clients per round; a
+  round lasts as long as its slowest client (its clients' durations are drawn exactly as
+  FedBuff draws a cohort's), and it runs as many rounds as FedBuff took steps, and longer if
+  needed to cover FedBuff's simulated time.
 
 The JSON holds both curves (simulated time, training loss, test accuracy), FedBuff's staleness
 distribution, and the simulated time each method needs to reach the accuracy both reach.
@@ -71,10 +72,10 @@ class FedBuffConfig:
     local_epochs: int = 1
     batch_size: int = 10
     weighting: str = "uniform"
-    comm_ratio: float = 100.0
+    comm_ratio: float = 10.0
     shift: float = 1.0
     scale: float = 1.0
-    slowdown_sigma: float = 1.0
+    slowdown_sigma: float = 1.5
     server_steps: int = 100
     time_budget: float | None = None
     eval_every: int = 5
@@ -146,8 +147,9 @@ def build(cfg: FedBuffConfig) -> dict[str, Any]:
 
 
 def sync_round_times(cfg: FedBuffConfig, problem: dict[str, Any], horizon: float,
-                     max_rounds: int = 100_000) -> list[float]:
-    """Cumulative simulated time of the runner's synchronous rounds until ``horizon``.
+                     min_rounds: int = 0, max_rounds: int = 100_000) -> list[float]:
+    """Cumulative simulated time of the runner's synchronous rounds: at least ``min_rounds``
+    rounds, and until ``horizon``.
 
     Round ``r`` trains the runner's clients of round ``r`` (its sampler, replayed) on the
     runner's batches; each client's duration is drawn as FedBuff's draw ``r`` would draw it
@@ -167,7 +169,7 @@ def sync_round_times(cfg: FedBuffConfig, problem: dict[str, Any], horizon: float
         total += float(draw_durations(problem["times"], clients, work, seed=cfg.seed,
                                       draw=r).max())
         times.append(total)
-        if total >= horizon:
+        if total >= horizon and len(times) >= min_rounds:
             break
     return times
 
@@ -221,7 +223,8 @@ def run_comparison(cfg: FedBuffConfig) -> dict[str, Any]:
             },
         }
         if cfg.compare_sync and fb.history:
-            times = sync_round_times(cfg, problem, fb.sim_time)
+            # As many rounds as FedBuff took steps, and at least its simulated time.
+            times = sync_round_times(cfg, problem, fb.sim_time, min_rounds=len(fb.history))
             sync = run(problem["algorithm"], VmapBackend(), problem["data"], problem["params"],
                        rounds=len(times), clients_per_round=cfg.buffer_size, seed=cfg.seed,
                        evaluate=evaluate, eval_every=cfg.eval_every)

@@ -73,9 +73,9 @@ from fedjax_lab.data.federated import FederatedData, sample_clients
 from fedjax_lab.systems.time_model import TimeModel
 
 __all__ = [
+    "STALENESS_WEIGHTS",
     "ClientTimes",
     "FedBuffResult",
-    "STALENESS_WEIGHTS",
     "constant_staleness",
     "polynomial_staleness",
     "run_fedbuff",
@@ -185,7 +185,8 @@ class ClientTimes:
         tm = self.time_model
         work = np.asarray(work, np.float64)
         e = rng.standard_exponential(len(work))
-        comp = self.slowdown[np.asarray(clients, np.int64)] * (work * tm.shift + e * work / tm.scale)
+        slowdown = self.slowdown[np.asarray(clients, np.int64)]
+        comp = slowdown * (work * tm.shift + e * work / tm.scale)
         return comp + tm.comm_time(float(self.upload_bits))
 
 
