@@ -259,6 +259,23 @@ def run_comparison(cfg: FedBuffConfig) -> dict[str, Any]:
     return results
 
 
+HELP = {
+    "population": "clients (digits: iid split; synthetic: Synthetic(1,1) devices)",
+    "concurrency": "clients training at the same time (C)",
+    "buffer_size": "updates per server step (K <= C); also the sync baseline's clients/round",
+    "staleness": f"staleness weight s(tau), one of {STALENESS_WEIGHTS}",
+    "staleness_exponent": "a of the polynomial weight (1 + tau)^-a",
+    "weighting": "client weights p_i: uniform (the paper's /K) or examples",
+    "comm_ratio": "C_comm/C_comp: one dense upload's time over one example's compute time",
+    "shift": "per-example deterministic compute time (FedPAQ time model)",
+    "scale": "rate of the per-example exponential compute time",
+    "slowdown_sigma": "sigma of each device's fixed lognormal slowdown (heavy tail)",
+    "server_steps": "server steps to run (0: until --time-budget)",
+    "time_budget": "stop before the first server step after this simulated time",
+    "eval_every": "test accuracy every this many server steps / sync rounds",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedbuff.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here")
@@ -271,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
         value = getattr(defaults, f.name)
         kind = float if f.name == "time_budget" else type(value)
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=value,
-                       help=f"(default: {value})")
+                       help=f"{HELP.get(f.name, '')} (default: {value})".strip())
     return p
 
 

@@ -222,6 +222,9 @@ class FedBuffResult:
       staleness_max: largest staleness applied (-1 when none was).
       sim_time: simulated time of the last step (0 when none was taken).
       clients_started: clients sampled over the run.
+      max_versions_held: most server model versions held after a step (the current one and
+        those that a client in flight or in the buffer started from: at most
+        ``concurrency + K``).
       compiles: programs traced (one per padded step count ``S`` of the ladder).
     """
 
@@ -232,6 +235,7 @@ class FedBuffResult:
     staleness_max: int = -1
     sim_time: float = 0.0
     clients_started: int = 0
+    max_versions_held: int = 1
     compiles: int = 0
 
 
@@ -455,6 +459,7 @@ def run_fedbuff(
         for v in [v for v in models if v != version and refs[v] <= 0]:
             del models[v]  # no client in flight or in the buffer started from it
             refs.pop(v, None)
+        result.max_versions_held = max(result.max_versions_held, len(models))
         hist.update(tau.tolist())
         record = {k_: float(v) for k_, v in jax.device_get(metrics).items()}
         record.update(step=version, sim_time=now, staleness_mean=float(tau.mean()),
