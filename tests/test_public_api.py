@@ -25,6 +25,7 @@ PUBLIC = {
         "privacy",
         "run",
         "systems",
+        "topologies",
     ],
     "fedjax_lab.core": [
         "Aggregate",
@@ -156,6 +157,15 @@ PUBLIC = {
         "TimeModel",
         "bandwidth_for_ratio",
         "cohort_work",
+    ],
+    "fedjax_lab.topologies": [
+        "ClientTimes",
+        "FedBuffResult",
+        "STALENESS_WEIGHTS",
+        "constant_staleness",
+        "polynomial_staleness",
+        "run_fedbuff",
+        "staleness_weight",
     ],
     "fedjax_lab.privacy": [
         "DEFAULT_ORDERS",
