@@ -126,7 +126,7 @@ def check_grouping(grouping: Any, num_clients: int) -> np.ndarray:
       ValueError: naming the problem: a client in no group or in two, an id or index out of
         range, an empty group, non-integer entries.
     """
-    if isinstance(grouping, np.ndarray) and grouping.ndim == 1 or (
+    if (isinstance(grouping, np.ndarray) and grouping.ndim == 1) or (
         isinstance(grouping, Sequence) and not isinstance(grouping, str) and len(grouping)
         and all(np.ndim(g) == 0 for g in grouping)
     ):
@@ -191,6 +191,8 @@ class HierarchicalResult:
     Attributes:
       params: the final cloud model.
       edge_states: the edge servers' algorithm states, stacked over groups.
+      client_states: every client's algorithm state (compressor residuals, ...), stacked over
+        the population (client ``i`` at index ``i``).
       history: one record per cloud round (``round``, ``train_loss``, ``train_examples``,
         ``clients``, ``rejected``, ``upload_bits`` (client -> edge, all edge rounds),
         ``edge_cloud_bytes``, ``active_edges``, the cumulative ``cum_upload_bits`` and
@@ -200,6 +202,7 @@ class HierarchicalResult:
 
     params: Any
     edge_states: ServerState
+    client_states: Any = ()
     history: list[dict[str, float]] = field(default_factory=list)
     compiles: int = 0
 
@@ -410,7 +413,7 @@ def run_hierarchical(
     model_bytes = float(sum(np.size(x) * np.dtype(x.dtype).itemsize
                             for x in jax.tree.leaves(init_params)))
     root = jax.random.key(seed)
-    result = HierarchicalResult(params=cloud, edge_states=edge)
+    result = HierarchicalResult(params=cloud, edge_states=edge, client_states=store)
     cum_bits = cum_bytes = 0.0
     for c in range(cloud_rounds):
         cohorts = []
@@ -438,7 +441,8 @@ def run_hierarchical(
         result.history.append(record)
         for cb in callbacks:
             cb(c, record)
-    result.params, result.edge_states, result.compiles = cloud, edge, traced[0]
+    result.params, result.edge_states, result.client_states = cloud, edge, store
+    result.compiles = traced[0]
     return result
 
 
