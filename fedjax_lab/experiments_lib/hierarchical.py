@@ -155,6 +155,11 @@ class HierarchicalConfig:
         if "fixed_local_steps" in algorithm.tags and self.local_steps is None:
             raise ValueError(f"--algorithm {self.algorithm} runs a fixed number of local steps "
                              "(the paper's tau): pass --local-steps")
+        if "noisy_aggregate" in algorithm.tags:
+            raise ValueError(
+                f"--algorithm {self.algorithm} draws its server noise from the round number "
+                "alone, so every edge would add the SAME noise and the cloud would see "
+                "noise-free differences of edge models: it is not supported under edges")
         if "plain_sgd" in algorithm.tags and self.client_momentum:
             raise ValueError(f"--algorithm {self.algorithm} runs plain local SGD: "
                              f"--client-momentum must be 0, got {self.client_momentum}")

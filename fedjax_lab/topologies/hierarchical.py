@@ -4,7 +4,7 @@ Liu, Zhang, Song, Letaief (2020), "Client-Edge-Cloud Hierarchical Federated Lear
 (Algorithm 1, HierFAVG; FedML's ``hierarchical_fl``). Clients are grouped under edge servers.
 Every client runs ``kappa_1`` local steps (the client algorithm's :class:`DataSpec`); every edge
 aggregates its clients' models after each such period, and after ``kappa_2`` edge aggregations
-the cloud averages the edge models:
+the cloud averages the edge models::
 
     w^l <- sum_{i in C^l} |D_i| w_i / |D^l|          (edge aggregation, every kappa_1 steps)
     w   <- sum_l |D^l| w^l / |D|                      (cloud aggregation, every kappa_1 kappa_2)
@@ -20,6 +20,10 @@ cloud round aggregated (``Aggregate.weight_sum``, i.e. example counts for the de
 ``kappa_2 |D^l|``, proportional to the paper's ``|D^l|``; with sampling it is the data the edge
 actually aggregated. An edge that aggregated nothing (every client rejected) weighs 0; a cloud
 round in which no edge aggregated anything leaves the cloud model unchanged.
+
+Limitation: server-side randomness that an algorithm draws from the round number alone (DP-FedAvg's
+Gaussian noise, ``fold_in(key, round)``) is the same at every edge, so the cloud could cancel it
+by differencing edge models; the CLI refuses such algorithms (tag ``noisy_aggregate``).
 
 Each edge keeps its algorithm server state between cloud rounds (optimizer moments, SCAFFOLD's
 control variate, the round counter) and only its model is replaced by the cloud model at the

@@ -51,9 +51,10 @@ def no_compile(monkeypatch):
         (["--synthetic-alpha", "1"], "needs --dataset synthetic"),
         (["--client-lr", "-1"], "--client-lr must be a finite number > 0"),
         (["--devices", "99"], "--devices 99"),
+        (["--algorithm", "dp_fedavg"], "SAME noise"),
     ],
     ids=["kappa2", "groups", "per-edge", "no-file", "file-unread", "hparam", "dataset",
-         "synthetic", "lr", "devices"],
+         "synthetic", "lr", "devices", "dp"],
 )
 def test_bad_flags_exit_2(argv, message, capsys, no_compile):
     assert lib.main([*TINY, *argv]) == 2
