@@ -12,7 +12,7 @@ TINY = ["--num-clients", "8", "--groups", "2", "--cloud-rounds", "2", "--edge-ro
 
 def test_tiny_run_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert lib.main([*TINY, "--compressor", "qsgd", "--num-levels", "4",
+    assert lib.main([*TINY, "--algorithm", "fedprox", "--mu", "0.01",
                      "--clients-per-edge-round", "3", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert sorted(results["group_sizes"]) == [4, 4]
@@ -23,7 +23,7 @@ def test_tiny_run_writes_json(tmp_path, capsys):
         assert h["upload_bits"] > 0
     # 2 edges x (64 x 10 + 10) float32 parameters of the digits logistic regression.
     assert results["history"][0]["edge_cloud_bytes"] == 2 * 650 * 4
-    assert results["config"]["num_levels"] == 4
+    assert results["config"]["mu"] == 0.01 and results["algorithm"] == "fedprox"
     assert "test accuracy" in capsys.readouterr().out
 
 

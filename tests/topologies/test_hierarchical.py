@@ -41,8 +41,10 @@ def _compressed():
 
 
 def test_one_group_is_fedavg_through_the_runner():
-    """One edge with kappa_2 = 2 for 2 cloud rounds is 4 FedAvg rounds of the runner."""
-    alg, data, params = _compressed(), _data(), _params()
+    """One edge with kappa_2 = 2 for 2 cloud rounds is 4 FedAvg rounds of the runner (client
+    keys and states against the runner's: test_compressed_hop_and_padded_slots_...)."""
+    data, params = _data(), _params()
+    alg = fedavg(MODEL, optax.sgd(LR, momentum=0.5), batch_size=3, local_epochs=1)
     ref = run(alg, VmapBackend("vmap", packing="off"), data, params, rounds=4,
               clients_per_round=5, seed=0)
     got = run_hierarchical(alg, data, params, np.zeros(len(SIZES), int), cloud_rounds=2,
@@ -52,6 +54,9 @@ def test_one_group_is_fedavg_through_the_runner():
         pair = ref.history[2 * c: 2 * c + 2]
         for key in ("upload_bits", "train_examples", "clients", "rejected"):
             assert record[key] == pytest.approx(sum(r[key] for r in pair), rel=1e-6), key
+        loss_sum = sum(r["train_loss"] * r["train_examples"] for r in pair)
+        assert record["train_loss"] == pytest.approx(loss_sum / record["train_examples"],
+                                                     rel=1e-5)
         assert record["edge_cloud_bytes"] == 4 * (5 * 3 + 3)  # one float32 model
     assert got.compiles == 1
 
