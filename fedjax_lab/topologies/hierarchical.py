@@ -256,7 +256,7 @@ def _cloud_round_fn(
 
     def cloud_round(cloud_params, edge_states, store, per_client, table, mask, weight, ids,
                     rounds, root):
-        groups, slots = weight.shape[1:]
+        groups = weight.shape[1]
         edge_states = edge_states._replace(params=jax.tree.map(
             lambda p: jnp.broadcast_to(p, (groups, *p.shape)), cloud_params))
 
@@ -294,7 +294,6 @@ def _cloud_round_fn(
                 sums[TRAIN_LOSS_SUM] / jnp.maximum(sums[TRAIN_EXAMPLES], 1.0), jnp.nan),
             ACTIVE_EDGES: jnp.sum(edge_weight > 0).astype(jnp.float32),
         }
-        del slots
         return new_params, edge_states, store, metrics
 
     return cloud_round
