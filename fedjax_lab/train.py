@@ -68,6 +68,78 @@ def _registries() -> tuple[Any, Any, Any]:
     return ALGORITHMS, COMPRESSORS, AGGREGATORS
 
 
+def add_component_flags(
+    parser: Any, registries: Sequence[Any], defaults: dict[str, str],
+    extra_flags: Any = None,
+) -> None:
+    """Adds ``--<kind>`` (one per registry) and every component's hyperparameter flags.
+
+    A flag of a component that is not selected parses (default ``argparse.SUPPRESS``: absent
+    unless given) and :func:`pop_component_hparams` refuses it, naming the component it needs.
+
+    Args:
+      parser: a ``fedjax_lab.cli.StrictParser``.
+      registries: e.g. ``(ALGORITHMS, COMPRESSORS)`` of :mod:`fedjax_lab.registry`.
+      defaults: the default component name of each registry kind.
+      extra_flags: ``(parser, registry kind, argument group) -> None`` adding a kind's own
+        flags next to it (``--error-feedback`` next to ``--compressor``).
+    """
+    for registry in registries:
+        group = parser.add_argument_group(registry.kind, registry.description)
+        catalog = "; ".join([f"{c.name}: {c.description}" for c in registry]
+                            + [f"{name}: refused ({reason})"
+                               for name, reason in registry.refused().items()])
+        # Refused names parse, so that validation exits 2 with their reason.
+        parser.add_flag(registry.kind, str, defaults[registry.kind], catalog,
+                        choices=(*registry.names(), *registry.refused()), group=group)
+        if extra_flags is not None:
+            extra_flags(parser, registry.kind, group)
+        for name, users in registry.params().items():
+            first = users[0][1]
+            values = sorted({repr(p.default) for _, p in users})
+            default_text = (f"default {values[0]}" if len(values) == 1 else "defaults "
+                            + ", ".join(f"{c.name} {p.default!r}" for c, p in users))
+            used_by = "|".join(c.name for c, _ in users)
+            parser.add_flag(
+                name, first.type, argparse.SUPPRESS,
+                f"{first.help} [--{registry.kind} {used_by}; {default_text}]",
+                optional=any(p.default is None for _, p in users), choices=first.choices,
+                group=group)
+
+
+def pop_component_hparams(values: dict[str, Any], registries: Sequence[Any]) -> dict[str, Any]:
+    """Moves the given hyperparameter flags out of ``values`` (parsed flags by name).
+
+    Raises:
+      ValueError: a hyperparameter flag of a component that is not selected (naming the
+        ``--<kind>`` values that read it), or an unknown/refused component name.
+    """
+    hparams = {}
+    for registry in registries:
+        selected = registry.get(values[registry.kind])
+        for name in registry.params():
+            if name not in values:
+                continue
+            value = values.pop(name)
+            if selected.param(name) is None:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} needs --{registry.kind} "
+                    f"{'|'.join(registry.users(name))} (got --{registry.kind} "
+                    f"{selected.name})")
+            hparams[name] = value
+    return hparams
+
+
+def _component_extras(parser: Any, kind: str, group: Any) -> None:
+    """train.py's flags next to its components: error feedback and norm clipping."""
+    if kind == "compressor":
+        parser.add_flag("error_feedback", bool, False, TRAINING_HELP["error_feedback"],
+                        group=group)
+    if kind == "aggregator":
+        parser.add_flag("clip_norm", float, None, TRAINING_HELP["clip_norm"], optional=True,
+                        group=group)
+
+
 @dataclass
 class TrainConfig(RunConfig):
     """Any registered algorithm x compressor x aggregator, with availability and time models.
@@ -105,31 +177,9 @@ class TrainConfig(RunConfig):
         parser = StrictParser(prog=prog, description=cls.__doc__)
         add_config_fields(parser, RunConfig)
         parser.add_flag("local_steps", int, None, TRAINING_HELP["local_steps"], optional=True)
-        for registry in registries:
-            group = parser.add_argument_group(registry.kind, registry.description)
-            catalog = "; ".join([f"{c.name}: {c.description}" for c in registry]
-                                + [f"{name}: refused ({reason})"
-                                   for name, reason in registry.refused().items()])
-            # Refused names parse, so that validation exits 2 with their reason.
-            parser.add_flag(registry.kind, str, getattr(cls, registry.kind), catalog,
-                            choices=(*registry.names(), *registry.refused()), group=group)
-            if registry.kind == "compressor":
-                parser.add_flag("error_feedback", bool, False, TRAINING_HELP["error_feedback"],
-                                group=group)
-            if registry.kind == "aggregator":
-                parser.add_flag("clip_norm", float, None, TRAINING_HELP["clip_norm"],
-                                optional=True, group=group)
-            for name, users in registry.params().items():
-                first = users[0][1]
-                defaults = sorted({repr(p.default) for _, p in users})
-                default_text = (f"default {defaults[0]}" if len(defaults) == 1 else "defaults "
-                                + ", ".join(f"{c.name} {p.default!r}" for c, p in users))
-                used_by = "|".join(c.name for c, _ in users)
-                parser.add_flag(
-                    name, first.type, argparse.SUPPRESS,
-                    f"{first.help} [--{registry.kind} {used_by}; {default_text}]",
-                    optional=any(p.default is None for _, p in users), choices=first.choices,
-                    group=group)
+        add_component_flags(parser, registries,
+                            {r.kind: getattr(cls, r.kind) for r in registries},
+                            extra_flags=_component_extras)
         group = parser.add_argument_group("systems", "client availability and simulated time")
         for name, tp, optional in (("dropout", float, False), ("straggler_fraction", float, False),
                                    ("straggler_policy", str, False),
@@ -143,19 +193,7 @@ class TrainConfig(RunConfig):
         parser.set_defaults(out=cls.out)
         values = vars(parser.parse_args(argv))
         values.pop("config")
-        hparams = {}
-        for registry in registries:
-            selected = registry.get(values[registry.kind])
-            for name in registry.params():
-                if name not in values:
-                    continue
-                value = values.pop(name)
-                if selected.param(name) is None:
-                    raise ValueError(
-                        f"--{name.replace('_', '-')} needs --{registry.kind} "
-                        f"{'|'.join(registry.users(name))} (got --{registry.kind} "
-                        f"{selected.name})")
-                hparams[name] = value
+        hparams = pop_component_hparams(values, registries)
         cfg = cls(**values, hparams=hparams)
         cfg.validate()
         return cfg

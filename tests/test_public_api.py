@@ -150,6 +150,13 @@ PUBLIC = {
         "SingleProcessBackend",
         "VmapBackend",
         "check_backend",
+        "require_additive",
+    ],
+    "fedjax_lab.topologies": [
+        "HierarchicalResult",
+        "check_grouping",
+        "random_grouping",
+        "run_hierarchical",
     ],
     "fedjax_lab.systems": [
         "Availability",

@@ -4,6 +4,7 @@ Every backend implements the :class:`Backend` protocol (``fedjax_lab.runner.run`
 :func:`check_backend`); single-process backends subclass :class:`SingleProcessBackend`.
 """
 
+from fedjax_lab.backends._checks import require_additive
 from fedjax_lab.backends.base import Backend, ProgramCache, SingleProcessBackend, check_backend
 from fedjax_lab.backends.sharded import ShardedBackend
 from fedjax_lab.backends.vmap import PLANS, VmapBackend
@@ -18,4 +19,5 @@ __all__ = [
     "SingleProcessBackend",
     "VmapBackend",
     "check_backend",
+    "require_additive",
 ]

@@ -30,8 +30,12 @@ SWEEP_SHORT = ["--rounds", "2", "--client-lrs", "0.1,0.2", "--seeds", "1", "--nu
 # (tests/experiments/test_fedbuff_cli.py runs both on tiny settings and checks the JSON).
 FEDBUFF_SHORT = ["--population", "8", "--concurrency", "4", "--buffer-size", "2",
                  "--server-steps", "3", "--eval-every", "3", "--no-compare-sync"]
+# Hierarchical FL: 8 clients under 2 edges, one cloud round of one edge round.
+HIERARCHICAL_SHORT = ["--num-clients", "8", "--groups", "2", "--cloud-rounds", "1",
+                      "--edge-rounds", "1", "--batch-size", "50"]
 SHORTENED = {"experiments/fedavg.py": SHORT, "experiments/train.py": SHORT,
-             "experiments/sweep.py": SWEEP_SHORT, "experiments/fedbuff.py": FEDBUFF_SHORT}
+             "experiments/sweep.py": SWEEP_SHORT, "experiments/fedbuff.py": FEDBUFF_SHORT,
+             "experiments/hierarchical.py": HIERARCHICAL_SHORT}
 # Each curve/table entry of these compiles its own program: no flag makes them take seconds
 # (fedpaq.py --quick: ~70 s, sstc_compression.py with 2 rounds: minutes on 2 shared cores), so
 # the README's flags are checked against --help; tests/experiments/test_fedpaq_figure.py,
@@ -42,6 +46,8 @@ FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py",
 # The output each run script writes into --out.
 OUTPUT = {"experiments/fedavg.py": "summary.json", "experiments/train.py": "summary.json",
           "experiments/sweep.py": "results.json", "experiments/fedbuff.py": "results.json"}
+# Scripts that write one --json file instead of an --out folder: that file's name.
+JSON_OUTPUT = {"experiments/hierarchical.py": "results.json"}
 
 
 def _blocks(language):
@@ -89,14 +95,16 @@ def test_readme_command_runs(command, tmp_path, monkeypatch, capsys):
     argv = words[words.index(script) + 1:]
     if "--help" not in argv:
         # A later flag wins: shorter, and outputs into tmp_path instead of the repository.
-        argv += [*SHORTENED[script], "--out", str(tmp_path / "out")]
+        out = (["--json", str(tmp_path / "out" / JSON_OUTPUT[script])] if script in JSON_OUTPUT
+               else ["--out", str(tmp_path / "out")])
+        argv += [*SHORTENED[script], *out]
     monkeypatch.chdir(ROOT)  # the README runs from the repository root (preset paths)
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     assert e.value.code == 0, capsys.readouterr().err
     if "--help" not in argv:
-        assert (tmp_path / "out" / OUTPUT[script]).exists()
+        assert (tmp_path / "out" / (JSON_OUTPUT.get(script) or OUTPUT[script])).exists()
 
 
 @functools.cache
