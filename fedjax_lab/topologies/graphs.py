@@ -204,7 +204,11 @@ def from_matrices(
       stochastic: ``"doubly"`` (D-SGD, CHOCO-SGD) or ``"column"`` (PushSum).
       name: the topology's name in reports.
     """
-    w = check_mixing(matrices, stochastic=stochastic, name="matrices")
+    return _build(matrices, stochastic, name, "matrices")
+
+
+def _build(matrices: Any, stochastic: Stochastic, name: str, what: str) -> Topology:
+    w = check_mixing(matrices, stochastic=stochastic, name=what)
     return Topology(w, name, stochastic, _spectral_gap(w))
 
 
@@ -238,7 +242,7 @@ def metropolis_hastings(adjacency: np.ndarray) -> np.ndarray:
 
 def from_adjacency(adjacency: Any, *, name: str = "graph") -> Topology:
     """A doubly stochastic topology of an undirected graph (Metropolis-Hastings weights)."""
-    return from_matrices(metropolis_hastings(np.asarray(adjacency)), name=name)
+    return _build(metropolis_hastings(np.asarray(adjacency)), "doubly", name, name)
 
 
 def _adjacency(n: int, edges: Iterable[tuple[int, int]]) -> np.ndarray:

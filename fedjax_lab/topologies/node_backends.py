@@ -21,6 +21,7 @@ same run on any number of devices.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,16 @@ EXCHANGES = ("auto", "permute", "gather")
 RoundProgram = Callable[[GossipState, jax.Array, Batches, jax.Array], tuple[GossipState, Any]]
 
 
+@functools.lru_cache(maxsize=32)
+def _dense_vmap_round(algorithm: DecentralizedAlgorithm, num_nodes: int) -> RoundProgram:
+    def round_fn(state, matrix, batches, keys):
+        comm = NodeComm(lambda tree: dense_mix(matrix, tree), lambda x: jnp.sum(x, axis=0),
+                        num_nodes)
+        return algorithm.round(state, batches, keys, comm)
+
+    return jax.jit(round_fn)
+
+
 def vmap_round(algorithm: DecentralizedAlgorithm, num_nodes: int, *,
                sparse: tuple[Any, Any] | None = None) -> RoundProgram:
     """The jitted round of ``algorithm`` over all ``num_nodes`` nodes on one device.
@@ -55,16 +66,16 @@ def vmap_round(algorithm: DecentralizedAlgorithm, num_nodes: int, *,
         of a static ``W``: the mix gathers each node's in-neighbours instead of the dense
         einsum (the ``W`` argument is then ignored).
     """
-    def round_fn(state, matrix, batches, keys):
-        if sparse is None:
-            def mix(tree):
-                return dense_mix(matrix, tree)
-        else:
-            idx, val = jnp.asarray(sparse[0]), jnp.asarray(sparse[1])
+    if sparse is None:
+        # The mixing matrix is an argument, so one compiled program serves every topology
+        # (and every round of a time-varying one) of this algorithm and node count.
+        return _dense_vmap_round(algorithm, num_nodes)
+    idx, val = jnp.asarray(sparse[0]), jnp.asarray(sparse[1])
 
-            def mix(tree):
-                return sparse_mix(idx, val, tree)
-        comm = NodeComm(mix, lambda x: jnp.sum(x, axis=0), num_nodes)
+    def round_fn(state, matrix, batches, keys):
+        del matrix  # the neighbour lists stand for it
+        comm = NodeComm(lambda tree: sparse_mix(idx, val, tree), lambda x: jnp.sum(x, axis=0),
+                        num_nodes)
         return algorithm.round(state, batches, keys, comm)
 
     return jax.jit(round_fn)
@@ -87,6 +98,18 @@ def _global_roll(x: jax.Array, shift: int, axis: str, devices: int) -> jax.Array
     # Only the rows that land here travel: m - r of the block q ahead, r of the next one.
     return jnp.concatenate([from_device_ahead(q, x[r:]), from_device_ahead(q + 1, x[:r])],
                            axis=0)
+
+
+def resolve_exchange(topology: Topology, num_devices: int, exchange: str = "auto") -> str:
+    """The concrete exchange ``"auto"`` stands for: ``"permute"`` when the non-zero shifts
+    of ``W`` bring fewer node models to a device than the all-gather does."""
+    if exchange != "auto":
+        return exchange
+    n = topology.num_nodes
+    m = n // num_devices
+    # Each non-zero shift brings m node models to every device; the gather all n - m foreign.
+    moved = m * sum(1 for s in topology.offsets() if s)
+    return "permute" if moved < n - m else "gather"
 
 
 def sharded_round(
@@ -123,11 +146,7 @@ def sharded_round(
         )
     m = n // num_dev
     offsets = topology.offsets()
-    if exchange == "auto":
-        # Each non-zero shift brings m node models to every device; the gather brings all
-        # n - m foreign ones.
-        moved = m * sum(1 for s in offsets if s)
-        exchange = "permute" if moved < n - m else "gather"
+    exchange = resolve_exchange(topology, num_dev, exchange)
     mesh = Mesh(np.array(devices), (axis_name,))
 
     def block_round(state, rows, batches, keys):
