@@ -67,7 +67,7 @@ def test_erdos_renyi_is_seeded_and_refuses_disconnected_draws():
     np.testing.assert_array_equal(a.matrices, b.matrices)
     _doubly(a.matrices[0])
     np.testing.assert_array_equal(a.matrices[0], a.matrices[0].T)
-    with pytest.raises(ValueError, match="not connected.*raise p or change the seed"):
+    with pytest.raises(ValueError, match=r"not connected.*raise p or change the seed"):
         topologies.erdos_renyi(30, 0.01, seed=0)
     with pytest.raises(ValueError, match=r"p must be an edge probability in \(0, 1\]"):
         topologies.erdos_renyi(8, 0.0, seed=0)
