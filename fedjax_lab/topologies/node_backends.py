@@ -7,13 +7,13 @@ only in the :class:`~fedjax_lab.topologies.nodes.NodeComm` they hand the algorit
 * :func:`vmap_round`: all nodes in one block; ``mix`` is the dense ``W @ x`` (an einsum over
   the node axis), or the neighbour gather of :func:`~fedjax_lab.topologies.nodes.sparse_mix`.
 * :func:`sharded_round`: the nodes are split into equal contiguous blocks over devices with
-  ``jax.shard_map``. ``exchange="permute"`` writes ``W @ x`` as ``sum_s diag(a_s) roll(x,
-  -s)`` over the topology's non-zero diagonals ``s`` (:meth:`Topology.offsets`; 3 for a ring,
-  <= 7 for a torus) and moves each rolled block with collective permutes
-  (``jax.lax.ppermute``); ``exchange="gather"`` all-gathers every node's model and multiplies
-  by the device's rows of ``W`` (any ``W``). ``"auto"`` permutes when that moves fewer node
-  models than the gather. Sums over nodes are ``psum``s. Results equal the vmap program's up
-  to float summation order (tested to 1e-5).
+  ``jax.shard_map``. ``exchange="permute"`` writes ``W @ x`` as
+  ``sum_s diag(a_s) roll(x, -s)`` over the topology's non-zero diagonals ``s``
+  (:meth:`Topology.offsets`; 3 for a ring, <= 7 for a torus) and moves each rolled block with
+  collective permutes (``jax.lax.ppermute``); ``exchange="gather"`` all-gathers every node's
+  model and multiplies by the device's rows of ``W`` (any ``W``). ``"auto"`` permutes when
+  that moves fewer node models than the gather. Sums over nodes use ``psum``. Results equal
+  the vmap program's up to float summation order (tested to 1e-5).
 
 The node keys are split from the round key for ALL nodes before sharding, so a seed gives the
 same run on any number of devices.
