@@ -7,16 +7,34 @@ compression shows up as a difference.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import optax
 
+from fedjax_lab import topologies
+from fedjax_lab.algorithms import kit
+from fedjax_lab.compressors import top_k
 from fedjax_lab.data.cohort import CohortBuilder
-from tests.helpers import np_softmax_ce_grad
+from tests.helpers import LinearModel, make_population, np_softmax_ce_grad
 
 N_NODES = 8
 BATCH = 4
 STEPS = 2
 LR = 0.3
 ROUNDS = 3
+
+MODEL = LinearModel(dim=5, classes=3)
+# Node 6 has 3 examples < the batch of 4: its steps are partly masked.
+DATA = make_population([6, 9, 4, 7, 5, 8, 3, 10], seed=1)
+PARAMS = MODEL.init(jax.random.key(0))
+W0, B0 = np.asarray(PARAMS["w"], np.float64), np.asarray(PARAMS["b"], np.float64)
+OBJECTIVE = kit.model_objective(MODEL)
+# One object per algorithm for every test module: the vmap round program is cached per
+# algorithm and node count, so tests of the same shapes share one compilation.
+DSGD = topologies.dsgd(OBJECTIVE, optax.sgd(LR))
+PUSHSUM = topologies.pushsum(OBJECTIVE, optax.sgd(LR))
+TOP_K, GAMMA = 5, 0.4
+CHOCO_TOP_K = topologies.choco_sgd(OBJECTIVE, optax.sgd(LR), top_k(TOP_K), gamma=GAMMA)
 
 
 def builder(data, steps=STEPS, seed=0):

@@ -5,10 +5,10 @@ import optax
 import pytest
 
 from fedjax_lab import topologies
-from fedjax_lab.compressors import identity, top_k
+from fedjax_lab.compressors import identity
 from tests.topologies import reference as ref
-from tests.topologies.test_gossip import B0, DATA, OBJECTIVE, PARAMS, W0
 
+DATA, PARAMS, OBJECTIVE, W0, B0 = ref.DATA, ref.PARAMS, ref.OBJECTIVE, ref.W0, ref.B0
 D = 5 * 3 + 3  # coordinates of one node's model
 
 
@@ -21,7 +21,7 @@ def test_identity_compressor_and_unit_gamma_is_dsgd():
     topo = topologies.exponential(8)
     choco = _run(topologies.choco_sgd(OBJECTIVE, optax.sgd(ref.LR), identity(), gamma=1.0),
                  topo)
-    dsgd = _run(topologies.dsgd(OBJECTIVE, optax.sgd(ref.LR)), topo)
+    dsgd = _run(ref.DSGD, topo)
     for k in ("w", "b"):
         # x_half + (W x_half - x_half) vs W x_half: equal up to one float32 rounding.
         np.testing.assert_allclose(choco.state.params[k], dsgd.state.params[k], atol=1e-6)
@@ -33,10 +33,8 @@ def test_identity_compressor_and_unit_gamma_is_dsgd():
 
 def test_top_k_matches_numpy():
     topo = topologies.ring(8)
-    k, gamma = 5, 0.4
-    result = _run(topologies.choco_sgd(OBJECTIVE, optax.sgd(ref.LR), top_k(k), gamma=gamma),
-                  topo)
-    w, b = ref.choco_top_k(DATA, W0, B0, topo.matrices[0], k, gamma)
+    result = _run(ref.CHOCO_TOP_K, topo)
+    w, b = ref.choco_top_k(DATA, W0, B0, topo.matrices[0], ref.TOP_K, ref.GAMMA)
     np.testing.assert_allclose(result.state.params["w"], w, atol=1e-5)
     np.testing.assert_allclose(result.state.params["b"], b, atol=1e-5)
     # Exact bits of the top-k payloads, far below dense gossip's 32 * D per node.

@@ -3,20 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fedjax_lab import topologies
-from fedjax_lab.algorithms import kit
-from tests.helpers import LinearModel, make_population
+from fedjax_lab.topologies.gossip_run import node_batches
 from tests.topologies import reference as ref
 
-MODEL = LinearModel(dim=5, classes=3)
-# Node 6 has 3 examples < the batch of 4: its steps are partly masked.
-DATA = make_population([6, 9, 4, 7, 5, 8, 3, 10], seed=1)
-PARAMS = MODEL.init(jax.random.key(0))
-W0, B0 = np.asarray(PARAMS["w"], np.float64), np.asarray(PARAMS["b"], np.float64)
-OBJECTIVE = kit.model_objective(MODEL)
+DATA, PARAMS, OBJECTIVE, W0, B0 = ref.DATA, ref.PARAMS, ref.OBJECTIVE, ref.W0, ref.B0
 
 
 def _run(algorithm, topology, steps=ref.STEPS, rounds=ref.ROUNDS):
@@ -30,7 +23,7 @@ def test_time_varying_gossip_matches_numpy():
     # local steps, the direction of W @ x and the cycling by round.
     cycle = np.stack([topologies.ring(8).matrices[0], topologies.exponential(8).matrices[0]])
     topo = topologies.from_matrices(cycle, name="ring/exponential")
-    result = _run(topologies.dsgd(OBJECTIVE, optax.sgd(ref.LR)), topo)
+    result = _run(ref.DSGD, topo)
     w, b = ref.dsgd(DATA, W0, B0, topo.matrices)
     np.testing.assert_allclose(result.state.params["w"], w, atol=1e-5)
     np.testing.assert_allclose(result.state.params["b"], b, atol=1e-5)
@@ -44,7 +37,7 @@ def test_time_varying_gossip_matches_numpy():
 
 
 def test_fully_connected_one_step_is_centralized_gradient_averaging():
-    result = _run(topologies.dsgd(OBJECTIVE, optax.sgd(ref.LR)),
+    result = _run(ref.DSGD,
                   topologies.fully_connected(8), steps=1)
     w, b = ref.centralized_average_sgd(DATA, W0, B0)
     for i in range(8):
@@ -66,10 +59,18 @@ def test_sparse_neighbour_gather_equals_dense_mix():
         np.testing.assert_allclose(got[k], want[k], atol=1e-6)
     np.testing.assert_allclose(want["a"], np.einsum("ij,jkl->ikl", topo.matrices[0],
                                                     np.asarray(tree["a"])), atol=1e-5)
+    # The round program with the neighbour gather instead of the dense einsum.
+    alg = ref.DSGD
+    state = alg.init(topologies.replicate(PARAMS, 8))
+    args = (w, node_batches(ref.builder(DATA), 0, 8), jax.random.split(jax.random.key(0), 8))
+    dense, _ = topologies.vmap_round(alg, 8)(state, *args)
+    sparse, _ = topologies.vmap_round(alg, 8, sparse=(idx, val))(state, *args)
+    for a, b in zip(jax.tree.leaves(dense), jax.tree.leaves(sparse), strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6)
 
 
 def test_refuses_mismatched_population_and_column_stochastic_graphs():
-    alg = topologies.dsgd(OBJECTIVE, optax.sgd(ref.LR))
+    alg = ref.DSGD
     with pytest.raises(ValueError, match="has 6 nodes but the population has 8 clients"):
         _run(alg, topologies.ring(6))
     skewed = topologies.directed(8, [(i, (i + 1) % 8) for i in range(8)] + [(0, 4)])

@@ -2,23 +2,20 @@
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from fedjax_lab import topologies
-from fedjax_lab.compressors import qsgd
 from tests.topologies import reference as ref
-from tests.topologies.test_gossip import DATA, OBJECTIVE, PARAMS
 from tests.topologies.test_pushsum import EDGES
 
+DATA, PARAMS = ref.DATA, ref.PARAMS
 ROUNDS = 2
 CASES = {
     # Time-varying: shifts 1, 2, 4 of the one-peer cycle; with 2 nodes per device shift 1
     # moves part of a block, 2 and 4 whole blocks.
     "dsgd-one-peer-permute-4dev": ("dsgd", lambda: topologies.one_peer_exponential(8),
                                    "permute", 4),
-    # Ring shifts +-1 cross device boundaries; QSGD draws from the node keys, split before
-    # sharding, so both programs quantize alike.
+    # Ring shifts +-1 cross device boundaries; the compressed x_hat is what is mixed.
     "choco-ring-permute-4dev": ("choco", lambda: topologies.ring(8), "permute", 4),
     # A directed graph with chords: "auto" picks the all-gather with rows of W here.
     "pushsum-directed-auto-2dev": ("pushsum", lambda: topologies.directed(8, EDGES), "auto", 2),
@@ -27,10 +24,10 @@ CASES = {
 
 def _algorithm(name):
     if name == "dsgd":
-        return topologies.dsgd(OBJECTIVE, optax.sgd(ref.LR))
+        return ref.DSGD
     if name == "pushsum":
-        return topologies.pushsum(OBJECTIVE, optax.sgd(ref.LR))
-    return topologies.choco_sgd(OBJECTIVE, optax.sgd(ref.LR), qsgd(num_levels=4), gamma=0.5)
+        return ref.PUSHSUM
+    return ref.CHOCO_TOP_K
 
 
 def _run(alg, topo, **backend):

@@ -3,16 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fedjax_lab import topologies
 from fedjax_lab.topologies.gossip_run import node_batches
 from tests.topologies import reference as ref
-from tests.topologies.test_gossip import B0, DATA, OBJECTIVE, PARAMS, W0
 
 # A directed ring with two chords: column stochastic, rows NOT summing to 1, so the plain
 # numerators are biased and only x / w reaches the average.
+DATA, PARAMS, W0, B0 = ref.DATA, ref.PARAMS, ref.W0, ref.B0
 EDGES = [(i, (i + 1) % 8) for i in range(8)] + [(0, 4), (5, 2)]
 
 
@@ -26,7 +25,7 @@ def _topology():
 
 def test_sgp_matches_numpy_on_a_directed_graph():
     topo = _topology()
-    alg = topologies.pushsum(OBJECTIVE, optax.sgd(ref.LR))
+    alg = ref.PUSHSUM
     result = topologies.run_decentralized(alg, topo, DATA, PARAMS, rounds=ref.ROUNDS,
                                           batch_size=ref.BATCH, local_steps=ref.STEPS)
     zw, zb, weight = ref.pushsum(DATA, W0, B0, topo.matrices[0])
@@ -40,17 +39,19 @@ def test_sgp_matches_numpy_on_a_directed_graph():
 
 def test_pure_consensus_debiased_average_converges_to_the_true_average():
     topo = _topology()
-    alg = topologies.pushsum(OBJECTIVE, optax.sgd(0.0))  # no gradient steps: pure PushSum
+    alg = ref.PUSHSUM
     x0 = {"w": jax.random.normal(jax.random.key(3), (8, 5, 3)),
           "b": jax.random.normal(jax.random.key(4), (8, 3))}
     program = topologies.vmap_round(alg, 8)
-    builder = ref.builder(DATA)
-    batches = node_batches(builder, 0, 8)
+    batches = node_batches(ref.builder(DATA), 0, 8)
+    # Every example masked out: no gradient step (a fully masked step is a no-op), pure PushSum.
+    batches = batches._replace(mask=jnp.zeros_like(batches.mask))
     keys = jax.random.split(jax.random.key(0), 8)
     a = jnp.asarray(topo.matrices[0], jnp.float32)
     state = alg.init(x0)
     for _ in range(150):
-        state, _ = program(state, a, batches, keys)
+        state, metrics = program(state, a, batches, keys)
+    assert metrics["train_examples"] == 0 and np.isnan(metrics["train_loss"])
     z = alg.estimate(state)
     for k in x0:
         mean = np.asarray(x0[k]).mean(axis=0)
