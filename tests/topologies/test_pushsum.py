@@ -62,3 +62,16 @@ def test_pure_consensus_debiased_average_converges_to_the_true_average():
     np.testing.assert_allclose(np.asarray(state.params["w"]).sum(0),
                                np.asarray(x0["w"]).sum(0), atol=1e-4)
     np.testing.assert_allclose(float(jnp.sum(state.extra)), 8.0, rtol=1e-6)
+
+
+def test_on_a_doubly_stochastic_graph_pushsum_is_dsgd():
+    # Rows summing to 1 keep every weight at 1, so x / w = x and SGP's step is D-SGD's.
+    topo = topologies.torus(2, 4)
+    runs = [topologies.run_decentralized(alg, topo, DATA, PARAMS, rounds=ref.ROUNDS,
+                                         batch_size=ref.BATCH, local_steps=ref.STEPS)
+            for alg in (ref.PUSHSUM, ref.DSGD)]
+    np.testing.assert_allclose(runs[0].state.extra, 1.0, atol=1e-6)
+    for k in ("w", "b"):
+        np.testing.assert_allclose(runs[0].state.params[k], runs[1].state.params[k], atol=1e-6)
+    assert runs[0].history[-1]["consensus_distance"] == pytest.approx(
+        runs[1].history[-1]["consensus_distance"], rel=1e-5)
