@@ -18,11 +18,12 @@ import math
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedjax_lab.experiment import MAX_SEED
+from fedjax_lab.experiment import MAX_SEED, optional_type
 from fedjax_lab.experiments_lib.common import validated_run
 from fedjax_lab.io.run_folder import RunFolder
 from fedjax_lab.io.writers import write_json
@@ -32,21 +33,26 @@ MODELS = ("logreg", "mlp")
 ALGORITHMS = ("dsgd", "pushsum", "choco")
 BACKENDS = ("vmap", "sharded")
 PARTITIONS = ("iid", "dirichlet_label_mix", "dirichlet_per_class", "shards")
+ER_P = 0.3
+# CHOCO-SGD's settings when not given (the flags exist only for --algorithm choco).
+CHOCO = {"compressor": "top_k", "gamma": 0.5}
 HELP = {
     "dataset": f"one of {DATASETS}; synthetic is FedProx's Synthetic(1,1) with one device per "
                "node (natural partition)",
-    "partition": f"how digits is split over the nodes: one of {PARTITIONS}",
+    "partition": f"how digits is split over the nodes: one of {PARTITIONS} (none: iid); "
+                 "synthetic data comes with one device per node and takes none",
     "model": f"one of {MODELS}",
     "nodes": "number of nodes (= clients; every node trains every round)",
     "topology": "comma-separated graphs to compare: ring, torus, fully_connected, "
                 "erdos_renyi, exponential, one_peer_exponential",
-    "er_p": "edge probability of erdos_renyi (seeded by --seed)",
+    "er_p": f"edge probability of erdos_renyi (seeded by --seed; none: {ER_P})",
     "algorithm": f"one of {ALGORITHMS}",
     "compressor": "choco: the compressor of the model differences (a --compressor of "
-                  "experiments/train.py, e.g. top_k, qsgd, sign)",
-    "sparsity": "choco with top_k/rand_k/stc/sstc: fraction of coordinates kept",
-    "num_levels": "choco with qsgd: quantization levels",
-    "gamma": "choco: the consensus step size, in (0, 1]",
+                  f"experiments/train.py, e.g. top_k, qsgd, sign; none: {CHOCO['compressor']})",
+    "sparsity": "choco with top_k/rand_k/stc/sstc: fraction of coordinates kept (none: the "
+                "compressor's default)",
+    "num_levels": "choco with qsgd: quantization levels (none: the compressor's default)",
+    "gamma": f"choco: the consensus step size, in (0, 1] (none: {CHOCO['gamma']})",
     "rounds": "communication rounds",
     "local_steps": "local SGD steps per node per round",
     "batch_size": "local minibatch size",
@@ -63,16 +69,16 @@ class DecentralizedConfig:
     """Decentralized FL on a graph: D-SGD, PushSum/SGP or CHOCO-SGD (see the module doc)."""
 
     dataset: str = "digits"
-    partition: str = "iid"
+    partition: str | None = None
     model: str = "logreg"
     nodes: int = 16
     topology: str = "ring"
-    er_p: float = 0.3
+    er_p: float | None = None
     algorithm: str = "dsgd"
-    compressor: str = "top_k"
-    sparsity: float = 0.1
-    num_levels: int = 4
-    gamma: float = 0.5
+    compressor: str | None = None
+    sparsity: float | None = None
+    num_levels: int | None = None
+    gamma: float | None = None
     rounds: int = 50
     local_steps: int = 5
     batch_size: int = 16
@@ -92,11 +98,15 @@ class DecentralizedConfig:
         from fedjax_lab.topologies.graphs import TOPOLOGIES
 
         for name, choices in (("dataset", DATASETS), ("model", MODELS),
-                              ("algorithm", ALGORITHMS), ("backend", BACKENDS),
-                              ("partition", PARTITIONS)):
+                              ("algorithm", ALGORITHMS), ("backend", BACKENDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {choices}, got "
                                  f"{getattr(self, name)!r}")
+        if self.partition is not None and self.dataset != "digits":
+            raise ValueError(f"--partition applies to --dataset digits only; {self.dataset} "
+                             "has one natural device per node: drop --partition")
+        if self.partition is not None and self.partition not in PARTITIONS:
+            raise ValueError(f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
         names = self.topologies
         bad = [t for t in names if t not in TOPOLOGIES]
         if not names or bad or len(set(names)) != len(names):
@@ -105,6 +115,8 @@ class DecentralizedConfig:
         for name in ("nodes", "rounds", "local_steps", "batch_size", "eval_every",
                      "num_levels"):
             value = getattr(self, name)
+            if value is None and name == "num_levels":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got "
                                  f"{value!r}")
@@ -112,16 +124,31 @@ class DecentralizedConfig:
             raise ValueError(f"--nodes must be >= 2 (a graph needs two nodes), got {self.nodes}")
         if not 0.0 < self.lr < math.inf:
             raise ValueError(f"--lr must be a finite float > 0, got {self.lr}")
-        if not 0.0 < self.er_p <= 1.0:
-            raise ValueError(f"--er-p must be an edge probability in (0, 1], got {self.er_p}")
-        if not 0.0 < self.gamma <= 1.0:
+        if self.er_p is not None:
+            if "erdos_renyi" not in names:
+                raise ValueError("--er-p is read only by --topology erdos_renyi: drop it")
+            if not 0.0 < self.er_p <= 1.0:
+                raise ValueError(f"--er-p must be an edge probability in (0, 1], got "
+                                 f"{self.er_p}")
+        if self.gamma is not None and not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"--gamma must be in (0, 1], got {self.gamma}")
-        if not 0.0 < self.sparsity <= 1.0:
+        if self.sparsity is not None and not 0.0 < self.sparsity <= 1.0:
             raise ValueError(f"--sparsity must be in (0, 1], got {self.sparsity}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be an integer in [0, 2**32 - 1], got {self.seed}")
-        if self.algorithm == "choco":
-            COMPRESSORS.get(self.compressor)  # ValueError naming the valid names
+        choco_flags = ("compressor", "sparsity", "num_levels", "gamma")
+        if self.algorithm != "choco":
+            given = [f"--{n.replace('_', '-')}" for n in choco_flags
+                     if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to --algorithm choco (the "
+                                 f"{self.algorithm} gossip is uncompressed): drop them")
+        else:
+            component = COMPRESSORS.get(self.compressor or CHOCO["compressor"])
+            for n in ("sparsity", "num_levels"):
+                if getattr(self, n) is not None and component.param(n) is None:
+                    raise ValueError(f"--{n.replace('_', '-')} is not a parameter of "
+                                     f"--compressor {component.name}: drop it")
         if self.backend == "sharded":
             import jax
 
@@ -136,8 +163,9 @@ def build_compressor(cfg: DecentralizedConfig) -> Any:
     them (its other hyperparameters at their registered defaults)."""
     from fedjax_lab.registry import COMPRESSORS
 
-    component = COMPRESSORS.get(cfg.compressor)
-    given = {"sparsity": cfg.sparsity, "num_levels": cfg.num_levels}
+    component = COMPRESSORS.get(cfg.compressor or CHOCO["compressor"])
+    given = {k: v for k, v in (("sparsity", cfg.sparsity), ("num_levels", cfg.num_levels))
+             if v is not None}
     return component.build(**{p.name: given.get(p.name, p.default) for p in component.params})
 
 
@@ -151,7 +179,7 @@ def build_problem(cfg: DecentralizedConfig) -> tuple[Any, Any, Any, Any]:
 
     if cfg.dataset == "digits":
         dataset = load_dataset("digits")
-        data = federate(dataset, cfg.partition, cfg.nodes, seed=cfg.seed)
+        data = federate(dataset, cfg.partition or "iid", cfg.nodes, seed=cfg.seed)
     else:
         kwargs = {"alpha": 1.0, "beta": 1.0} if cfg.dataset == "synthetic" else {}
         dataset = load_dataset(cfg.dataset, num_clients=cfg.nodes, seed=cfg.seed, **kwargs)
@@ -176,7 +204,8 @@ def run_experiment(cfg: DecentralizedConfig) -> dict[str, Any]:
     from fedjax_lab.topologies.gossip_run import check_compatible
 
     # Graphs first: a disconnected Erdős–Rényi draw is refused before any data or compile.
-    graphs = [topology_by_name(t, cfg.nodes, p=cfg.er_p, seed=cfg.seed) for t in cfg.topologies]
+    er_p = ER_P if cfg.er_p is None else cfg.er_p
+    graphs = [topology_by_name(t, cfg.nodes, p=er_p, seed=cfg.seed) for t in cfg.topologies]
     compressor = build_compressor(cfg) if cfg.algorithm == "choco" else None
     with RunFolder(cfg.out, overwrite=True, results=("results.json",)) as folder:
         folder.start_fresh()
@@ -188,7 +217,8 @@ def run_experiment(cfg: DecentralizedConfig) -> dict[str, Any]:
         elif cfg.algorithm == "pushsum":
             algorithm = pushsum(objective, optimizer)
         else:
-            algorithm = choco_sgd(objective, optimizer, compressor, gamma=cfg.gamma)
+            gamma = CHOCO["gamma"] if cfg.gamma is None else cfg.gamma
+            algorithm = choco_sgd(objective, optimizer, compressor, gamma=gamma)
         for topo in graphs:
             check_compatible(algorithm, topo, data)
         results: dict[str, Any] = {"config": asdict(cfg), "topologies": {}}
@@ -220,8 +250,10 @@ def _parser() -> Any:
     parser.add_argument("--json", dest="json_out", default=None,
                         help="also write the results to this file")
     defaults = DecentralizedConfig()
+    hints = typing.get_type_hints(DecentralizedConfig)
     for name, value in asdict(defaults).items():
-        parser.add_flag(name, type(value), value, HELP[name])
+        tp, optional = optional_type(hints[name])  # none: the default the help names
+        parser.add_flag(name, tp, value, HELP[name], optional=optional)
     return parser
 
 

@@ -37,8 +37,16 @@ def test_tiny_run_writes_results(tmp_path, capsys):
         (["--topology", "erdos_renyi", "--er-p", "0.01", "--nodes", "30"],
          r"erdos_renyi\(30, p=0.01, seed=0\) is not connected"),
         (["--dataset", "mnist"], "--dataset must be one of"),
+        (["--dataset", "synthetic", "--partition", "iid"],
+         "--partition applies to --dataset digits only"),
+        (["--gamma", "0.5", "--sparsity", "0.1"],
+         "--sparsity, --gamma only apply to --algorithm choco"),
+        (["--algorithm", "choco", "--compressor", "sign", "--sparsity", "0.1"],
+         "--sparsity is not a parameter of --compressor sign"),
+        (["--er-p", "0.5"], "--er-p is read only by --topology erdos_renyi"),
     ],
-    ids=["topology", "nodes", "compressor", "gamma", "disconnected", "dataset"],
+    ids=["topology", "nodes", "compressor", "gamma", "disconnected", "dataset", "partition",
+         "choco-only", "compressor-param", "er-p"],
 )
 def test_bad_input_exits_2_with_one_error_line(flags, message, tmp_path, capsys):
     out = tmp_path / "run"
