@@ -1,10 +1,14 @@
-"""Federated topologies beyond one synchronous server round.
+"""Federated topologies beyond one server and one synchronous round.
 
-Hierarchical FL (client -> edge -> cloud) and asynchronous buffered FL (FedBuff). Each
-topology is one module and runs the library's algorithms (:class:`~fedjax_lab.core.Algorithm`)
-at its inner level; this package re-exports their public names.
+Decentralized (gossip) learning: D-SGD, PushSum/SGP and CHOCO-SGD over one stacked node
+pytree, with validated mixing matrices (:mod:`fedjax_lab.topologies.graphs`); hierarchical FL
+(client -> edge -> cloud, HierFAVG); asynchronous buffered FL (FedBuff); split learning
+(SplitFed) and vertical FL. Each topology is its own module(s) and runs the library's
+algorithms, models and compressors; this package re-exports their public names. See
+docs/design.md "Topologies".
 """
 
+from fedjax_lab.topologies.choco import choco_sgd
 from fedjax_lab.topologies.fedbuff import (
     STALENESS_WEIGHTS,
     ClientTimes,
@@ -14,23 +18,88 @@ from fedjax_lab.topologies.fedbuff import (
     run_fedbuff,
     staleness_weight,
 )
+from fedjax_lab.topologies.gossip import dsgd
+from fedjax_lab.topologies.gossip_run import DecentralizedResult, run_decentralized
+from fedjax_lab.topologies.graphs import (
+    TOPOLOGIES,
+    Topology,
+    check_mixing,
+    directed,
+    erdos_renyi,
+    exponential,
+    from_adjacency,
+    from_matrices,
+    fully_connected,
+    metropolis_hastings,
+    one_peer_exponential,
+    ring,
+    topology_by_name,
+    torus,
+    torus_shape,
+)
 from fedjax_lab.topologies.hierarchical import (
     HierarchicalResult,
     check_grouping,
     random_grouping,
     run_hierarchical,
 )
+from fedjax_lab.topologies.node_backends import sharded_round, vmap_round
+from fedjax_lab.topologies.nodes import (
+    NODE_METRICS,
+    DecentralizedAlgorithm,
+    GossipState,
+    NodeComm,
+    consensus_distance,
+    dense_mix,
+    node_average,
+    replicate,
+    sparse_mix,
+    sparse_rows,
+)
+from fedjax_lab.topologies.pushsum import pushsum
 
 __all__ = [
+    "NODE_METRICS",
     "STALENESS_WEIGHTS",
+    "TOPOLOGIES",
     "ClientTimes",
+    "DecentralizedAlgorithm",
+    "DecentralizedResult",
     "FedBuffResult",
+    "GossipState",
     "HierarchicalResult",
+    "NodeComm",
+    "Topology",
     "check_grouping",
+    "check_mixing",
+    "choco_sgd",
+    "consensus_distance",
     "constant_staleness",
+    "dense_mix",
+    "directed",
+    "dsgd",
+    "erdos_renyi",
+    "exponential",
+    "from_adjacency",
+    "from_matrices",
+    "fully_connected",
+    "metropolis_hastings",
+    "node_average",
+    "one_peer_exponential",
     "polynomial_staleness",
+    "pushsum",
     "random_grouping",
+    "replicate",
+    "ring",
+    "run_decentralized",
     "run_fedbuff",
     "run_hierarchical",
+    "sharded_round",
+    "sparse_mix",
+    "sparse_rows",
     "staleness_weight",
+    "topology_by_name",
+    "torus",
+    "torus_shape",
+    "vmap_round",
 ]

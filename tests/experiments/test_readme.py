@@ -33,9 +33,16 @@ FEDBUFF_SHORT = ["--population", "8", "--concurrency", "4", "--buffer-size", "2"
 # Hierarchical FL: 8 clients under 2 edges, one cloud round of one edge round.
 HIERARCHICAL_SHORT = ["--num-clients", "8", "--groups", "2", "--cloud-rounds", "1",
                       "--edge-rounds", "1", "--batch-size", "50"]
-SHORTENED = {"experiments/fedavg.py": SHORT, "experiments/train.py": SHORT,
-             "experiments/sweep.py": SWEEP_SHORT, "experiments/fedbuff.py": FEDBUFF_SHORT,
-             "experiments/hierarchical.py": HIERARCHICAL_SHORT}
+# Decentralized: 4 nodes, 2 rounds of 1 local step (the README's topologies, one program).
+DECENTRALIZED_SHORT = ["--nodes", "4", "--rounds", "2", "--local-steps", "1", "--eval-every", "1"]
+SHORTENED = {
+    "experiments/fedavg.py": SHORT,
+    "experiments/train.py": SHORT,
+    "experiments/sweep.py": SWEEP_SHORT,
+    "experiments/fedbuff.py": FEDBUFF_SHORT,
+    "experiments/hierarchical.py": HIERARCHICAL_SHORT,
+    "experiments/decentralized.py": DECENTRALIZED_SHORT,
+}
 # Each curve/table entry of these compiles its own program: no flag makes them take seconds
 # (fedpaq.py --quick: ~70 s, sstc_compression.py with 2 rounds: minutes on 2 shared cores), so
 # the README's flags are checked against --help; tests/experiments/test_fedpaq_figure.py,
@@ -44,8 +51,13 @@ SHORTENED = {"experiments/fedavg.py": SHORT, "experiments/train.py": SHORT,
 FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py",
               "experiments/fedprox_synthetic.py")
 # The output each run script writes into --out.
-OUTPUT = {"experiments/fedavg.py": "summary.json", "experiments/train.py": "summary.json",
-          "experiments/sweep.py": "results.json", "experiments/fedbuff.py": "results.json"}
+OUTPUT = {
+    "experiments/fedavg.py": "summary.json",
+    "experiments/train.py": "summary.json",
+    "experiments/sweep.py": "results.json",
+    "experiments/fedbuff.py": "results.json",
+    "experiments/decentralized.py": "results.json",
+}
 # Scripts that write one --json file instead of an --out folder: that file's name.
 JSON_OUTPUT = {"experiments/hierarchical.py": "results.json"}
 
