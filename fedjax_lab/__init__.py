@@ -15,6 +15,7 @@ from fedjax_lab import (
     models,
     privacy,
     systems,
+    topologies,
 )
 from fedjax_lab.core.types import (
     Aggregate,
@@ -49,4 +50,5 @@ __all__ = [
     "privacy",
     "run",
     "systems",
+    "topologies",
 ]

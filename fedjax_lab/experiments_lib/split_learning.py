@@ -73,7 +73,7 @@ class SplitLearningConfig:
     rounds: int = 20
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 0.05
+    lr: float = 0.1
     seed: int = 0
     out: str = "runs/split_learning"
 
