@@ -137,12 +137,13 @@ def test_splitfed_matches_python_loop_reference(split, params):
                                mask[k, s])
                 gc, gs = split.split_params(g)
                 clients[k] = jax.tree.map(lambda p, g: p - LR * g, clients[k], gc)
-                term = jax.tree.map(lambda g: g * m[k] / m.sum(), gs)
+                share = float(m[k] / m.sum())
+                term = jax.tree.map(lambda g, share=share: g * share, gs)
                 server_grad = term if server_grad is None else jax.tree.map(
                     jnp.add, server_grad, term)
             server = jax.tree.map(lambda p, g: p - LR * g, server, server_grad)
         n = np.asarray(sizes, np.float32) / sum(sizes)
-        client = jax.tree.map(lambda *c: sum(w * ci for w, ci in zip(n, c, strict=True)),
+        client = jax.tree.map(lambda *c, n=n: sum(w * ci for w, ci in zip(n, c, strict=True)),
                               *clients)
     close(state.client_params, client)
     close(state.server_params, server)
