@@ -168,12 +168,30 @@ def run_experiment(cfg: SplitLearningConfig) -> dict[str, Any]:
     return results
 
 
+HELP = {
+    "methods": f"comma-separated subset of {','.join(METHODS)}",
+    "model": f"one of {MODELS} (sequential models that can be cut)",
+    "hidden": "mlp hidden widths, comma-separated",
+    "cut": "name of the last client layer (mlp: dense_0, dense_1, ...; cnn: conv_0, conv_1, "
+           "dense_0)",
+    "num_clients": "clients of the population (all train every round)",
+    "partition": f"one of {PARTITIONS}",
+    "alpha": "Dirichlet concentration of dirichlet_label_mix",
+    "rounds": "training rounds",
+    "local_epochs": "passes over each client's data per round",
+    "batch_size": "minibatch size",
+    "lr": "SGD step size (clients and server part)",
+    "seed": "seed of the partition, shuffles and init",
+    "out": "folder for results.json",
+}
+
+
 def _parser() -> StrictParser:
     p = StrictParser(prog="split_learning.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", dest="json_out", default=None,
                    help="also write the results to this file")
     for f in dataclasses.fields(SplitLearningConfig):
-        p.add_flag(f.name, type(f.default), f.default, help=" ")
+        p.add_flag(f.name, type(f.default), f.default, help=HELP[f.name])
     return p
 
 

@@ -152,12 +152,28 @@ def run_experiment(cfg: VerticalFLConfig) -> dict[str, Any]:
     return results
 
 
+HELP = {
+    "dataset": f"one of {DATASETS}",
+    "parties": "comma-separated party counts to compare (1 = centralized)",
+    "split": f"one of {SPLITS}: contiguous column blocks or a seeded random assignment",
+    "embed_dim": "width of each party's embedding (the message)",
+    "bottom_hidden": "hidden ReLU widths of the bottom models, comma-separated ('' = linear)",
+    "top_hidden": "hidden ReLU widths of the top model, comma-separated ('' = linear)",
+    "combine": f"one of {COMBINE}: how the top model combines the embeddings",
+    "epochs": "passes over the aligned training samples",
+    "batch_size": "minibatch size",
+    "lr": "SGD step size (every party and the top model)",
+    "seed": "seed of the data (synthetic), split, shuffles and init",
+    "out": "folder for results.json",
+}
+
+
 def _parser() -> StrictParser:
     p = StrictParser(prog="vertical_fl.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", dest="json_out", default=None,
                    help="also write the results to this file")
     for f in dataclasses.fields(VerticalFLConfig):
-        p.add_flag(f.name, type(f.default), f.default, help=" ")
+        p.add_flag(f.name, type(f.default), f.default, help=HELP[f.name])
     return p
 
 
