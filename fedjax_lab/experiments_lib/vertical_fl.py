@@ -116,7 +116,8 @@ def run_parties(cfg: VerticalFLConfig, parties: int, train: dict[str, np.ndarray
                         bottom_hidden=_ints(cfg.bottom_hidden, "--bottom-hidden", True),
                         top_hidden=_ints(cfg.top_hidden, "--top-hidden", True),
                         combine=cfg.combine)
-    params = vm.init(jax.random.key(cfg.seed))
+    # One program for all the parties' inits (each init alone is a compile).
+    params = jax.jit(vm.init)(jax.random.key(cfg.seed))
     opt = optax.sgd(cfg.lr)
     opt_state = opt.init(params)
     train_epoch = vertical_trainer(vm, opt, batch_size=cfg.batch_size)

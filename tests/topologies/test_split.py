@@ -28,7 +28,11 @@ def split():
 
 @pytest.fixture(scope="module")
 def params():
-    return models.mlp(SHAPE, CLASSES, HIDDEN).init(jax.random.key(3))
+    # Random params of the mlp's structure (eval_shape: no init program to compile).
+    rng = np.random.default_rng(3)
+    return jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(np.float32),
+                        jax.eval_shape(models.mlp(SHAPE, CLASSES, HIDDEN).init,
+                                       jax.random.key(0)))
 
 
 def population(sizes, seed=0):
@@ -66,12 +70,19 @@ def close(a, b):
 
 def test_builtin_layers_match_library_models(split, params):
     x = np.random.default_rng(1).normal(size=(5, *SHAPE)).astype(np.float32)
-    whole = models.mlp(SHAPE, CLASSES, HIDDEN).apply(params, x)
-    close(split.whole.apply(params, x), whole)
-    client, server = split.split_params(params)
-    acts = split.client.apply(client, x)
+
+    @jax.jit
+    def outputs(params, x):
+        client, server = split.split_params(params)
+        acts = split.client.apply(client, x)
+        return (models.mlp(SHAPE, CLASSES, HIDDEN).apply(params, x),
+                split.whole.apply(params, x), acts, split.server.apply(server, acts))
+
+    whole, uncut, acts, composed = outputs(params, x)
+    close(uncut, whole)
+    close(composed, whole)
     assert acts.shape == (5, HIDDEN[0]) and split.cut_shape == (HIDDEN[0],)
-    close(split.server.apply(server, acts), whole)
+    client, server = split.split_params(params)
     assert split.merge_params(client, server).keys() == params.keys()
 
 
@@ -79,11 +90,19 @@ def test_cnn_cut_matches_femnist_cnn():
     shape = (8, 8, 1)
     cnn = models.femnist_cnn(shape, 10)
     s = split_model(builtin_layers("cnn", shape, 10), shape, cut="conv_1")
-    p = cnn.init(jax.random.key(0))
+    # Random params of femnist_cnn's structure (eval_shape: no conv init program to compile).
+    rng = np.random.default_rng(0)
+    p = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32),
+                     jax.eval_shape(cnn.init, jax.random.key(0)))
     x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
-    client, server = s.split_params(p)
     assert s.cut_shape == (2, 2, 64) and s.cut_size == 256
-    close(s.server.apply(server, s.client.apply(client, x)), cnn.apply(p, x))
+
+    @jax.jit  # one program for both paths: conv compiles are the slow part of this test
+    def both(p, x):
+        client, server = s.split_params(p)
+        return s.server.apply(server, s.client.apply(client, x)), cnn.apply(p, x)
+
+    close(*both(p, x))
 
 
 def test_bad_cuts_and_models_are_rejected():
