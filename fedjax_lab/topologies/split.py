@@ -20,9 +20,9 @@ is not cut: a model with skip connections (``resnet18``) or recurrence (``char_l
 single tensor that carries all the information past a layer, so "the server part after layer
 X" is not defined by a name alone.
 
-The cut-layer messages are exchanged uncompressed: a compressor on the activations would make
-the padded rows of a partial batch part of its payload, so its ``bits`` would not be the exact
-size of what a real client sends (left out rather than reported inexactly).
+The cut-layer messages are exchanged uncompressed. A compressor applied to a whole ``[B, F]``
+batch would count the padded rows of a partial batch in its ``bits``; compressing each example's
+row as its own payload (bits summed over the real rows) would be exact, but is not implemented.
 """
 
 from __future__ import annotations
