@@ -192,6 +192,9 @@ def check_layers(layers: Sequence[Layer]) -> tuple[Layer, ...]:
                 raise ValueError(f"layers[{i}].{field} must be a positive int, got {value!r}")
         if isinstance(layer.pool, bool) or not isinstance(layer.pool, int) or layer.pool < 0:
             raise ValueError(f"layers[{i}].pool must be an int >= 0, got {layer.pool!r}")
+        if layer.kind == "conv" and layer.padding not in ("SAME", "VALID"):
+            raise ValueError(f"layers[{i}].padding must be 'SAME' or 'VALID', got "
+                             f"{layer.padding!r}")
         if layer.kind == "dense" and layer.pool:
             raise ValueError(f"layers[{i}] ({layer.name!r}): pool is for conv layers only")
     names = [layer.name for layer in layers]
@@ -207,7 +210,8 @@ def builtin_layers(name: str, input_shape: Sequence[int], num_classes: int,
     Args:
       name: ``"mlp"`` (``fedjax_lab.models.mlp``; ``hidden=`` widths, default (200, 200)) or
         ``"cnn"`` (``fedjax_lab.models.femnist_cnn``, McMahan et al. 2017).
-      input_shape: per-example input shape (only checked here: the layers do not depend on it).
+      input_shape: per-example input shape; unused (the layers do not depend on it), taken for
+        the same call signature as ``fedjax_lab.models.get_model``.
       num_classes: number of logits.
       **kwargs: ``hidden`` for ``"mlp"``.
 

@@ -255,6 +255,15 @@ def vertical_trainer(vm: VerticalModel, optimizer: optax.GradientTransformation,
 
     def train_epoch(params: Params, opt_state: Any, x: np.ndarray, y: np.ndarray,
                     index: np.ndarray, mask: np.ndarray) -> tuple[Params, Any, dict[str, float]]:
+        index, mask = np.asarray(index), np.asarray(mask)
+        if index.ndim != 2 or index.shape[1] != batch_size or mask.shape != index.shape:
+            raise ValueError(f"index and mask must both be [steps, batch_size={batch_size}] "
+                             f"(epoch_batches), got {index.shape} and {mask.shape}")
+        if len(x) != len(y) or index.min() < 0 or index.max() >= len(y):
+            raise ValueError(f"x ({len(x)}) and y ({len(y)}) must be the same aligned samples "
+                             f"and index must lie in [0, {len(y)})")
+        if not np.isin(mask, (0.0, 1.0)).all():
+            raise ValueError("mask must hold 0 (padding) or 1 (a real example)")
         parts = tuple(jnp.asarray(p) for p in split_features(np.asarray(x, np.float32),
                                                                vm.groups))
         params, opt_state, loss_sum = run(params, opt_state, parts, jnp.asarray(y),

@@ -59,6 +59,14 @@ def test_feature_split_is_disjoint_covering_and_validated():
         feature_split(3, 4)
     with pytest.raises(ValueError, match="combine"):
         vertical_model([[0, 1, 2]], 3, 2, combine="max")
+    vm = vertical_model([[0], [1, 2]], 3, 2)
+    train = vertical_trainer(vm, optax.sgd(0.1), batch_size=2)
+    index, mask = epoch_batches(4, 2, np.random.default_rng(0))
+    x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        train(None, None, x, y, index[:, :1], mask[:, :1])
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 3\)"):
+        train(None, None, x[:3], y[:3], index, mask)
 
 
 def test_one_party_is_centralized_training():
