@@ -47,9 +47,12 @@ SHORTENED = {
 # (fedpaq.py --quick: ~70 s, sstc_compression.py with 2 rounds: minutes on 2 shared cores), so
 # the README's flags are checked against --help; tests/experiments/test_fedpaq_figure.py,
 # test_sstc_compression.py and test_fedprox_synthetic.py (fedprox_synthetic.py --quick: ~30 s)
-# run their code on tiny settings.
+# run their code on tiny settings. split_learning.py and vertical_fl.py compile a program per
+# method / party count: test_split_learning.py and test_vertical_fl.py run one tiny setting
+# each and check its exact byte counts.
 FLAGS_ONLY = ("experiments/fedpaq.py", "experiments/sstc_compression.py",
-              "experiments/fedprox_synthetic.py")
+              "experiments/fedprox_synthetic.py", "experiments/split_learning.py",
+              "experiments/vertical_fl.py")
 # The output each run script writes into --out.
 OUTPUT = {
     "experiments/fedavg.py": "summary.json",
