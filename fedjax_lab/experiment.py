@@ -216,14 +216,23 @@ def _flag(name: str) -> str:
 
 
 def check_data_dir(dataset: str, data_dir: str | None) -> None:
-    """Raises ValueError when ``--data-dir`` is given for a dataset that reads no directory."""
-    from fedjax_lab.data.datasets import LAZY_DATASETS
+    """Raises ValueError when ``--data-dir`` is given for a dataset that reads no directory,
+    or missing for TFF's h5 datasets (which have no default location)."""
+    from fedjax_lab.data.datasets import H5_DATASETS, LAZY_DATASETS
+    from fedjax_lab.data.datasets.tff_h5 import H5_FILES
 
+    if dataset in H5_DATASETS:
+        if not data_dir:
+            files, archive = H5_FILES[dataset]
+            raise ValueError(f"--dataset {dataset} reads TFF's h5 files: pass --data-dir DIR, the "
+                             f"folder holding {' and '.join(files)} (from TFF's {archive})")
+        return
     # The TFDS loaders (those with lazy=True) are the ones the CLI passes a data_dir to.
     if data_dir and dataset not in LAZY_DATASETS:
         raise ValueError(
-            f"--data-dir is read only by the TFDS datasets ({', '.join(LAZY_DATASETS)}); "
-            f"--dataset {dataset} takes none: drop --data-dir"
+            f"--data-dir is read only by the TFDS datasets ({', '.join(LAZY_DATASETS)}) and "
+            f"TFF's h5 datasets ({', '.join(H5_DATASETS)}); --dataset {dataset} takes none: "
+            "drop --data-dir"
         )
 
 
@@ -313,7 +322,7 @@ def check_client_eval(cfg: Any) -> str:
 
 def dataset_kwargs(cfg: Any) -> dict[str, Any]:
     """``load_dataset`` keywords of a config's ``--dataset`` and its dataset flags."""
-    from fedjax_lab.data.datasets import LAZY_DATASETS
+    from fedjax_lab.data.datasets import H5_DATASETS, LAZY_DATASETS
 
     # Configs without the dataset flags (e.g. sweep.py's) read the loaders' defaults.
     alpha, beta = getattr(cfg, "synthetic_alpha", None), getattr(cfg, "synthetic_beta", None)
@@ -327,6 +336,8 @@ def dataset_kwargs(cfg: Any) -> dict[str, Any]:
         return {"root_dir": getattr(cfg, "leaf_root", None),
                 "task": getattr(cfg, "leaf_task", None)}
     kwargs: dict[str, Any] = {}
+    if cfg.dataset in H5_DATASETS:  # always lazy: the train split is read client by client
+        return {"data_dir": cfg.data_dir}
     if cfg.dataset in LAZY_DATASETS:
         kwargs["download"] = getattr(cfg, "download", False)
         if cfg.data_dir:
@@ -339,9 +350,11 @@ def dataset_kwargs(cfg: Any) -> dict[str, Any]:
 
 # One line of --help per run setting (the default and the valid choices are added to it).
 FIELD_HELP = {
-    "dataset": "dataset: digits (embedded), synthetic, synthetic_iid, leaf, or a TFDS dataset "
-               "(mnist, fashion_mnist, emnist, cifar10, cifar100)",
-    "data_dir": "TFDS data directory (TFDS datasets only)",
+    "dataset": "dataset: digits (embedded), synthetic, synthetic_iid, leaf, a TFDS dataset "
+               "(mnist, fashion_mnist, emnist, cifar10, cifar100) or TFF's h5 files "
+               "(fed_emnist, fed_shakespeare, fed_cifar100)",
+    "data_dir": "TFDS data directory (TFDS datasets), or the folder of TFF's h5 files "
+                "(fed_emnist, fed_shakespeare, fed_cifar100: required)",
     "download": "download and prepare a TFDS dataset missing from --data-dir (needs network)",
     "synthetic_alpha": "FedProx Synthetic(alpha, beta): model heterogeneity (none: 1)",
     "synthetic_beta": "FedProx Synthetic(alpha, beta): feature heterogeneity (none: 1)",
@@ -382,7 +395,8 @@ FIELD_HELP = {
                    "examples, reported as the distribution of per-client accuracy (mean, p10, "
                    "min) and clients_evaluated: split (hold out --client-eval-fraction of every "
                    "client's examples), natural (the dataset's own per-client test examples: "
-                   "--dataset synthetic|synthetic_iid|leaf with --partition natural; trains on "
+                   "--dataset synthetic|synthetic_iid|leaf|fed_emnist|fed_shakespeare with "
+                   "--partition natural; trains on "
                    "every example) or off; none: split if --client-eval-fraction is given, "
                    "else off",
     "client_eval_fraction": "--client-eval split: the seeded fraction of every client's "

@@ -3,6 +3,7 @@
 from fedjax_lab.data.datasets._base import Dataset, federate
 from fedjax_lab.data.datasets._registry import (
     DATASET_NAMES,
+    H5_DATASETS,
     LAZY_DATASETS,
     NATURAL_TEST_DATASETS,
     load_dataset,
@@ -18,24 +19,39 @@ from fedjax_lab.data.datasets.tfds_images import (
     fashion_mnist,
     mnist,
 )
+from fedjax_lab.data.datasets.tff_h5 import (
+    H5ClientSource,
+    fed_cifar100,
+    fed_emnist,
+    fed_shakespeare,
+    shakespeare_examples,
+    shakespeare_tokens,
+)
 
 __all__ = [
     "DATASET_NAMES",
+    "H5_DATASETS",
     "LAZY_DATASETS",
     "LEAF_TASKS",
     "NATURAL_TEST_DATASETS",
     "SHAKESPEARE_VOCAB",
     "Dataset",
+    "H5ClientSource",
     "LazyImageSplit",
     "cifar10",
     "cifar100",
     "digits",
     "emnist",
     "fashion_mnist",
+    "fed_cifar100",
+    "fed_emnist",
+    "fed_shakespeare",
     "federate",
     "leaf",
     "load_dataset",
     "mnist",
+    "shakespeare_examples",
+    "shakespeare_tokens",
     "synthetic",
     "synthetic_iid",
 ]
