@@ -103,6 +103,7 @@ PUBLIC = {
         "get_model",
         "logistic_regression",
         "mlp",
+        "nwp_lstm",
         "resnet18_gn",
     ],
     "fedjax_lab.algorithms": [

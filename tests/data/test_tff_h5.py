@@ -172,7 +172,8 @@ def test_cli_missing_files_exit_2(tmp_path, capsys):
     argv = ["--dataset", "fed_emnist", "--model", "logreg", "--out", str(tmp_path / "run"),
             "--partition", "natural", "--num-clients", "3", "--clients-per-round", "2"]
     assert main(TrainConfig, run_fedavg_experiment, argv) == 2
-    assert "--data-dir DIR, the folder holding fed_emnist_train.h5" in capsys.readouterr().err
+    assert "--data-dir DIR, the folder holding fed_emnist_train.h5, fed_emnist_test.h5" in (
+        capsys.readouterr().err)
     assert main(TrainConfig, run_fedavg_experiment, [*argv, "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "fed_emnist_train.h5, fed_emnist_test.h5 not found" in err
@@ -185,9 +186,17 @@ def test_two_round_run_on_tiny_fed_emnist(emnist_dir, tmp_path, capsys):
     argv = ["--dataset", "fed_emnist", "--data-dir", str(d), "--partition", "natural",
             "--num-clients", "3", "--clients-per-round", "2", "--rounds", "2", "--model",
             "logreg", "--batch-size", "2", "--local-epochs", "1", "--eval-every", "1",
-            "--client-eval", "natural", "--progress", "false", "--out", str(out)]
+            "--client-eval", "natural", "--packing", "off", "--progress", "false", "--out",
+            str(out)]
     assert main(TrainConfig, run_fedavg_experiment, argv) == 0, capsys.readouterr().err
     records = read_jsonl(str(out / "metrics.jsonl"))
     assert [r["round"] for r in records] == [1, 2]
     assert all(np.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in records)
     assert records[-1]["clients_evaluated"] == 3
+
+
+def test_natural_test_registry_matches_the_loaders():
+    # --client-eval natural accepts exactly the loaders whose test examples keep their clients.
+    assert {"fed_emnist", "fed_shakespeare"} <= set(D.NATURAL_TEST_DATASETS)
+    assert "fed_cifar100" not in D.NATURAL_TEST_DATASETS
+    assert set(D.H5_DATASETS) <= set(D.DATASET_NAMES)

@@ -6,10 +6,19 @@ from fedjax_lab.data.datasets._registry import (
     H5_DATASETS,
     LAZY_DATASETS,
     NATURAL_TEST_DATASETS,
+    TARGET_KIND_OF,
     load_dataset,
 )
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import LEAF_TASKS, SHAKESPEARE_VOCAB, leaf
+from fedjax_lab.data.datasets.stackoverflow import (
+    UserSource,
+    WordIds,
+    bag_of_words,
+    stackoverflow_lr,
+    stackoverflow_nwp,
+    tag_targets,
+)
 from fedjax_lab.data.datasets.synthetic import synthetic, synthetic_iid
 from fedjax_lab.data.datasets.tfds_images import (
     LazyImageSplit,
@@ -35,9 +44,13 @@ __all__ = [
     "LEAF_TASKS",
     "NATURAL_TEST_DATASETS",
     "SHAKESPEARE_VOCAB",
+    "TARGET_KIND_OF",
     "Dataset",
     "H5ClientSource",
     "LazyImageSplit",
+    "UserSource",
+    "WordIds",
+    "bag_of_words",
     "cifar10",
     "cifar100",
     "digits",
@@ -52,6 +65,9 @@ __all__ = [
     "mnist",
     "shakespeare_examples",
     "shakespeare_tokens",
+    "stackoverflow_lr",
+    "stackoverflow_nwp",
     "synthetic",
     "synthetic_iid",
+    "tag_targets",
 ]
