@@ -166,3 +166,13 @@ def test_lr_two_round_cli_run(tmp_path, capsys):
     assert main(TrainConfig, run_fedavg_experiment,
                 [*argv, "--partition", "iid", "--overwrite", "true"]) == 2
     assert "pass --partition natural" in capsys.readouterr().err
+
+
+def test_a_user_with_fields_of_different_lengths_is_named(tmp_path):
+    _write_files(tmp_path)
+    with h5py.File(tmp_path / "stackoverflow_train.h5", "a") as f:
+        del f["examples/00002/title"]
+        f.create_dataset("examples/00002/title", data=["a", "b"], dtype=h5py.string_dtype())
+    ds = D.stackoverflow_lr(tmp_path, vocab_size=8, num_tags=3)
+    with pytest.raises(ValueError, match=r"user '00002': fields .* have different lengths"):
+        ds.train.take(np.array([2]))
