@@ -197,8 +197,10 @@ class UserSource:
             raise ValueError(f"take: rows must be sorted, unique and in [0, {len(self)})")
         user = np.searchsorted(self.offsets, rows, side="right") - 1
         texts: dict[str, list[str]] = {k: [] for k in self.fields}
-        for u in np.unique(user):
-            local = rows[user == u] - self.offsets[u]
+        # Rows are sorted, so each user's rows are one contiguous run of `rows`.
+        starts = np.flatnonzero(np.diff(user, prepend=-1))
+        for u, lo, hi in zip(user[starts], starts, [*starts[1:], len(rows)], strict=True):
+            local = rows[lo:hi] - self.offsets[u]
             name = self.client_names[u]
             group = self._examples[name]
             for key in self.fields:

@@ -241,8 +241,10 @@ class H5ClientSource:
             raise ValueError(f"take: rows must be sorted, unique and in [0, {len(self)})")
         client = np.searchsorted(self.offsets, rows, side="right") - 1
         xs = [np.zeros((0, *self.task.input_shape), self.task.dtype)]
-        for c in np.unique(client):
-            local = rows[client == c] - self.offsets[c]
+        # Rows are sorted, so each client's rows are one contiguous run of `rows`.
+        starts = np.flatnonzero(np.diff(client, prepend=-1))
+        for c, lo, hi in zip(client[starts], starts, [*starts[1:], len(rows)], strict=True):
+            local = rows[lo:hi] - self.offsets[c]
             name = self.client_names[c]
             x = self.task.features(self._examples[name], local, self._where(name))
             xs.append(np.asarray(x, self.task.dtype))
