@@ -91,6 +91,8 @@ PUBLIC = {
         "federate",
         "leaf",
         "load_dataset",
+        "load_tag_vocab",
+        "load_word_vocab",
         "mnist",
         "shakespeare_examples",
         "shakespeare_tokens",

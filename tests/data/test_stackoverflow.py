@@ -21,7 +21,7 @@ from fedjax_lab.runner import run
 from fedjax_lab.train import TrainConfig
 
 WORDS = ["the", "to", "i", "a", "is", "how", "python", "list"]  # most frequent first
-TAGS = {"python": 9, "java": 7, "c++": 5, "sql": 2}
+TAGS = {"python": 9, "java": 7, "c++": 5, "sql": 2}  # the vocabulary order (by count)
 TRAIN = {  # user -> sentences (tokens, title, tags)
     "00001": [("how to sort a list", "sort list", "python|list"),
               ("i use java", "java question", "java")],
@@ -46,7 +46,8 @@ def _write_files(d, words=WORDS, tags=TAGS):
     _write_h5(d / "stackoverflow_test.h5", TEST)
     (d / "stackoverflow.word_count").write_text(
         "".join(f"{w} {100 - i}\n" for i, w in enumerate(words)))
-    (d / "stackoverflow.tag_count").write_text(json.dumps(tags))
+    # Written out of order: the loader sorts by count, as TFF's load_tag_counts.
+    (d / "stackoverflow.tag_count").write_text(json.dumps(dict(reversed(tags.items()))))
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,11 @@ def test_lr_dataset_features_and_targets(so_dir):
     # Tags python|list -> python only (list is no tag); python|sql|rare-tag -> python (sql is
     # the 4th tag, outside num_tags=3).
     np.testing.assert_array_equal(got["y"], [[1, 0, 0], [1, 0, 0]])
+
+
+def test_tag_vocabulary_is_sorted_by_count(so_dir):
+    assert D.load_tag_vocab(so_dir / "stackoverflow.tag_count", 3) == ["python", "java", "c++"]
+    assert D.load_word_vocab(so_dir / "stackoverflow.word_count", 2) == ["the", "to"]
 
 
 def test_missing_and_short_files(tmp_path):

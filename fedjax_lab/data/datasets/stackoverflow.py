@@ -6,7 +6,7 @@ sentences). TFF's files: ``stackoverflow_train.h5`` / ``stackoverflow_test.h5`` 
 ``stackoverflow_held_out.h5``, not used) with ``examples/<user>/tokens``, ``title``, ``tags``
 (strings, one per sentence; plus ``score``, ``type``, ``creation_date``), and the vocabulary
 files ``stackoverflow.word_count`` (``word count`` lines, most frequent first) and
-``stackoverflow.tag_count`` (a JSON object tag -> count, most frequent first).
+``stackoverflow.tag_count`` (a JSON object tag -> count).
 
 The population is too large for per-row arrays, so the train split is a `UserSource` whose
 clients are the file's users: opening it reads each user's sentence count from the h5 metadata
@@ -58,7 +58,9 @@ def load_word_vocab(path: str | Path, vocab_size: int) -> list[str]:
 
 
 def load_tag_vocab(path: str | Path, num_tags: int) -> list[str]:
-    """The ``num_tags`` most frequent tags: the first keys of ``stackoverflow.tag_count``."""
+    """The ``num_tags`` most frequent tags of ``stackoverflow.tag_count`` (a JSON object tag ->
+    count), sorted by decreasing count as TFF's ``load_tag_counts`` does (ties keep file
+    order)."""
     with open(path) as f:
         try:
             counts = json.load(f)
@@ -66,7 +68,10 @@ def load_tag_vocab(path: str | Path, num_tags: int) -> list[str]:
             raise ValueError(f"{path}: not TFF's JSON tag counts ({err})") from None
     if not isinstance(counts, dict):
         raise ValueError(f"{path}: expected a JSON object tag -> count")
-    tags = list(counts)[:num_tags]
+    if not all(isinstance(c, (int, float)) for c in counts.values()):
+        raise ValueError(f"{path}: tag counts must be numbers")
+    tags = [t for t, _ in sorted(counts.items(), key=lambda item: item[1], reverse=True)]
+    tags = tags[:num_tags]
     if len(tags) < num_tags:
         raise ValueError(f"{path} lists {len(tags)} tags, fewer than num_tags={num_tags}")
     return tags
