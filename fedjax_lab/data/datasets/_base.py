@@ -150,8 +150,13 @@ def federate(
       labels are checked against it: here, and on every read of a lazy split); client ids are
       the natural ids for ``"natural"``, else ``"0" ... "num_clients - 1"``.
 
+    A non-class dataset (``target_kind`` ``"sequence"``/``"multi_hot"``: StackOverflow) is
+    user-grouped: only ``"natural"`` applies, and the population is its train source's own
+    ``client_names``/``offsets`` (``label_key=None``: no class labels to check).
+
     Raises:
-      ValueError: a train label is not an integer in ``[0, dataset.num_classes)``.
+      ValueError: a train label is not an integer in ``[0, dataset.num_classes)``; another
+        partition than ``"natural"`` (or another client count) for a non-class dataset.
     """
     if dataset.target_kind != "class":
         # StackOverflow: 135.8M sentences; the natural population is the source's own user
