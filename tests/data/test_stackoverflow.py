@@ -182,3 +182,10 @@ def test_a_user_with_fields_of_different_lengths_is_named(tmp_path):
     ds = D.stackoverflow_lr(tmp_path, vocab_size=8, num_tags=3)
     with pytest.raises(ValueError, match=r"user '00002': fields .* have different lengths"):
         ds.train.take(np.array([2]))
+
+
+def test_sweeps_refuse_non_class_targets(tmp_path):
+    from fedjax_lab.sweep import SweepConfig
+
+    with pytest.raises(ValueError, match="not supported by sweeps"):
+        SweepConfig(dataset="stackoverflow_nwp", data_dir=str(tmp_path)).validate()
