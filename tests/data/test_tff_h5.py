@@ -4,11 +4,13 @@ import h5py
 import numpy as np
 import pytest
 
+from fedjax_lab.backends import VmapBackend
+from fedjax_lab.backends.packed import PackingPolicy
 from fedjax_lab.data import datasets as D
 from fedjax_lab.data.datasets import tff_h5
-from fedjax_lab.experiment import main, run_fedavg_experiment
-from fedjax_lab.io.writers import read_jsonl
+from fedjax_lab.experiment import build_problem, main, run_fedavg_experiment
 from fedjax_lab.models import get_model
+from fedjax_lab.runner import run
 from fedjax_lab.train import TrainConfig
 
 EMNIST_SIZES = {"f0001_01": 3, "f0002_07": 5, "f0100_33": 2}  # writer -> train examples
@@ -180,19 +182,25 @@ def test_cli_missing_files_exit_2(tmp_path, capsys):
     assert "https://storage.googleapis.com/tff-datasets-public/fed_emnist.tar.bz2" in err
 
 
-def test_two_round_run_on_tiny_fed_emnist(emnist_dir, tmp_path, capsys):
+def test_two_round_run_on_tiny_fed_emnist(emnist_dir):
+    # The train.py problem (flags -> dataset, natural population, evaluators), run by the
+    # runner without the run folder's plots (the CLI path is covered above and by
+    # test_stackoverflow's CLI run).
     d, _, _ = emnist_dir
-    out = tmp_path / "run"
-    argv = ["--dataset", "fed_emnist", "--data-dir", str(d), "--partition", "natural",
-            "--num-clients", "3", "--clients-per-round", "2", "--rounds", "2", "--model",
-            "logreg", "--batch-size", "2", "--local-epochs", "1", "--eval-every", "1",
-            "--client-eval", "natural", "--packing", "off", "--progress", "false", "--out",
-            str(out)]
-    assert main(TrainConfig, run_fedavg_experiment, argv) == 0, capsys.readouterr().err
-    records = read_jsonl(str(out / "metrics.jsonl"))
+    cfg = TrainConfig.parse([
+        "--dataset", "fed_emnist", "--data-dir", str(d), "--partition", "natural",
+        "--num-clients", "3", "--clients-per-round", "2", "--rounds", "2", "--model", "logreg",
+        "--batch-size", "2", "--local-epochs", "1", "--client-eval", "natural"])
+    dataset, train, model, evaluate, params = build_problem(cfg)
+    assert train.is_lazy and dataset.train.rows_read == 0
+    result = run(cfg.make_algorithm(model), VmapBackend(packing=PackingPolicy("off")), train,
+                 params, rounds=2, clients_per_round=2, seed=0, num_classes=model.num_classes,
+                 evaluate=evaluate, eval_every=1)
+    records = result.history
     assert [r["round"] for r in records] == [1, 2]
     assert all(np.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in records)
     assert records[-1]["clients_evaluated"] == 3
+    assert 0 < dataset.train.clients_read <= 4  # 2 rounds x 2 clients, read on demand
 
 
 def test_natural_test_registry_matches_the_loaders():
