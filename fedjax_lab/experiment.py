@@ -216,14 +216,25 @@ def _flag(name: str) -> str:
 
 
 def check_data_dir(dataset: str, data_dir: str | None) -> None:
-    """Raises ValueError when ``--data-dir`` is given for a dataset that reads no directory."""
-    from fedjax_lab.data.datasets import LAZY_DATASETS
+    """Raises ValueError when ``--data-dir`` is given for a dataset that reads no directory,
+    or missing for TFF's h5 datasets (which have no default location)."""
+    from fedjax_lab.data.datasets import H5_DATASETS, LAZY_DATASETS
+    from fedjax_lab.data.datasets.stackoverflow import EXPECTED_FILES
+    from fedjax_lab.data.datasets.tff_h5 import H5_FILES
 
+    if dataset in H5_DATASETS:
+        if not data_dir:
+            files, archive = H5_FILES.get(dataset) or (EXPECTED_FILES[dataset],
+                                                       "stackoverflow*.tar.bz2")
+            raise ValueError(f"--dataset {dataset} reads TFF's h5 files: pass --data-dir DIR, the "
+                             f"folder holding {', '.join(files)} (from TFF's {archive})")
+        return
     # The TFDS loaders (those with lazy=True) are the ones the CLI passes a data_dir to.
     if data_dir and dataset not in LAZY_DATASETS:
         raise ValueError(
-            f"--data-dir is read only by the TFDS datasets ({', '.join(LAZY_DATASETS)}); "
-            f"--dataset {dataset} takes none: drop --data-dir"
+            f"--data-dir is read only by the TFDS datasets ({', '.join(LAZY_DATASETS)}) and "
+            f"TFF's h5 datasets ({', '.join(H5_DATASETS)}); --dataset {dataset} takes none: "
+            "drop --data-dir"
         )
 
 
@@ -254,6 +265,19 @@ def check_dataset_flags(cfg: Any) -> None:
         if getattr(cfg, name, None) is not None and cfg.dataset not in readers:
             raise ValueError(f"--{_flag(name)} needs --dataset {'|'.join(readers)} (got "
                              f"--dataset {cfg.dataset}): drop it")
+    from fedjax_lab.data.datasets import TARGET_KIND_OF
+
+    if cfg.dataset in TARGET_KIND_OF:
+        # StackOverflow: the population is the files' users, read per user (no per-row arrays
+        # for other partitions or a per-client split to draw from).
+        if getattr(cfg, "partition", "natural") != "natural":
+            raise ValueError(f"--dataset {cfg.dataset} is federated by its users: pass "
+                             f"--partition natural (got --partition {cfg.partition})")
+        if getattr(cfg, "client_eval", None) not in (None, "off") or getattr(
+                cfg, "client_eval_fraction", 0.0):
+            raise ValueError(f"--dataset {cfg.dataset} is evaluated on a sample of its test "
+                             "sentences (test_loss and the task's metrics); per-client "
+                             "evaluation is not supported: drop --client-eval*")
     if cfg.dataset == "leaf":
         if cfg.leaf_root is None or cfg.leaf_task is None:
             raise ValueError("--dataset leaf reads LEAF's preprocessed JSON: pass --leaf-root "
@@ -313,7 +337,7 @@ def check_client_eval(cfg: Any) -> str:
 
 def dataset_kwargs(cfg: Any) -> dict[str, Any]:
     """``load_dataset`` keywords of a config's ``--dataset`` and its dataset flags."""
-    from fedjax_lab.data.datasets import LAZY_DATASETS
+    from fedjax_lab.data.datasets import H5_DATASETS, LAZY_DATASETS
 
     # Configs without the dataset flags (e.g. sweep.py's) read the loaders' defaults.
     alpha, beta = getattr(cfg, "synthetic_alpha", None), getattr(cfg, "synthetic_beta", None)
@@ -327,6 +351,8 @@ def dataset_kwargs(cfg: Any) -> dict[str, Any]:
         return {"root_dir": getattr(cfg, "leaf_root", None),
                 "task": getattr(cfg, "leaf_task", None)}
     kwargs: dict[str, Any] = {}
+    if cfg.dataset in H5_DATASETS:  # always lazy: the train split is read client by client
+        return {"data_dir": cfg.data_dir}
     if cfg.dataset in LAZY_DATASETS:
         kwargs["download"] = getattr(cfg, "download", False)
         if cfg.data_dir:
@@ -339,9 +365,11 @@ def dataset_kwargs(cfg: Any) -> dict[str, Any]:
 
 # One line of --help per run setting (the default and the valid choices are added to it).
 FIELD_HELP = {
-    "dataset": "dataset: digits (embedded), synthetic, synthetic_iid, leaf, or a TFDS dataset "
-               "(mnist, fashion_mnist, emnist, cifar10, cifar100)",
-    "data_dir": "TFDS data directory (TFDS datasets only)",
+    "dataset": "dataset: digits (embedded), synthetic, synthetic_iid, leaf, a TFDS dataset "
+               "(mnist, fashion_mnist, emnist, cifar10, cifar100) or TFF's h5 files "
+               "(fed_emnist, fed_shakespeare, fed_cifar100, stackoverflow_nwp, stackoverflow_lr)",
+    "data_dir": "TFDS data directory (TFDS datasets), or the folder of TFF's h5 files "
+                "(fed_emnist, fed_shakespeare, fed_cifar100, stackoverflow_*: required)",
     "download": "download and prepare a TFDS dataset missing from --data-dir (needs network)",
     "synthetic_alpha": "FedProx Synthetic(alpha, beta): model heterogeneity (none: 1)",
     "synthetic_beta": "FedProx Synthetic(alpha, beta): feature heterogeneity (none: 1)",
@@ -357,7 +385,7 @@ FIELD_HELP = {
     "batch_size": "local minibatch size",
     "client_lr": "local (client) learning rate",
     "client_momentum": "local heavy-ball momentum in [0, 1) (0: plain SGD)",
-    "model": "model: logreg, mlp, cnn, resnet18, char_lstm",
+    "model": "model: logreg, mlp, cnn, resnet18, char_lstm, nwp_lstm",
     "seed": "run seed: partition, sampling, init, local shuffles",
     "backend": "where rounds run: vmap, sharded (devices), mpi (mpirun), edge (gRPC processes)",
     "plan": "how the vmap backend runs a round: auto, vmap, unrolled, loop",
@@ -382,7 +410,8 @@ FIELD_HELP = {
                    "examples, reported as the distribution of per-client accuracy (mean, p10, "
                    "min) and clients_evaluated: split (hold out --client-eval-fraction of every "
                    "client's examples), natural (the dataset's own per-client test examples: "
-                   "--dataset synthetic|synthetic_iid|leaf with --partition natural; trains on "
+                   "--dataset synthetic|synthetic_iid|leaf|fed_emnist|fed_shakespeare with "
+                   "--partition natural; trains on "
                    "every example) or off; none: split if --client-eval-fraction is given, "
                    "else off",
     "client_eval_fraction": "--client-eval split: the seeded fraction of every client's "
@@ -446,6 +475,29 @@ def check_round_memory(cfg: Any, train: Any) -> None:
     )
 
 
+def check_task_model(dataset: Any, model: Any, name: str) -> None:
+    """Raises ValueError unless ``model``'s logits fit ``dataset``'s non-class targets.
+
+    Traced abstractly (``jax.eval_shape``: nothing is compiled): per-position targets
+    ``[T]`` need logits ``[B, T, num_classes]`` (``--model nwp_lstm``), multi-hot ``[K]``
+    logits ``[B, K]``.
+    """
+    spec = dataset.train.feature_spec()
+    x = jax.ShapeDtypeStruct((1, *spec["x"][0]), spec["x"][1])
+    want = (1, *spec["y"][0], dataset.num_classes) if dataset.target_kind == "sequence" else (
+        1, *spec["y"][0])
+    hint = ("a per-position model: --model nwp_lstm" if dataset.target_kind == "sequence"
+            else "one logit per tag, e.g. --model logreg")
+    try:
+        logits = jax.eval_shape(lambda k, x: model.apply(model.init(k), x), jax.random.key(0), x)
+    except (TypeError, ValueError) as e:  # e.g. a float model given token ids
+        raise ValueError(f"--model {name} cannot read {dataset.name}'s inputs ({e}): use "
+                         f"{hint}") from None
+    if tuple(logits.shape) != want:
+        raise ValueError(f"--model {name} gives logits {tuple(logits.shape)[1:]} per example, "
+                         f"but {dataset.name}'s targets need {want[1:]}: use {hint}")
+
+
 def build_problem(cfg: RunConfig):
     """Dataset, federated train split, model, evaluator and initial params for a config.
 
@@ -459,6 +511,7 @@ def build_problem(cfg: RunConfig):
         split_client_examples,
     )
     from fedjax_lab.metrics.evaluation import make_evaluator
+    from fedjax_lab.metrics.tasks import task_of
     from fedjax_lab.models import get_model
 
     try:
@@ -468,6 +521,9 @@ def build_problem(cfg: RunConfig):
                 if cfg.dataset in LAZY_DATASETS and not getattr(cfg, "download", False) else "")
         raise ValueError(f"{e}{hint}") from None
     model = get_model(cfg.model, dataset.input_shape, dataset.num_classes)
+    task = task_of(dataset)
+    if task is not None:
+        check_task_model(dataset, model, cfg.model)
     train = federate(
         dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
     )
@@ -479,7 +535,11 @@ def build_problem(cfg: RunConfig):
     elif mode == "natural":
         client_test = natural_client_examples(train, dataset.test, dataset.test_client_ids)
     check_round_memory(cfg, train)
-    central = make_evaluator(model.apply, dataset.test, num_classes=model.num_classes)
+    if task is None:
+        central = make_evaluator(model.apply, dataset.test, num_classes=model.num_classes)
+    else:  # per-token or multi-hot targets: the task's loss and metrics (metrics/tasks.py)
+        central = make_evaluator(model.apply, dataset.test, per_example_loss=task.loss,
+                                 metrics=task.metrics)
     evaluate = central
     if mode != "off":
         per_client = make_client_evaluator(model.apply, client_test,

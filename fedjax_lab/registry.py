@@ -76,6 +76,9 @@ class AlgorithmContext:
       num_clients: population size.
       clients_per_round: clients sampled per round.
       seed: run seed (e.g. for DP noise keys).
+      per_example_loss: the training loss of the dataset's targets when it is not softmax
+        cross-entropy (e.g. sigmoid cross-entropy of multi-hot tags,
+        ``fedjax_lab.metrics.tasks``), passed to the constructors; None: their default.
     """
 
     model: Any
@@ -87,6 +90,7 @@ class AlgorithmContext:
     num_clients: int
     clients_per_round: int
     seed: int
+    per_example_loss: Callable[[Any, Any], Any] | None = None
 
     def client_optimizer(self) -> Any:
         """Local SGD (with momentum when ``client_momentum > 0``), an optax transformation."""
@@ -95,11 +99,13 @@ class AlgorithmContext:
         return optax.sgd(self.client_lr, momentum=self.client_momentum or None)
 
     def local_work(self) -> dict[str, Any]:
-        """``batch_size`` and ``local_epochs``/``num_steps`` keywords of the constructors."""
+        """``batch_size``, ``local_epochs``/``num_steps`` (and ``per_example_loss`` when set)
+        keywords of the constructors."""
+        loss = {} if self.per_example_loss is None else {"per_example_loss": self.per_example_loss}
         if self.local_steps is not None:
             return {"batch_size": self.batch_size, "local_epochs": None,
-                    "num_steps": self.local_steps}
-        return {"batch_size": self.batch_size, "local_epochs": self.local_epochs}
+                    "num_steps": self.local_steps, **loss}
+        return {"batch_size": self.batch_size, "local_epochs": self.local_epochs, **loss}
 
 
 class Registry:

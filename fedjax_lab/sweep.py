@@ -474,6 +474,11 @@ class SweepConfig:
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"--alpha must be a finite number > 0, got {self.alpha}")
         check_data_dir(self.dataset, self.data_dir)
+        from fedjax_lab.data.datasets import TARGET_KIND_OF
+
+        if self.dataset in TARGET_KIND_OF:  # sweeps score class accuracy with softmax CE
+            raise ValueError(f"--dataset {self.dataset} (per-token or multi-hot targets) is not "
+                             "supported by sweeps; run experiments/train.py per setting")
         for flag in ("client_lrs", "server_lrs"):
             values = parse_values(getattr(self, flag))
             if min(values) <= 0:

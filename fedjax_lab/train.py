@@ -360,6 +360,8 @@ class TrainConfig(RunConfig):
         untouched (the additive form every backend runs).
         """
         from fedjax_lab.algorithms import with_aggregator
+        from fedjax_lab.data.datasets import TARGET_KIND_OF
+        from fedjax_lab.metrics.tasks import training_loss
         from fedjax_lab.registry import AlgorithmContext
 
         component, _, _ = self._selected()
@@ -367,7 +369,9 @@ class TrainConfig(RunConfig):
             model=model, client_lr=self.client_lr, client_momentum=self.client_momentum,
             batch_size=self.batch_size, local_epochs=self.local_epochs,
             local_steps=self.local_steps, num_clients=self.num_clients,
-            clients_per_round=self.clients_per_round, seed=self.seed)
+            clients_per_round=self.clients_per_round, seed=self.seed,
+            # The dataset's targets pick the loss (sigmoid cross-entropy for multi-hot tags).
+            per_example_loss=training_loss(TARGET_KIND_OF.get(self.dataset, "class")))
         try:
             algorithm = component.build(context, compressor=self.build_compressor(),
                                         **self._params(component))

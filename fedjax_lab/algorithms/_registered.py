@@ -97,8 +97,9 @@ def _fednova(ctx: AlgorithmContext, compressor: Any) -> Any:
 
 
 def _fedpaq(ctx: AlgorithmContext, compressor: Any) -> Any:
+    loss = {} if ctx.per_example_loss is None else {"per_example_loss": ctx.per_example_loss}
     return fedpaq(ctx.model, ctx.client_optimizer(), num_steps=ctx.local_steps,
-                  batch_size=ctx.batch_size, compressor=compressor)
+                  batch_size=ctx.batch_size, compressor=compressor, **loss)
 
 
 def _dp_fedavg(ctx: AlgorithmContext, compressor: Any, dp_clip_norm: float,

@@ -20,8 +20,16 @@ def make_evaluator(
     batch_size: int = 1024,
     per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
     num_classes: int | None = None,
+    metrics: dict[str, Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]]
+    | None = None,
 ) -> Callable[[Any], dict[str, float]]:
     """Returns ``evaluate(params) -> {"test_loss", "test_accuracy"}`` over ``arrays``.
+
+    With ``metrics`` (a task whose targets are not one class per example, e.g. per-token or
+    multi-hot targets: ``fedjax_lab.metrics.tasks``), ``arrays["y"]`` holds those targets
+    (``[n, ...]``, checked by the task's loader, not as class labels) and the result is
+    ``{"test_loss", "test_<name>" for each metric}``: each metric's numerators and denominators
+    are summed over the set and divided (NaN when the denominators sum to 0).
 
     The test set is put on the device once and cut into fixed-size masked batches, so the
     jitted batch function compiles once. Batches are a Python loop rather than ``lax.map``
@@ -35,7 +43,13 @@ def make_evaluator(
     Raises:
       ValueError: an empty set, or labels that are not integers in ``[0, num_classes)``.
     """
-    labels = check_labels(arrays["y"], num_classes, "evaluation set: labels 'y'")
+    if metrics is None:
+        labels = check_labels(arrays["y"], num_classes, "evaluation set: labels 'y'")
+    else:
+        labels = np.asarray(arrays["y"])
+        if not metrics or labels.ndim < 1 or len(labels) != len(arrays["x"]):
+            raise ValueError("evaluation set: `metrics` needs at least one metric and targets "
+                             "'y' with one row per example")
     n = len(labels)
     if n == 0:
         raise ValueError("the evaluation set is empty; pass a test split with examples")
@@ -57,6 +71,31 @@ def make_evaluator(
             jnp.sum(per_example_loss(logits, y) * m),
             jnp.sum(correct_predictions(logits, y) * m),
         )
+
+    @jax.jit
+    def metric_sums(params, x, y, m):
+        logits = apply_fn(params, x)
+        sums = {"loss": (jnp.sum(per_example_loss(logits, y) * m), jnp.float32(0))}
+        for name, fn in metrics.items():
+            num, den = fn(logits, y)
+            sums[name] = (jnp.sum(num * m), jnp.sum(den * m))
+        return sums
+
+    if metrics is not None:
+        def evaluate_metrics(params: Any) -> dict[str, float]:
+            total = None
+            for i in range(num_batches):
+                sl = slice(i * b, (i + 1) * b)
+                got = metric_sums(params, device["x"][sl], device["y"][sl], mask[sl])
+                total = got if total is None else jax.tree.map(jnp.add, total, got)
+            total = jax.device_get(total)
+            out = {"test_loss": float(total["loss"][0]) / n}
+            for name in metrics:
+                num, den = total[name]
+                out[f"test_{name}"] = float(num) / float(den) if den > 0 else float("nan")
+            return out
+
+        return evaluate_metrics
 
     checked = num_classes is not None
 

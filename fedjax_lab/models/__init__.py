@@ -7,6 +7,7 @@ from fedjax_lab.models.char_lstm import char_lstm
 from fedjax_lab.models.cnn import cnn_dropout, femnist_cnn
 from fedjax_lab.models.logistic_regression import logistic_regression
 from fedjax_lab.models.mlp import mlp
+from fedjax_lab.models.nwp_lstm import nwp_lstm
 from fedjax_lab.models.resnet import resnet18_gn
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "get_model",
     "logistic_regression",
     "mlp",
+    "nwp_lstm",
     "resnet18_gn",
 ]

@@ -36,8 +36,10 @@ class Model(NamedTuple):
       init: ``init(key) -> params``; deterministic in `key` (same key, identical params).
         Returns plain nested dicts of float32 arrays (see the module docstring).
       apply: ``apply(params, x) -> logits`` with ``x`` of shape ``[B, *input_shape]`` and
-        logits ``[B, num_classes]`` float32. Deterministic (no dropout, no batch statistics),
-        hence jit-able and vmap-able over a leading client axis of both params and x.
+        logits ``[B, num_classes]`` float32 (``[B, T, num_classes]`` for a per-position model,
+        e.g. next-word prediction, whose targets are ``[B, T]``). Deterministic (no dropout, no
+        batch statistics), hence jit-able and vmap-able over a leading client axis of both
+        params and x.
       input_shape: Per-example input shape (without the batch axis).
       input_dtype: ``'float32'`` for image/feature models, ``'int32'`` for token models.
       num_classes: Number of output logits per example.

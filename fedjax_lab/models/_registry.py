@@ -10,6 +10,7 @@ from fedjax_lab.models.char_lstm import char_lstm
 from fedjax_lab.models.cnn import cnn_dropout, femnist_cnn
 from fedjax_lab.models.logistic_regression import logistic_regression
 from fedjax_lab.models.mlp import mlp
+from fedjax_lab.models.nwp_lstm import nwp_lstm
 from fedjax_lab.models.resnet import resnet18_gn
 
 
@@ -25,6 +26,14 @@ def _char_lstm(input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) ->
     return char_lstm(vocab_size=num_classes, seq_len=seq_len, **kwargs)
 
 
+def _nwp_lstm(input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> Model:
+    # Like char_lstm: input_shape is (seq_len,), the classes are the extended vocabulary.
+    if "seq_len" in kwargs:
+        raise TypeError("get_model('nwp_lstm') takes seq_len from input_shape=(seq_len,)")
+    (seq_len,) = check_shape(input_shape, rank=1)
+    return nwp_lstm(num_classes=num_classes, seq_len=seq_len, **kwargs)
+
+
 _FACTORIES: dict[str, Callable[..., Model]] = {
     "logreg": logistic_regression,
     "mlp": mlp,
@@ -32,6 +41,7 @@ _FACTORIES: dict[str, Callable[..., Model]] = {
     "cnn_dropout": cnn_dropout,
     "resnet18": resnet18_gn,
     "char_lstm": _char_lstm,
+    "nwp_lstm": _nwp_lstm,
 }
 
 
@@ -41,8 +51,10 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs:
     Args:
       name: One of ``'logreg'``, ``'mlp'``, ``'cnn'`` (`femnist_cnn`), ``'cnn_dropout'``
         (`cnn_dropout`, FedML's CNN_DropOut), ``'resnet18'``
-        (`resnet18_gn`), ``'char_lstm'``.
-      input_shape: Per-example input shape; ``(seq_len,)`` for ``'char_lstm'``.
+        (`resnet18_gn`), ``'char_lstm'``, ``'nwp_lstm'`` (`nwp_lstm`, StackOverflow next-word
+        prediction: per-position logits).
+      input_shape: Per-example input shape; ``(seq_len,)`` for ``'char_lstm'`` and
+        ``'nwp_lstm'``.
       num_classes: Number of classes; the vocabulary size for ``'char_lstm'``.
       **kwargs: Extra keyword arguments of the factory (e.g. ``hidden`` for ``'mlp'``,
         ``groups`` for ``'resnet18'``).

@@ -212,8 +212,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
         (["--rou", "3"], "unrecognized arguments: --rou"),
         (["--no-progress", "false"], "--no-progress takes no value"),
         (["--client-eval", "natural"], "--client-eval natural needs a dataset whose test "
-         "examples belong to natural clients (--dataset synthetic|synthetic_iid|leaf), got "
-         "--dataset digits"),
+         "examples belong to natural clients (--dataset synthetic|synthetic_iid|leaf|"
+         "fed_emnist|fed_shakespeare), got --dataset digits"),
         (["--client-eval", "natural", "--dataset", "synthetic_iid"],
          "it needs --partition natural (got --partition dirichlet_per_class)"),
         (["--client-eval", "natural", "--dataset", "synthetic_iid", "--partition", "natural",

@@ -700,3 +700,20 @@ def test_bad_params_raise(built):
 def test_bad_key_raises(key):
     with pytest.raises(TypeError, match=r"(?s)key must be a single JAX PRNG key .* jax.vmap"):
         SMALL["logreg"]().init(key)
+
+
+def test_nwp_lstm_shapes_and_the_papers_parameter_count():
+    from fedjax_lab.models import get_model, nwp_lstm
+
+    # Reddi et al. 2021 report 4,050,748 parameters (10,000 words + 4 special tokens).
+    shapes = jax.eval_shape(nwp_lstm().init, jax.random.key(0))
+    assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) == 4_050_748
+    model = get_model("nwp_lstm", (6,), 11, embed_dim=3, hidden=4, dense=2)
+    params = model.init(jax.random.key(0))
+    logits = model.apply(params, np.array([[1, 2, 3, 0, 0, 0], [10, 9, 8, 7, 6, 5]], np.int32))
+    assert logits.shape == (2, 6, 11) and logits.dtype == jnp.float32
+    # Per-position predictions: position t sees only tokens up to t.
+    changed = model.apply(params, np.array([[1, 2, 3, 4, 4, 4], [10, 9, 8, 7, 6, 5]], np.int32))
+    np.testing.assert_allclose(logits[0, :3], changed[0, :3], rtol=1e-6)
+    with pytest.raises(ValueError, match="token ids outside"):
+        model.apply(params, np.array([[11, 0, 0, 0, 0, 0]], np.int32))

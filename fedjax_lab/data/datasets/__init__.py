@@ -3,12 +3,24 @@
 from fedjax_lab.data.datasets._base import Dataset, federate
 from fedjax_lab.data.datasets._registry import (
     DATASET_NAMES,
+    H5_DATASETS,
     LAZY_DATASETS,
     NATURAL_TEST_DATASETS,
+    TARGET_KIND_OF,
     load_dataset,
 )
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import LEAF_TASKS, SHAKESPEARE_VOCAB, leaf
+from fedjax_lab.data.datasets.stackoverflow import (
+    UserSource,
+    WordIds,
+    bag_of_words,
+    load_tag_vocab,
+    load_word_vocab,
+    stackoverflow_lr,
+    stackoverflow_nwp,
+    tag_targets,
+)
 from fedjax_lab.data.datasets.synthetic import synthetic, synthetic_iid
 from fedjax_lab.data.datasets.tfds_images import (
     LazyImageSplit,
@@ -18,24 +30,48 @@ from fedjax_lab.data.datasets.tfds_images import (
     fashion_mnist,
     mnist,
 )
+from fedjax_lab.data.datasets.tff_h5 import (
+    H5ClientSource,
+    fed_cifar100,
+    fed_emnist,
+    fed_shakespeare,
+    shakespeare_examples,
+    shakespeare_tokens,
+)
 
 __all__ = [
     "DATASET_NAMES",
+    "H5_DATASETS",
     "LAZY_DATASETS",
     "LEAF_TASKS",
     "NATURAL_TEST_DATASETS",
     "SHAKESPEARE_VOCAB",
+    "TARGET_KIND_OF",
     "Dataset",
+    "H5ClientSource",
     "LazyImageSplit",
+    "UserSource",
+    "WordIds",
+    "bag_of_words",
     "cifar10",
     "cifar100",
     "digits",
     "emnist",
     "fashion_mnist",
+    "fed_cifar100",
+    "fed_emnist",
+    "fed_shakespeare",
     "federate",
     "leaf",
     "load_dataset",
+    "load_tag_vocab",
+    "load_word_vocab",
     "mnist",
+    "shakespeare_examples",
+    "shakespeare_tokens",
+    "stackoverflow_lr",
+    "stackoverflow_nwp",
     "synthetic",
     "synthetic_iid",
+    "tag_targets",
 ]

@@ -30,6 +30,11 @@ class Dataset(NamedTuple):
       test_client_ids: natural client id of each test example (the same ids as
         `train_client_ids`: a client's own held-out examples, e.g. a LEAF user's test file
         entries), or None when the data do not say whose the test examples are.
+      target_kind: ``"class"`` (``y`` int32 ``[N]`` class labels, the default), or, for tasks
+        scored by ``fedjax_lab.metrics.tasks``, ``"sequence"`` (``y`` int32 ``[N, T]``: a
+        class, e.g. the next token, per position) or ``"multi_hot"`` (``y`` float32 ``[N, K]``
+        in {0, 1}). A non-class dataset's train split is a user-grouped ``RowSource`` with
+        ``client_names`` and ``offsets`` (StackOverflow), federated with ``"natural"`` only.
     """
 
     name: str
@@ -40,10 +45,44 @@ class Dataset(NamedTuple):
     train_client_ids: np.ndarray | None
     # Defaulted: loaders without natural test clients (and older callers) need not pass it.
     test_client_ids: np.ndarray | None = None
+    target_kind: str = "class"
+
+
+TARGET_KINDS = ("class", "sequence", "multi_hot")
+
+
+def _check_targets(ds: Dataset) -> Dataset:
+    """`check_dataset` of a non-class dataset (targets checked as arrays, not class labels)."""
+    source = ds.train
+    if not (hasattr(source, "offsets") and hasattr(source, "client_names")
+            and isinstance(source, RowSource)):
+        raise ValueError(f"{ds.name}: target_kind={ds.target_kind!r} needs a train split read "
+                         "per user (a RowSource with client_names and offsets)")
+    spec = source.feature_spec()
+    x, y = ds.test["x"], ds.test["y"]
+    want_y = (np.int32,) if ds.target_kind == "sequence" else (np.float32,)
+    if (set(spec) != {"x", "y"} or tuple(spec["x"][0]) != tuple(ds.input_shape)
+            or set(ds.test) != {"x", "y"} or x.shape[1:] != tuple(ds.input_shape)
+            or y.ndim != 2 or len(y) != len(x) or y.dtype not in want_y
+            or tuple(spec["y"][0]) != y.shape[1:]):
+        raise ValueError(f"{ds.name}: {ds.target_kind} targets: train {spec}, test x{x.shape} "
+                         f"y{y.shape} {y.dtype} do not match input_shape={ds.input_shape}")
+    if ds.target_kind == "sequence":
+        check_labels(y.reshape(-1), ds.num_classes, f"{ds.name}: `test` per-position targets")
+    elif not np.all((y == 0) | (y == 1)) or y.shape[1] != ds.num_classes:
+        raise ValueError(f"{ds.name}: multi-hot targets must be 0/1 [n, {ds.num_classes}]")
+    if ds.train_client_ids is not None or ds.test_client_ids is not None:
+        raise ValueError(f"{ds.name}: a user-grouped split carries its clients in its offsets")
+    return ds
 
 
 def check_dataset(ds: Dataset) -> Dataset:
     """Validates the layout of a `Dataset`; returns it unchanged."""
+    if ds.target_kind not in TARGET_KINDS:
+        raise ValueError(f"{ds.name}: target_kind must be one of {TARGET_KINDS}, got "
+                         f"{ds.target_kind!r}")
+    if ds.target_kind != "class":
+        return _check_targets(ds)
     if isinstance(ds.train, RowSource) and not isinstance(ds.train, dict):
         spec = ds.train.feature_spec()
         y = np.asarray(ds.train["y"])
@@ -111,9 +150,28 @@ def federate(
       labels are checked against it: here, and on every read of a lazy split); client ids are
       the natural ids for ``"natural"``, else ``"0" ... "num_clients - 1"``.
 
+    A non-class dataset (``target_kind`` ``"sequence"``/``"multi_hot"``: StackOverflow) is
+    user-grouped: only ``"natural"`` applies, and the population is its train source's own
+    ``client_names``/``offsets`` (``label_key=None``: no class labels to check).
+
     Raises:
-      ValueError: a train label is not an integer in ``[0, dataset.num_classes)``.
+      ValueError: a train label is not an integer in ``[0, dataset.num_classes)``; another
+        partition than ``"natural"`` (or another client count) for a non-class dataset.
     """
+    if dataset.target_kind != "class":
+        # StackOverflow: 135.8M sentences; the natural population is the source's own user
+        # grouping (no per-row ids, order or labels, which would take > 1.6 GB).
+        source = dataset.train
+        if partition != "natural":
+            raise ValueError(f"federate({dataset.name!r}): a {dataset.target_kind} dataset read "
+                             f"per user is federated with partition='natural' (its users), got "
+                             f"{partition!r}")
+        names = tuple(source.client_names)
+        if num_clients is not None and num_clients != len(names):
+            raise ValueError(f"federate({dataset.name!r}, 'natural'): the data have "
+                             f"{len(names)} users; pass num_clients={len(names)} or None")
+        # label_key=None: the targets are not one class per example (the loader builds them).
+        return FederatedData(names, source, source.offsets, label_key=None)
     # The partitioners index by label too: check them (and the class count) before use. A lazy
     # split's examples are checked again on every read.
     labels = check_labels(dataset.train["y"], dataset.num_classes,

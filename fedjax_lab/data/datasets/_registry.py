@@ -10,7 +10,9 @@ from fedjax_lab.data.datasets import tfds_images
 from fedjax_lab.data.datasets._base import Dataset
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import leaf
+from fedjax_lab.data.datasets.stackoverflow import stackoverflow_lr, stackoverflow_nwp
 from fedjax_lab.data.datasets.synthetic import synthetic, synthetic_iid
+from fedjax_lab.data.datasets.tff_h5 import fed_cifar100, fed_emnist, fed_shakespeare
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": digits,
@@ -22,14 +24,26 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "cifar10": tfds_images.cifar10,
     "cifar100": tfds_images.cifar100,
     "leaf": leaf,
+    "fed_emnist": fed_emnist,
+    "fed_shakespeare": fed_shakespeare,
+    "fed_cifar100": fed_cifar100,
+    "stackoverflow_nwp": stackoverflow_nwp,
+    "stackoverflow_lr": stackoverflow_lr,
 }
 
 DATASET_NAMES = tuple(_LOADERS)
 # Loaders with ``lazy=True``: the train split stays on disk and is read per round, per client.
 LAZY_DATASETS = ("mnist", "fashion_mnist", "emnist", "cifar10", "cifar100")
+# TFF's federated datasets, read from TFF's h5 files in ``data_dir`` (always lazily: the train
+# split is read per client on demand).
+H5_DATASETS = ("fed_emnist", "fed_shakespeare", "fed_cifar100", "stackoverflow_nwp",
+               "stackoverflow_lr")
+# Datasets whose targets are not one class per example (``Dataset.target_kind``): they train
+# and evaluate with ``fedjax_lab.metrics.tasks`` and federate with partition="natural" only.
+TARGET_KIND_OF = {"stackoverflow_nwp": "sequence", "stackoverflow_lr": "multi_hot"}
 # Loaders whose test examples carry their natural client (``Dataset.test_client_ids``): FedProx's
-# per-device train/test split and LEAF's per-user test files.
-NATURAL_TEST_DATASETS = ("synthetic", "synthetic_iid", "leaf")
+# per-device train/test split, LEAF's per-user test files and TFF's per-writer/role test files.
+NATURAL_TEST_DATASETS = ("synthetic", "synthetic_iid", "leaf", "fed_emnist", "fed_shakespeare")
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
@@ -38,7 +52,9 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     Args:
       name: one of `DATASET_NAMES`: ``digits``, ``synthetic`` (``alpha=, beta=``),
         ``synthetic_iid``, ``mnist``, ``fashion_mnist``, ``emnist``, ``cifar10``, ``cifar100``
-        (``data_dir=, download=, lazy=``; see `LAZY_DATASETS`), ``leaf`` (``root_dir=, task=``).
+        (``data_dir=, download=, lazy=``; see `LAZY_DATASETS`), ``leaf`` (``root_dir=, task=``),
+        ``fed_emnist``, ``fed_shakespeare``, ``fed_cifar100`` (``data_dir=``: TFF's h5 files),
+        ``stackoverflow_nwp``, ``stackoverflow_lr`` (``data_dir=``, ``vocab_size=``, ...).
       **kwargs: the loader's arguments.
 
     Returns:
