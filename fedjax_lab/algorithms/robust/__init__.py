@@ -12,7 +12,10 @@ from fedjax_lab.algorithms.robust._base import (
     client_contributions,
     with_aggregator,
 )
+from fedjax_lab.algorithms.robust.bulyan import bulyan
+from fedjax_lab.algorithms.robust.centered_clipping import centered_clipping
 from fedjax_lab.algorithms.robust.clip_norm import clip_norm
+from fedjax_lab.algorithms.robust.geometric_median import geometric_median
 from fedjax_lab.algorithms.robust.krum import krum, multi_krum
 from fedjax_lab.algorithms.robust.mean import mean
 from fedjax_lab.algorithms.robust.median import median
@@ -21,8 +24,11 @@ from fedjax_lab.algorithms.robust.trimmed_mean import trimmed_mean
 __all__ = [
     "Aggregator",
     "Transform",
+    "bulyan",
+    "centered_clipping",
     "client_contributions",
     "clip_norm",
+    "geometric_median",
     "krum",
     "mean",
     "median",
