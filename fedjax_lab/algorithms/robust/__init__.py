@@ -20,6 +20,7 @@ from fedjax_lab.algorithms.robust.krum import krum, multi_krum
 from fedjax_lab.algorithms.robust.mean import mean
 from fedjax_lab.algorithms.robust.median import median
 from fedjax_lab.algorithms.robust.trimmed_mean import trimmed_mean
+from fedjax_lab.algorithms.robust.weak_dp import with_weak_dp
 
 __all__ = [
     "Aggregator",
@@ -35,4 +36,5 @@ __all__ = [
     "multi_krum",
     "trimmed_mean",
     "with_aggregator",
+    "with_weak_dp",
 ]
