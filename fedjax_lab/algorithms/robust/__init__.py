@@ -1,7 +1,11 @@
 """Robust and clipped aggregation rules usable with any FedAvg-family algorithm.
 
 ``with_aggregator(algorithm, median())`` replaces an algorithm's weighted mean by a robust rule;
-``transforms=(clip_norm(S),)`` clips each client's update first. Robust rules are not additive:
+``transforms=(clip_norm(S),)`` clips each client's update first; ``with_weak_dp(alg, sigma,
+key)`` adds Sun et al.'s (2019) weak-DP noise to the server's model. Rules: ``median``,
+``trimmed_mean``, ``krum``/``multi_krum``, ``bulyan``, ``geometric_median`` (RFA),
+``centered_clipping``. FoolsGold is not here: it needs each client's summed past updates on the
+server, and an aggregator sees the round's slots, not client ids. Robust rules are not additive:
 they run on the ``vmap`` backend without chunking; chunked, sharded and MPI backends reject
 them (see :mod:`fedjax_lab.algorithms.robust._base`).
 """
