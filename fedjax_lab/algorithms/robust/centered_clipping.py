@@ -1,5 +1,5 @@
 """Centered clipping (Karimireddy, He, Jaggi 2021, "Learning from History for Byzantine Robust
-Optimization", Eq. (CC) / Alg. 2).
+Optimization", the centered clipping (CC) rule).
 
 ``iterations`` times: ``v <- v + (1/n) sum_i clip(u_i - v, tau)`` over the ``n`` valid updates,
 with ``clip(z, tau) = z * min(1, tau / ||z||)``. Each attacker moves ``v`` by at most

@@ -1,5 +1,5 @@
 """Geometric median by the smoothed Weiszfeld algorithm: RFA (Pillutla, Kakade, Harchaoui 2022,
-"Robust Aggregation for Federated Learning", Alg. 3).
+"Robust Aggregation for Federated Learning", the smoothed Weiszfeld algorithm).
 
 Approximately minimizes ``sum_i alpha_i * max(nu, ||z - u_i||)`` over ``z`` (the smoothed
 geometric median of the valid updates ``u_i`` with the clients' weights ``alpha_i``) by
@@ -32,7 +32,7 @@ def geometric_median(iterations: int = 3, nu: float = 1e-6, tol: float = 1e-5) -
     """RFA's smoothed-Weiszfeld geometric median over the valid clients, weighted by ``alpha_i``.
 
     Args:
-      iterations: Weiszfeld steps ``R >= 1`` (RFA's experiments use 3).
+      iterations: Weiszfeld steps ``R >= 1`` (Pillutla et al. find that a few suffice).
       nu: smoothing ``nu > 0``: distances below ``nu`` count as ``nu`` (no division by 0).
       tol: step size under which ``geomed_converged`` reports 1, ``tol >= 0``.
     """

@@ -69,7 +69,7 @@ def np_bulyan(x, valid, f):
 
 
 def np_geometric_median(x, w, valid, iterations, nu):
-    """Pillutla et al. 2022, Alg. 3: smoothed Weiszfeld from the weighted mean; returns the
+    """Pillutla et al. 2022: smoothed Weiszfeld from the weighted mean; returns the
     estimate and the size of the last step."""
     v = x[valid]
     a = w[valid]
