@@ -5,8 +5,9 @@ Sun et al. defend against backdoors with norm-difference clipping (each client's
 ``w_i - w`` clipped to L2 norm ``M``: :func:`~fedjax_lab.algorithms.robust.clip_norm`) followed
 by "weak DP": after aggregating, the server adds ``N(0, sigma^2)`` noise to every coordinate of
 the new global model. The noise is small and NOT calibrated to a privacy budget (hence "weak");
-for calibrated DP use :func:`~fedjax_lab.algorithms.dp_fedavg`. FedML's defense defaults are
-``M = 5`` and ``sigma = 0.025``.
+for calibrated DP use :func:`~fedjax_lab.algorithms.dp_fedavg`. FedML's
+``NormDiffClippingDefense`` is exercised there with ``M = 5``; Sun et al.'s weak-DP noise is a
+few hundredths per coordinate.
 
 Key: ``Algorithm.aggregate`` receives no PRNG key, but ``server_update`` sees the round
 counter, so, as DP-FedAvg does, the noise of round ``r`` is drawn with

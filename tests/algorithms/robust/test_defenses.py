@@ -26,6 +26,7 @@ from tests.algorithms.robust.test_rules import (
     run_rule,
     within_honest_range,
 )
+from tests.algorithms.robust.test_with_aggregator import LR, numpy_robust_fedavg
 from tests.helpers import LinearModel, make_population
 
 MODEL = LinearModel(dim=5, classes=3)
@@ -161,6 +162,20 @@ def test_weighted_geometric_median_follows_alpha():
     w[-1] = 10.0  # the attacker holds 10 / 14 of the mass: past the (weighted) breakdown point
     est, _ = run_padded(GEOMED_LONG, x, w, valid)
     assert np.abs(est).max() > 1e5
+
+
+def test_fedavg_with_rfa_matches_numpy_with_example_count_weights():
+    # End to end: with_aggregator hands RFA the clients' example counts as alpha_i.
+    data = make_population([7, 12, 3, 9, 15, 5, 8, 10], seed=1)
+    params = MODEL.init(jax.random.key(0))
+    alg = with_aggregator(fedavg(MODEL, optax.sgd(LR), batch_size=4), GEOMED)
+    result = run(alg, VmapBackend("vmap"), data, params, rounds=3, clients_per_round=6, seed=7)
+    w, b = numpy_robust_fedavg(
+        data, params, lambda x, a: np_geometric_median(x, a, np.ones(len(x), bool), 4, 1e-6)[0],
+        rounds=3, clients_per_round=6, seed=7)
+    np.testing.assert_allclose(result.server_state.params["w"], w, atol=1e-5)
+    np.testing.assert_allclose(result.server_state.params["b"], b, atol=1e-5)
+    assert all(np.isfinite(h["geomed_last_step"]) for h in result.history)
 
 
 def test_bulyan_cohort_smaller_than_4f_plus_3_is_refused():
