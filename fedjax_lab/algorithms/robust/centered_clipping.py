@@ -8,9 +8,10 @@ with ``clip(z, tau) = z * min(1, tau / ||z||)``. Each attacker moves ``v`` by at
 Starting point: the paper starts from the previous round's aggregate (server momentum). An
 ``Aggregator`` here sees one round and carries no state between rounds, so ``v`` starts from
 the coordinate-wise median of the valid updates (Yin et al. 2018), itself robust for fewer than
-half attackers. Breakdown point 1/2: below it the output is within ``iterations * tau * a / n``
-of a point within the honest range (``a`` attackers); at ``a >= n / 2`` the median start
-already belongs to the attackers.
+half attackers. Breakdown point 1/2: below it the start lies within the honest clients' range
+and the ``a`` attackers' total pull on the output is at most ``iterations * tau * a / n`` in
+norm however far away they are (the whole output moves at most ``iterations * tau`` from the
+start); at ``a >= n / 2`` the median start already belongs to the attackers.
 """
 
 from __future__ import annotations
