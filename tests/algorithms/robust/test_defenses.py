@@ -38,6 +38,7 @@ GEOMED = geometric_median(iterations=4, nu=1e-6, tol=1e-5)
 # Weiszfeld converges linearly (rate ~ a / (n - a) with a far attackers): enough steps to reach
 # the median itself in the breakdown tests.
 GEOMED_LONG = geometric_median(iterations=300)
+CCLIP = centered_clipping(0.7, iterations=3)
 C = 11  # every case is padded to 11 slots: one compilation per rule object
 
 
@@ -47,7 +48,6 @@ def run_padded(rule, x, w, valid):
     x = np.concatenate([x, np.full((pad, x.shape[1]), np.nan)])
     return run_rule(rule, x, np.concatenate([w, np.zeros(pad)]),
                     np.concatenate([valid, np.zeros(pad, bool)]))
-CCLIP = centered_clipping(0.7, iterations=3)
 
 
 # ----------------------------------------------------------------------- numpy references
