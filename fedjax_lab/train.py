@@ -56,6 +56,8 @@ TRAINING_HELP = {
     "error_feedback": "add error feedback to the compressor (Seide et al. 2014; Stich et al. "
                       "2018): clients keep what compression lost",
     "clip_norm": "clip each client's update to this L2 norm before the aggregator (none: off)",
+    "weak_dp_std": "weak DP (Sun et al. 2019): std of the Gaussian noise the server adds to "
+                   "every model parameter each round, key from --seed (none: off)",
 }
 
 
@@ -131,13 +133,15 @@ def pop_component_hparams(values: dict[str, Any], registries: Sequence[Any]) -> 
 
 
 def _component_extras(parser: Any, kind: str, group: Any) -> None:
-    """train.py's flags next to its components: error feedback and norm clipping."""
+    """train.py's flags next to its components: error feedback, norm clipping, weak DP."""
     if kind == "compressor":
         parser.add_flag("error_feedback", bool, False, TRAINING_HELP["error_feedback"],
                         group=group)
     if kind == "aggregator":
         parser.add_flag("clip_norm", float, None, TRAINING_HELP["clip_norm"], optional=True,
                         group=group)
+        parser.add_flag("weak_dp_std", float, None, TRAINING_HELP["weak_dp_std"],
+                        optional=True, group=group)
 
 
 @dataclass
@@ -153,6 +157,7 @@ class TrainConfig(RunConfig):
     error_feedback: bool = False
     aggregator: str = "mean"
     clip_norm: float | None = None
+    weak_dp_std: float | None = None
     local_steps: int | None = None
     dropout: float = 0.0
     straggler_fraction: float = 0.0
@@ -232,6 +237,10 @@ class TrainConfig(RunConfig):
                              f"--client-momentum must be 0, got {self.client_momentum}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"--clip-norm must be > 0 (or none), got {self.clip_norm}")
+        if self.weak_dp_std is not None and not (math.isfinite(self.weak_dp_std)
+                                                 and self.weak_dp_std > 0):
+            raise ValueError(f"--weak-dp-std must be a finite number > 0 (or none), got "
+                             f"{self.weak_dp_std}")
         robust = "additive" not in aggregator.tags
         if robust and self.backend in NON_ROBUST_BACKENDS:
             raise ValueError(
@@ -351,6 +360,12 @@ class TrainConfig(RunConfig):
             transforms = (clip_norm(self.clip_norm),) if self.clip_norm is not None else ()
         except (TypeError, ValueError) as e:
             raise ValueError(f"--aggregator {self.aggregator}: {e}") from None
+        # The rule's cohort condition (Krum 2f + 3, Bulyan 4f + 3 slots), before compiling.
+        if self.clients_per_round < aggregator.min_slots:
+            raise ValueError(f"--aggregator {self.aggregator} ({aggregator.name}) needs at "
+                             f"least {aggregator.min_slots} client slots per round: raise "
+                             f"--clients-per-round (got {self.clients_per_round}) or lower "
+                             "its hyperparameters")
         return aggregator, transforms
 
     def make_algorithm(self, model: Any) -> Any:
@@ -359,7 +374,9 @@ class TrainConfig(RunConfig):
         ``--aggregator mean`` without ``--clip-norm`` is the algorithm's own aggregate,
         untouched (the additive form every backend runs).
         """
-        from fedjax_lab.algorithms import with_aggregator
+        import jax
+
+        from fedjax_lab.algorithms import with_aggregator, with_weak_dp
         from fedjax_lab.data.datasets import TARGET_KIND_OF
         from fedjax_lab.metrics.tasks import training_loss
         from fedjax_lab.registry import AlgorithmContext
@@ -378,9 +395,12 @@ class TrainConfig(RunConfig):
         except (TypeError, ValueError) as e:
             raise ValueError(f"--algorithm {self.algorithm}: {e}") from None
         aggregator, transforms = self.build_aggregation()
-        if self.aggregator == "mean" and not transforms:
-            return algorithm
-        return with_aggregator(algorithm, aggregator, transforms=transforms)
+        if not (self.aggregator == "mean" and not transforms):
+            algorithm = with_aggregator(algorithm, aggregator, transforms=transforms)
+        if self.weak_dp_std is not None:
+            # The server's noise key is the run seed's key, as for DP-FedAvg's noise.
+            algorithm = with_weak_dp(algorithm, self.weak_dp_std, jax.random.key(self.seed))
+        return algorithm
 
     def systems(self, num_params: int) -> dict[str, Any]:
         """``availability`` and ``time_model`` keywords of ``fedjax_lab.runner.run``."""

@@ -19,13 +19,17 @@ from fedjax_lab.algorithms.fedprox import fedprox
 from fedjax_lab.algorithms.robust import (
     Aggregator,
     Transform,
+    bulyan,
+    centered_clipping,
     clip_norm,
+    geometric_median,
     krum,
     mean,
     median,
     multi_krum,
     trimmed_mean,
     with_aggregator,
+    with_weak_dp,
 )
 from fedjax_lab.algorithms.scaffold import ScaffoldClientState, scaffold
 
@@ -33,6 +37,8 @@ __all__ = [
     "Aggregator",
     "ScaffoldClientState",
     "Transform",
+    "bulyan",
+    "centered_clipping",
     "clip_norm",
     "dp_fedavg",
     "fedadagrad",
@@ -45,6 +51,7 @@ __all__ = [
     "fedpaq",
     "fedprox",
     "fedyogi",
+    "geometric_median",
     "krum",
     "mean",
     "median",
@@ -54,4 +61,5 @@ __all__ = [
     "scaffold",
     "trimmed_mean",
     "with_aggregator",
+    "with_weak_dp",
 ]

@@ -28,7 +28,16 @@ from fedjax_lab.algorithms.fedopt import (
 )
 from fedjax_lab.algorithms.fedpaq import fedpaq
 from fedjax_lab.algorithms.fedprox import fedprox
-from fedjax_lab.algorithms.robust import krum, mean, median, multi_krum, trimmed_mean
+from fedjax_lab.algorithms.robust import (
+    bulyan,
+    centered_clipping,
+    geometric_median,
+    krum,
+    mean,
+    median,
+    multi_krum,
+    trimmed_mean,
+)
 from fedjax_lab.algorithms.scaffold import scaffold
 from fedjax_lab.registry import (
     ALGORITHMS,
@@ -169,3 +178,23 @@ register_aggregator(
     description="Multi-Krum: mean of the m best-scored updates (Blanchard et al. 2017)",
     params=(Param("byzantine_clients", int, 1, "Byzantine clients f tolerated by Krum"),
             Param("krum_keep", int, 2, "Multi-Krum: updates m averaged")))
+register_aggregator(
+    "bulyan", lambda byzantine_clients: bulyan(byzantine_clients),
+    description="Bulyan: recursive Krum, then trimmed mean around the median "
+                "(El Mhamdi et al. 2018); needs --clients-per-round >= 4f + 3",
+    params=(Param("byzantine_clients", int, 1, "Byzantine clients f tolerated by Krum"),))
+register_aggregator(
+    "geometric_median",
+    lambda geomed_iterations, geomed_nu, geomed_tol: geometric_median(
+        geomed_iterations, geomed_nu, geomed_tol),
+    description="RFA: smoothed-Weiszfeld geometric median (Pillutla et al. 2022)",
+    params=(Param("geomed_iterations", int, 3, "RFA: fixed number of Weiszfeld steps R"),
+            Param("geomed_nu", float, 1e-6, "RFA: smoothing nu > 0 of the distances"),
+            Param("geomed_tol", float, 1e-5,
+                  "RFA: last-step size under which geomed_converged reports 1")))
+register_aggregator(
+    "centered_clipping",
+    lambda cclip_tau, cclip_iterations: centered_clipping(cclip_tau, cclip_iterations),
+    description="centered clipping from the coordinate median (Karimireddy et al. 2021)",
+    params=(Param("cclip_tau", float, 1.0, "centered clipping radius tau > 0"),
+            Param("cclip_iterations", int, 1, "centered clipping iterations L >= 1")))

@@ -79,6 +79,12 @@ AGGREGATOR_CASES = {
     "krum": (["--byzantine-clients", "1"], lambda: (A.krum(1), ())),
     "multi_krum": (["--byzantine-clients", "1", "--krum-keep", "3"],
                    lambda: (A.multi_krum(1, 3), ())),
+    # Bulyan needs 4f + 3 slots; the cases run 5 per round, so f = 0 (every update selected).
+    "bulyan": (["--byzantine-clients", "0"], lambda: (A.bulyan(0), ())),
+    "geometric_median": (["--geomed-iterations", "2", "--geomed-nu", "1e-5"],
+                         lambda: (A.geometric_median(2, 1e-5), ())),
+    "centered_clipping": (["--cclip-tau", "0.05", "--cclip-iterations", "2"],
+                          lambda: (A.centered_clipping(0.05, 2), ())),
 }
 
 
@@ -92,6 +98,7 @@ def test_cases_cover_every_registered_component():
 # reaches them instead.
 REACHED_OTHERWISE = {
     "with_aggregator": "--aggregator/--clip-norm",
+    "with_weak_dp": "--weak-dp-std",
     "qsgd_baseline": "--algorithm fedpaq --local-steps 1 --compressor qsgd",
 }
 
@@ -180,6 +187,16 @@ def test_every_aggregator_equals_python(aggregator, problem, tmp_path):
     _assert_same(cli, _python_history(problem, python))
 
 
+def test_norm_clipping_with_weak_dp_equals_python(problem, tmp_path):
+    # Sun et al. 2019's defense: --clip-norm M then --weak-dp-std sigma, noise keyed by --seed.
+    cli = _cli_history(tmp_path, ["--clip-norm", "0.5", "--weak-dp-std", "0.01"])
+    base = A.fedavg(problem[1], optax.sgd(LR), batch_size=BATCH, compressor=Z.identity())
+    clipped = A.with_aggregator(base, A.mean(), transforms=(A.clip_norm(0.5),))
+    python = A.with_weak_dp(clipped, 0.01, jax.random.key(SEED))
+    _assert_same(cli, _python_history(problem, python))
+    assert cli[-1]["weak_dp_std"] == pytest.approx(0.01)
+
+
 def test_error_feedback_wraps_the_compressor(problem, tmp_path):
     cli = _cli_history(tmp_path, ["--compressor", "top_k", "--sparsity", "0.2",
                                   "--error-feedback"])
@@ -230,6 +247,15 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
          "--straggler-work epochs counts whole local epochs; --local-steps fixes steps"),
         (["--straggler-work", "rounds"], "invalid choice: 'rounds' (choose from 'steps', "
          "'epochs')"),
+        (["--aggregator", "bulyan"], "--aggregator bulyan (bulyan1) needs at least 7 client "
+         "slots per round: raise --clients-per-round (got 5)"),
+        (["--aggregator", "geometric_median", "--geomed-nu", "0"],
+         "--aggregator geometric_median: geometric_median: nu must be a finite number > 0"),
+        (["--aggregator", "geometric_median", "--geomed-iterations", "0"],
+         "geometric_median: iterations must be an integer >= 1, got 0"),
+        (["--weak-dp-std", "-1"], "--weak-dp-std must be a finite number > 0 (or none), got -1"),
+        (["--aggregator", "centered_clipping", "--cclip-tau", "-1"],
+         "--aggregator centered_clipping: centered_clipping: tau must be a finite number > 0"),
     ],
     ids=["algorithm", "fedbn-refused", "compressor", "aggregator", "sparsity-unselected",
          "mu-unselected",
@@ -238,7 +264,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
          "abbreviation", "no-x-value", "natural-client-eval-digits",
          "natural-client-eval-partitioned", "natural-client-eval-fraction",
          "client-eval-off-fraction", "client-eval-split-no-fraction", "client-eval-unknown",
-         "straggler-sampling-alone", "straggler-epochs-steps", "straggler-work-unknown"],
+         "straggler-sampling-alone", "straggler-epochs-steps", "straggler-work-unknown",
+         "bulyan-cohort", "geomed-nu", "geomed-iterations", "weak-dp-std", "cclip-tau"],
 )
 def test_bad_input_exits_2_naming_the_flags(flags, message, capsys, tmp_path):
     try:

@@ -121,11 +121,13 @@ def with_aggregator(
     algorithm's own ``server_update`` (which divides by ``weight_sum``) applies the estimate.
     Metric sums and extras are the algorithm's own; the rule's and transforms' metrics are added
     to the round metrics. Robust rules are unweighted over valid clients (a Byzantine client
-    could otherwise claim a huge example count); ``mean`` keeps the algorithm's weights.
+    could otherwise claim a huge example count); ``mean`` keeps the algorithm's weights, and
+    ``geometric_median`` uses them as RFA's ``alpha_i`` (Pillutla et al. 2022).
 
     Args:
       algorithm: an additive ``Algorithm`` whose aggregate is ``sum_i weight_i * u_i``.
-      aggregator: e.g. ``median()``, ``trimmed_mean(0.1)``, ``krum(2)``, ``mean()``.
+      aggregator: e.g. ``median()``, ``trimmed_mean(0.1)``, ``krum(2)``, ``bulyan(1)``,
+        ``geometric_median()``, ``centered_clipping(1.0)``, ``mean()``.
       transforms: per-client transforms applied first, e.g. ``(clip_norm(10.0),)``.
 
     Returns:

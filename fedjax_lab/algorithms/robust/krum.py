@@ -23,16 +23,28 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
-def krum_scores(updates: jax.Array, valid: jax.Array, f: int) -> jax.Array:
-    """``[C]`` Krum scores; invalid slots score ``+inf``."""
-    c = updates.shape[0]
-    n = num_valid(valid)
+def pairwise_sq_distances(updates: jax.Array) -> jax.Array:
+    """``[C, C]`` squared L2 distances between the rows of ``[C, D]``."""
 
-    # Squared distances one row at a time (exact differences, memory C*D instead of C*C*D).
+    # One row at a time (exact differences, memory C*D instead of C*C*D).
     def row(u):
         return jnp.sum(jnp.square(updates - u[None, :]), axis=1)
 
-    dist = jax.lax.map(row, updates)
+    return jax.lax.map(row, updates)
+
+
+def krum_scores(updates: jax.Array, valid: jax.Array, f: int) -> jax.Array:
+    """``[C]`` Krum scores; invalid slots score ``+inf``."""
+    return scores_from_distances(pairwise_sq_distances(updates), valid, f)
+
+
+def scores_from_distances(dist: jax.Array, valid: jax.Array, f: int) -> jax.Array:
+    """``[C]`` Krum scores from the ``[C, C]`` squared distances, over the ``valid`` rows only.
+
+    Bulyan calls it with a shrinking ``valid`` set, reusing one distance matrix.
+    """
+    c = dist.shape[0]
+    n = num_valid(valid)
     others = valid[None, :] & ~jnp.eye(c, dtype=bool)
     nearest = jnp.sort(jnp.where(others, dist, jnp.inf), axis=1)
     # n - f - 2 neighbours; at least 1 when underfull, at most the n - 1 that exist.
