@@ -92,6 +92,7 @@ def test_public_api():
             "get_model",
             "logistic_regression",
             "mlp",
+            "nwp_lstm",
             "resnet18_gn",
         ]
     )
@@ -469,7 +470,7 @@ def test_get_model_char_lstm_fields():
             lambda: get_model("lenet", (8,), 2),
             ValueError,
             r"Unknown model name 'lenet'; valid names are \['char_lstm', 'cnn', "
-            r"'cnn_dropout', 'logreg', 'mlp', 'resnet18'\]",
+            r"'cnn_dropout', 'logreg', 'mlp', 'nwp_lstm', 'resnet18'\]",
             id="unknown-name",
         ),
         pytest.param(
