@@ -199,6 +199,8 @@ def _bit_matrix(values: np.ndarray, nbytes: int) -> np.ndarray:
 # Longest code the packed writer merges and places in one 64-bit word: a code starting at bit
 # offset <= 7 of a byte must end within the 8 bytes from there.
 _MAX_PACKED_WIDTH = 57
+# At most 2**6 codes per merged code: codes of >= 1 bit could not merge further anyway.
+_MAX_MERGE_LEVELS = 6
 
 
 def _uint_for(width: int) -> np.dtype:
@@ -209,28 +211,29 @@ def _uint_for(width: int) -> np.dtype:
 def _merge_codes(values: np.ndarray, widths: np.ndarray, max_width: int):
     """Concatenates runs of ``2**k`` adjacent codes into one code each (bit-exact).
 
-    Pairwise merging ``(a, la), (b, lb) -> (a << lb | b, la + lb)`` repeated ``k`` times, with
-    ``2**k * max_width <= 57``, so every merged code still fits the packer's 64-bit window.
+    Pairwise merging ``(a, la), (b, lb) -> (a << lb | b, la + lb)``, repeated while the longest
+    merged code would still be at most 57 bits (the packer's 64-bit window) and at most
+    ``_MAX_MERGE_LEVELS`` times. The bound uses the actual longest code after each level, so
+    fields of mostly short codes (QSGD's γ codes of small levels) merge 16-32 codes into one.
     Each level is a few SIMD passes over half as many elements, in the narrowest unsigned
     dtype that holds the merged codes, so the per-code work of the packer (prefix sum, scatter)
     is done on ``1 / 2**k`` as many codes. Padding codes have length 0 (no bits).
     """
     n = values.size
-    levels = 0
-    while (2 << levels) * max_width <= _MAX_PACKED_WIDTH and (1 << levels) < n:
-        levels += 1
-    size = -(-n // (1 << levels)) << levels
+    # Pad to a multiple of 2**levels once (a copy into the narrow dtype is made anyway).
+    block = 1 << min(_MAX_MERGE_LEVELS, max(n - 1, 0).bit_length())
+    size = -(-n // block) * block
     codes = np.zeros(size, _uint_for(max_width))
     codes[:n] = values
     lengths = np.zeros(size, np.uint8)
     lengths[:n] = widths
-    for _ in range(levels):
-        max_width *= 2
+    while 2 * max_width <= _MAX_PACKED_WIDTH and codes.size % 2 == 0 and codes.size > 1:
         pairs_codes, pairs_lengths = codes.reshape(-1, 2), lengths.reshape(-1, 2)
-        dtype = _uint_for(max_width)
+        dtype = _uint_for(2 * max_width)
         low_lengths = pairs_lengths[:, 1]
         codes = (pairs_codes[:, 0].astype(dtype) << low_lengths.astype(dtype)) | pairs_codes[:, 1]
         lengths = pairs_lengths[:, 0] + low_lengths
+        max_width = int(lengths.max())
     return codes, lengths
 
 
@@ -381,7 +384,18 @@ class BitWriter:
         values = np.asarray(values).ravel()
         if values.size == 0:
             return
-        if values.max() < _SMALL.size:
+        top = int(values.max())
+        if top < 256 and values.size > 4096:
+            # Small values (dense QSGD levels): the exponent is a sum of comparisons, all in
+            # uint8 SIMD passes (a table lookup is a gather per value, several times slower).
+            small = values.astype(np.uint8, copy=False)
+            n = np.zeros(small.shape, np.uint8)
+            for t in range(1, top.bit_length()):
+                n += small >= (1 << t)
+            self.unary(n)
+            self.varwidth(small - np.left_shift(np.uint8(1), n), n)
+            return
+        if top < _SMALL.size:
             # Small values (QSGD levels): table exponents and int32 arithmetic, no uint64 copy.
             n = _SMALL[values]
             self.unary(n)
@@ -566,17 +580,65 @@ class BitReader:
             values[codes] = (values[codes] << 1) | chunk[starts + t]
         return values
 
-    def gamma(self, n: int, max_value: int) -> np.ndarray:
-        """Reads ``n`` Elias-γ codes, each required to be in ``[1, max_value]``."""
+    def gamma(self, n: int, max_value: int, dtype=np.int64) -> np.ndarray:
+        """Reads ``n`` Elias-γ codes, each required to be in ``[1, max_value]``.
+
+        The result has ``dtype`` (int64 by default; a narrower integer dtype that holds
+        ``max_value`` saves the wide temporaries when values are small).
+        """
         if n == 0:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=dtype)
         max_value = max(int(max_value), 1)
+        if max_value < 256:
+            return self._small_gamma(n, max_value).astype(dtype, copy=False)
         exps = self.unary(n, max_value.bit_length() - 1)
         mantissas = self.varwidth(exps)
         values = (np.int64(1) << exps) | mantissas
         if values.max() > max_value:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
         return values
+
+    def _small_gamma(self, n: int, max_value: int) -> np.ndarray:
+        """:meth:`gamma` for ``max_value < 256`` (dense QSGD levels), as uint8, in narrow dtypes.
+
+        With ``p_i`` the position of code ``i``'s terminating one in the prefix field,
+        ``q_i = p_i - i`` counts the zeros up to it, so the exponents are ``diff(q)`` and code
+        ``i``'s mantissa starts ``q_{i-1}`` bits into the mantissa field: no prefix sum. Every
+        exponent is at most 7, so each mantissa lies in the 16-bit window from its first byte.
+        All arithmetic after the scan of the ones is int32/uint16/uint8.
+        """
+        max_count = max_value.bit_length() - 1
+        remaining = self._bits.size - self._pos
+        window = min(remaining, n * (max_count + 1))
+        ones = flatnonzero(self._bits[self._pos : self._pos + window], n)[:n]
+        if ones.size < n:
+            if window < remaining:
+                raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
+            raise self._fail("data is truncated or corrupt (unterminated unary code).")
+        # Bit positions fit int32: payloads are capped at 2**31 - 1 bits (check_int32_bits).
+        zeros = np.subtract(ones, np.arange(n, dtype=np.int32), dtype=np.int32)
+        exps = np.empty(n, np.int32)
+        exps[0] = zeros[0]
+        np.subtract(zeros[1:], zeros[:-1], out=exps[1:])
+        if int(exps.max()) > max_count:
+            raise self._fail(f"a unary count exceeds its maximum {max_count}; data is corrupt.")
+        self._pos += int(ones[-1]) + 1
+        first = self._pos
+        self._take(int(zeros[-1]))  # the mantissa field: bounds check and advance
+        exps8 = exps.astype(np.uint8)
+        starts = zeros - exps  # exclusive: zeros before code i's own prefix
+        starts += first
+        # np.take: about half the time of fancy indexing for a gather of this size.
+        windows = np.take(
+            np.ndarray((self._bytes.size - 1,), dtype=">u2", buffer=self._bytes, strides=(1,)),
+            starts >> 3,
+        ).astype(np.uint16)
+        shift = (16 - exps8 - (starts & 7).astype(np.uint8)).astype(np.uint16)
+        top = np.left_shift(np.uint16(1), exps8.astype(np.uint16))
+        values = top | ((windows >> shift) & (top - np.uint16(1)))
+        if int(values.max()) > max_value:
+            raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
+        return values.astype(np.uint8)
 
     def rice(self, n: int, b: int, max_value: int) -> np.ndarray:
         """Reads ``n`` Rice codes (divisor ``2**b``), each required to be in ``[0, max_value]``."""
