@@ -589,8 +589,8 @@ class BitReader:
         if n == 0:
             return np.zeros(0, dtype=dtype)
         max_value = max(int(max_value), 1)
-        if max_value < 256:
-            return self._small_gamma(n, max_value).astype(dtype, copy=False)
+        if max_value < 2**57:
+            return self._windowed_gamma(n, max_value).astype(dtype, copy=False)
         exps = self.unary(n, max_value.bit_length() - 1)
         mantissas = self.varwidth(exps)
         values = (np.int64(1) << exps) | mantissas
@@ -598,14 +598,15 @@ class BitReader:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
         return values
 
-    def _small_gamma(self, n: int, max_value: int) -> np.ndarray:
-        """:meth:`gamma` for ``max_value < 256`` (dense QSGD levels), as uint8, in narrow dtypes.
+    def _windowed_gamma(self, n: int, max_value: int) -> np.ndarray:
+        """:meth:`gamma` for ``max_value < 2**57``, in the narrowest unsigned dtype that fits.
 
         With ``p_i`` the position of code ``i``'s terminating one in the prefix field,
         ``q_i = p_i - i`` counts the zeros up to it, so the exponents are ``diff(q)`` and code
-        ``i``'s mantissa starts ``q_{i-1}`` bits into the mantissa field: no prefix sum. Every
-        exponent is at most 7, so each mantissa lies in the 16-bit window from its first byte.
-        All arithmetic after the scan of the ones is int32/uint16/uint8.
+        ``i``'s mantissa starts ``q_{i-1}`` bits into the mantissa field: no prefix sum. Each
+        mantissa (exponent <= 57 bits) lies in the 2-, 4- or 8-byte big-endian window from its
+        first byte, read through an overlapping byte-stride view. After the scan for the ones
+        the arithmetic is int32 and the values' own width (uint8 for QSGD levels).
         """
         max_count = max_value.bit_length() - 1
         remaining = self._bits.size - self._pos
@@ -625,20 +626,27 @@ class BitReader:
         self._pos += int(ones[-1]) + 1
         first = self._pos
         self._take(int(zeros[-1]))  # the mantissa field: bounds check and advance
-        exps8 = exps.astype(np.uint8)
         starts = zeros - exps  # exclusive: zeros before code i's own prefix
         starts += first
+        nbytes = 2 if max_count <= 9 else 4 if max_count <= 25 else 8
+        word = np.dtype(f"u{nbytes}")
         # np.take: about half the time of fancy indexing for a gather of this size.
         windows = np.take(
-            np.ndarray((self._bytes.size - 1,), dtype=">u2", buffer=self._bytes, strides=(1,)),
+            np.ndarray(
+                (self._bytes.size - nbytes + 1,),
+                dtype=f">u{nbytes}",
+                buffer=self._bytes,
+                strides=(1,),
+            ),
             starts >> 3,
-        ).astype(np.uint16)
-        shift = (16 - exps8 - (starts & 7).astype(np.uint8)).astype(np.uint16)
-        top = np.left_shift(np.uint16(1), exps8.astype(np.uint16))
-        values = top | ((windows >> shift) & (top - np.uint16(1)))
+        ).astype(word)
+        small = exps.astype(np.uint8)
+        shift = (8 * nbytes - small - (starts & 7).astype(np.uint8)).astype(word)
+        top = np.left_shift(word.type(1), small.astype(word))
+        values = top | ((windows >> shift) & (top - word.type(1)))
         if int(values.max()) > max_value:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
-        return values.astype(np.uint8)
+        return values.astype(_uint_for(max_count + 1), copy=False)
 
     def rice(self, n: int, b: int, max_value: int) -> np.ndarray:
         """Reads ``n`` Rice codes (divisor ``2**b``), each required to be in ``[0, max_value]``."""
