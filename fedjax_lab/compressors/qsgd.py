@@ -286,7 +286,7 @@ def _to_bytes(payload: QSGDPayload) -> bytes:
         if use_sparse:
             writer.fixed(np.array([nonzero_pos.size]), _codec.count_width(d))
             writer.gamma(runs + 1)
-            writer.gamma(np.abs(nonzero.astype(np.int64)))
+            writer.gamma(np.abs(nonzero).view(f"u{nonzero.dtype.itemsize}"))
         else:
             # |l| + 1 in the levels' own width (|l| <= s <= 2**15 - 1, validated above): the
             # writer's small-value path then runs in uint8 without an int64 copy of d values.
