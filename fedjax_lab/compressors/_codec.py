@@ -523,19 +523,35 @@ class BitReader:
         packed = np.packbits(matrix, axis=1)
         return packed.view(f">u{nbytes}").reshape(n).astype(np.int64)
 
+    def _ones(self, n: int, max_count: int) -> np.ndarray:
+        """Positions (from the read position) of the ``n`` ones ending ``n`` unary codes.
+
+        A valid field spans at most ``n * (max_count + 1)`` bits: never scan beyond. Within
+        that limit the scan starts with ``2 n + 64`` bits and doubles, so a field of short
+        codes is not scanned together with the (often much longer) rest of the stream.
+        """
+        remaining = self._bits.size - self._pos
+        limit = min(remaining, n * (max_count + 1))
+        start, stop, found, parts = 0, min(limit, 2 * n + 64), 0, []
+        while True:
+            # The field holds n ones: dense fields (QSGD γ prefixes) skip the word scan.
+            part = flatnonzero(self._bits[self._pos + start : self._pos + stop], n - found)
+            parts.append(part + start if start else part)
+            found += part.size
+            if found >= n or stop == limit:
+                break
+            start, stop = stop, min(limit, 2 * stop)
+        if found < n:
+            if limit < remaining:  # n codes within their maxima would fit in the limit
+                raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
+            raise self._fail("data is truncated or corrupt (unterminated unary code).")
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[:n]
+
     def unary(self, n: int, max_count: int) -> np.ndarray:
         """Reads ``n`` unary counts, each required to be ``<= max_count``."""
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        # A valid field spans at most n * (max_count + 1) bits: never scan (or allocate) beyond.
-        remaining = self._bits.size - self._pos
-        window = min(remaining, n * (max_count + 1))
-        # The field holds n ones: dense fields (QSGD dense γ prefixes) skip the word scan.
-        ones = flatnonzero(self._bits[self._pos : self._pos + window], n)[:n]
-        if ones.size < n:
-            if window < remaining:  # n codes within their maxima would fit in the window
-                raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
-            raise self._fail("data is truncated or corrupt (unterminated unary code).")
+        ones = self._ones(n, max_count)
         counts = np.diff(ones, prepend=-1) - 1
         if counts.max() > max_count:
             raise self._fail(f"a unary count exceeds its maximum {max_count}; data is corrupt.")
@@ -609,13 +625,7 @@ class BitReader:
         the arithmetic is int32 and the values' own width (uint8 for QSGD levels).
         """
         max_count = max_value.bit_length() - 1
-        remaining = self._bits.size - self._pos
-        window = min(remaining, n * (max_count + 1))
-        ones = flatnonzero(self._bits[self._pos : self._pos + window], n)[:n]
-        if ones.size < n:
-            if window < remaining:
-                raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
-            raise self._fail("data is truncated or corrupt (unterminated unary code).")
+        ones = self._ones(n, max_count)
         # Bit positions fit int32: payloads are capped at 2**31 - 1 bits (check_int32_bits).
         zeros = np.subtract(ones, np.arange(n, dtype=np.int32), dtype=np.int32)
         exps = np.empty(n, np.int32)
