@@ -640,16 +640,16 @@ class BitReader:
         starts += first
         nbytes = 2 if max_count <= 9 else 4 if max_count <= 25 else 8
         word = np.dtype(f"u{nbytes}")
-        # np.take: about half the time of fancy indexing for a gather of this size.
-        windows = np.take(
-            np.ndarray(
-                (self._bytes.size - nbytes + 1,),
-                dtype=f">u{nbytes}",
-                buffer=self._bytes,
-                strides=(1,),
-            ),
-            starts >> 3,
-        ).astype(word)
+        # The big-endian window at every byte of the field, built from shifted contiguous
+        # byte slices (SIMD), then one gather from that native array: a gather straight from
+        # an overlapping byte-swapped view takes numpy's slow non-contiguous path.
+        lo = first >> 3
+        field = self._bytes[lo : self._pos // 8 + 1 + nbytes].astype(word)
+        span = field.size - nbytes + 1
+        windows = field[:span] << word.type(8 * (nbytes - 1))
+        for k in range(1, nbytes):
+            windows |= field[k : k + span] << word.type(8 * (nbytes - 1 - k))
+        windows = np.take(windows, (starts >> 3) - lo)
         small = exps.astype(np.uint8)
         shift = (8 * nbytes - small - (starts & 7).astype(np.uint8)).astype(word)
         top = np.left_shift(word.type(1), small.astype(word))
