@@ -118,10 +118,22 @@ def padded(stream_bits: jax.Array) -> jax.Array:
 # Host-side float sections.
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """Whether a float array has no NaN/Inf, by two reductions instead of an ``isfinite`` mask.
+
+    ``max`` and ``min`` propagate NaN, and an infinity is the maximum (+Inf) or the minimum
+    (-Inf), so both are finite exactly when every entry is: no ``d``-sized boolean temporary,
+    which at 10M float32 entries is a third of the wire codec's time.
+    """
+    if values.size == 0:
+        return True
+    return bool(np.isfinite(values.max()) and np.isfinite(values.min()))
+
+
 def floats_to_bytes(values: np.ndarray, what: str) -> bytes:
     """float32 little-endian bytes of ``values``; ``ValueError`` on non-finite entries."""
     values = np.asarray(values, dtype=np.float32)
-    if not np.all(np.isfinite(values)):
+    if not all_finite(values):
         raise ValueError(
             f"to_bytes: {what} contains NaN/Inf. Non-finite updates cannot be sent; reject the "
             "client update (check jnp.isfinite) before encoding."
@@ -130,12 +142,20 @@ def floats_to_bytes(values: np.ndarray, what: str) -> bytes:
 
 
 def floats_from_bytes(data: memoryview, offset: int, count: int, what: str) -> np.ndarray:
-    """Reads ``count`` float32 values at byte ``offset``; ``ValueError`` on short/non-finite."""
+    """Reads ``count`` float32 values at byte ``offset``; ``ValueError`` on short/non-finite.
+
+    Over ``bytes`` (immutable) on a little-endian host the result is a read-only view of the
+    data, not a copy; otherwise a fresh float32 array.
+    """
     end = offset + 4 * count
     if end > len(data):
         raise ValueError(f"from_bytes: data is truncated: {what} needs bytes [{offset}, {end}).")
-    values = np.frombuffer(data[offset:end], dtype="<f4").astype(np.float32)
-    if not np.all(np.isfinite(values)):
+    values = np.frombuffer(data[offset:end], dtype="<f4")
+    if not (isinstance(data.obj, bytes) and values.dtype.isnative):
+        # A read-only view is only safe over immutable bytes (a 40 MB copy saved at 10M
+        # floats); a view of a bytearray would change if the caller reused its buffer.
+        values = values.astype(np.float32)
+    if not all_finite(values):
         raise ValueError(f"from_bytes: {what} contains NaN/Inf; the data is corrupt.")
     return values
 
@@ -176,20 +196,126 @@ def _bit_matrix(values: np.ndarray, nbytes: int) -> np.ndarray:
     return np.unpackbits(be.view(np.uint8).reshape(-1, nbytes), axis=1)
 
 
+# Longest code the packed writer merges and places in one 64-bit word: a code starting at bit
+# offset <= 7 of a byte must end within the 8 bytes from there.
+_MAX_PACKED_WIDTH = 57
+# At most 2**6 codes per merged code: codes of >= 1 bit could not merge further anyway.
+_MAX_MERGE_LEVELS = 6
+
+
+def _uint_for(width: int) -> np.dtype:
+    """Narrowest unsigned dtype holding ``width <= 64`` bits."""
+    return np.dtype(f"u{_container(width)}")
+
+
+def _merge_codes(values: np.ndarray, widths: np.ndarray, max_width: int):
+    """Concatenates runs of ``2**k`` adjacent codes into one code each (bit-exact).
+
+    Pairwise merging ``(a, la), (b, lb) -> (a << lb | b, la + lb)``, repeated while the longest
+    merged code would still be at most 57 bits (the packer's 64-bit window) and at most
+    ``_MAX_MERGE_LEVELS`` times. The bound uses the actual longest code after each level, so
+    fields of mostly short codes (QSGD's γ codes of small levels) merge 16-32 codes into one.
+    Each level is a few SIMD passes over half as many elements, in the narrowest unsigned
+    dtype that holds the merged codes, so the per-code work of the packer (prefix sum, scatter)
+    is done on ``1 / 2**k`` as many codes. Padding codes have length 0 (no bits).
+    """
+    n = values.size
+    # Pad to a multiple of 2**levels once (a copy into the narrow dtype is made anyway).
+    block = 1 << min(_MAX_MERGE_LEVELS, max(n - 1, 0).bit_length())
+    size = -(-n // block) * block
+    codes = np.zeros(size, _uint_for(max_width))
+    codes[:n] = values
+    lengths = np.zeros(size, np.uint8)
+    lengths[:n] = widths
+    while 2 * max_width <= _MAX_PACKED_WIDTH and codes.size % 2 == 0 and codes.size > 1:
+        pairs_codes, pairs_lengths = codes.reshape(-1, 2), lengths.reshape(-1, 2)
+        dtype = _uint_for(2 * max_width)
+        low_lengths = pairs_lengths[:, 1]
+        codes = (pairs_codes[:, 0].astype(dtype) << low_lengths.astype(dtype)) | pairs_codes[:, 1]
+        lengths = pairs_lengths[:, 0] + low_lengths
+        max_width = int(lengths.max())
+    return codes, lengths
+
+
+def _pack_codes(codes: np.ndarray, lengths: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
+    """Packs codes of ``lengths <= 57`` bits, in order, starting at bit ``offset`` (0..7).
+
+    Returns the bytes covering bits ``[0, offset + Σ lengths)`` (zero outside the codes) and
+    ``Σ lengths``. Each
+    code, shifted into the 64-bit big-endian word that starts at its first byte, is stored at
+    that byte; byte ``b`` of the output is then the OR of byte ``k`` of the words stored at
+    ``b - k`` for ``k = 0..7`` (eight SIMD passes over the output instead of one write per
+    bit). Codes in disjoint bit ranges never share a bit, so OR is exact. Two codes can share
+    a first byte only if some are shorter than 8 bits: then the codes are stored in ``lanes``
+    interleaved passes, ``lanes * min_length >= 8`` making each pass's first bytes distinct
+    (fancy-index ``|=`` is only correct without duplicates). Zero-length codes are dropped.
+    """
+    lengths64 = lengths.astype(np.int64)
+    starts = np.cumsum(lengths64)
+    total = int(starts[-1])
+    starts -= lengths64
+    starts += offset
+    nbytes = -(-(offset + total) // 8)
+    if int(lengths.min()) == 0:
+        keep = lengths != 0
+        codes, lengths64, starts = codes[keep], lengths64[keep], starts[keep]
+    acc = np.zeros(nbytes, np.uint64)
+    if codes.size:
+        shift = (64 - (starts & 7) - lengths64).astype(np.uint64)
+        words = codes.astype(np.uint64) << shift
+        first = starts >> 3
+        min_length = int(lengths64.min())
+        lanes = 1 if min_length >= 8 else -(-8 // min_length)
+        if lanes == 1:
+            acc[first] = words
+        else:
+            for lane in range(lanes):
+                acc[first[lane::lanes]] |= words[lane::lanes]
+    columns = acc.astype(">u8").view(np.uint8).reshape(nbytes, 8)
+    out = columns[:, 0].copy()
+    for k in range(1, min(8, nbytes)):
+        out[k:] |= columns[: nbytes - k, k]
+    return out, total
+
+
 class BitWriter:
-    """Accumulates bit fields and packs them into bytes (MSB first, zero padded)."""
+    """Accumulates bit fields and packs them into bytes (MSB first, zero padded).
+
+    Fields are packed as they are written: the writer keeps a list of byte arrays, and a field
+    that starts inside a byte ORs that partial byte into its own first byte. Codes of at most
+    57 bits go through :func:`_merge_codes` and :func:`_pack_codes` (no per-bit arrays); longer
+    codes (rare: Rice quotients of long gaps, γ codes of values >= 2**28, wide fixed fields)
+    are expanded to one byte per bit and packed with ``np.packbits``.
+    """
 
     def __init__(self) -> None:
-        self._chunks: list[np.ndarray] = []
+        self._parts: list[np.ndarray] = []
         self.length = 0
 
-    def _add(self, chunk: np.ndarray) -> None:
-        self._chunks.append(chunk)
-        self.length += int(chunk.size)
+    def _add_packed(self, packed: np.ndarray, n_bits: int) -> None:
+        """Appends a field packed from bit offset ``length % 8`` of its first byte."""
+        if n_bits == 0:
+            return
+        if self.length % 8:
+            previous = self._parts[-1]
+            packed[0] |= previous[-1]
+            self._parts[-1] = previous[:-1]
+        self._parts.append(packed)
+        self.length += n_bits
+
+    def _add_unpacked(self, bits: np.ndarray) -> None:
+        """Appends a field given as one uint8 0/1 per bit."""
+        offset = self.length % 8
+        if offset:
+            bits = np.concatenate([np.zeros(offset, np.uint8), bits])
+        self._add_packed(np.packbits(bits), bits.size - offset)
 
     def bits(self, flags: np.ndarray) -> None:
         """Writes one bit per element (truthy -> 1)."""
-        self._add(np.asarray(flags).astype(np.uint8, copy=False).ravel())
+        flags = np.asarray(flags).ravel()
+        if flags.dtype != np.bool_:
+            flags = flags != 0
+        self._add_unpacked(flags.view(np.uint8))
 
     def fixed(self, values: np.ndarray, width: int) -> None:
         """Writes each value in ``width`` bits (``0 <= value < 2**width``)."""
@@ -199,33 +325,47 @@ class BitWriter:
         if width == 1:
             self.bits(values)
             return
+        if width <= _MAX_PACKED_WIDTH:
+            self._add_codes(values, np.full(values.size, width, np.uint8), width)
+            return
         nbytes = _container(width)
-        self._add(_bit_matrix(values, nbytes)[:, 8 * nbytes - width :].ravel())
+        self._add_unpacked(_bit_matrix(values, nbytes)[:, 8 * nbytes - width :].ravel())
+
+    def _add_codes(self, values: np.ndarray, widths: np.ndarray, max_width: int) -> None:
+        codes, lengths = _merge_codes(values, widths, max_width)
+        self._add_packed(*_pack_codes(codes, lengths, self.length % 8))
 
     def unary(self, counts: np.ndarray) -> None:
         """Writes each count ``q >= 0`` as ``q`` zeros followed by a one."""
-        counts = np.asarray(counts, dtype=np.int64).ravel()
+        counts = np.asarray(counts).ravel()
+        if counts.size == 0:
+            return
+        max_width = int(counts.max()) + 1
+        if max_width <= _MAX_PACKED_WIDTH:
+            # q zeros and a one are the (q + 1)-bit code of the value 1.
+            self._add_codes(np.ones(counts.size, np.uint8), counts + 1, max_width)
+            return
+        counts = counts.astype(np.int64)
         ends = np.cumsum(counts + 1)
-        out = np.zeros(int(ends[-1]) if counts.size else 0, dtype=np.uint8)
+        out = np.zeros(int(ends[-1]), dtype=np.uint8)
         out[ends - 1] = 1
-        self._add(out)
+        self._add_unpacked(out)
 
     def varwidth(self, values: np.ndarray, widths: np.ndarray) -> None:
         """Writes ``values[j]`` in ``widths[j]`` bits (``widths <= 64``, values fit)."""
         values = np.asarray(values).ravel()
-        widths = np.asarray(widths, dtype=np.int64).ravel()
-        total = int(widths.sum())
-        if total == 0:
+        widths = np.asarray(widths).ravel()
+        if widths.size == 0:
             return
-        if int(widths.max()) <= 8:
-            # Short codes (QSGD's γ mantissas, small levels): each value's 8 bits as a row,
-            # keeping its last `width` bits; row-major compaction is the stream order.
-            used = widths > 0
-            rows = np.unpackbits(values[used].astype(np.uint8)[:, None], axis=1)
-            self._add(rows[_LAST_BITS[widths[used]]])
+        max_width = int(widths.max())
+        if max_width == 0:
             return
+        if max_width <= _MAX_PACKED_WIDTH:
+            self._add_codes(values, widths, max_width)
+            return
+        widths = widths.astype(np.int64)
         values = values.astype(np.uint64)
-        out = np.zeros(total, dtype=np.uint8)
+        out = np.zeros(int(widths.sum()), dtype=np.uint8)
         starts = np.cumsum(widths) - widths
         # Step t writes bit t (from the top) of every code longer than t: the work is one
         # element per written bit plus one filter per step, with no per-code x 64 matrix.
@@ -237,14 +377,25 @@ class BitWriter:
                 values, widths, starts = values[longer], widths[longer], starts[longer]
             shift = (widths - 1 - t).astype(np.uint64)
             out[starts + t] = (values >> shift) & np.uint64(1)
-        self._add(out)
+        self._add_unpacked(out)
 
     def gamma(self, values: np.ndarray) -> None:
         """Elias-γ codes of ``values >= 1`` in separated order (all prefixes, then mantissas)."""
         values = np.asarray(values).ravel()
         if values.size == 0:
             return
-        if values.max() < _SMALL.size:
+        top = int(values.max())
+        if top < 256 and values.size > 4096:
+            # Small values (dense QSGD levels): the exponent is a sum of comparisons, all in
+            # uint8 SIMD passes (a table lookup is a gather per value, several times slower).
+            small = values.astype(np.uint8, copy=False)
+            n = np.zeros(small.shape, np.uint8)
+            for t in range(1, top.bit_length()):
+                n += small >= (1 << t)
+            self.unary(n)
+            self.varwidth(small - np.left_shift(np.uint8(1), n), n)
+            return
+        if top < _SMALL.size:
             # Small values (QSGD levels): table exponents and int32 arithmetic, no uint64 copy.
             n = _SMALL[values]
             self.unary(n)
@@ -265,10 +416,9 @@ class BitWriter:
         self.fixed(values & ((1 << b) - 1), b)
 
     def to_bytes(self) -> bytes:
-        if not self._chunks:
+        if not self._parts:
             return b""
-        stream = np.concatenate(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-        return np.packbits(stream).tobytes()
+        return b"".join(part.tobytes() for part in self._parts)
 
 
 def floor_log2_np(values: np.ndarray) -> np.ndarray:
@@ -327,9 +477,6 @@ def gamma_total(values: np.ndarray) -> int:
     return int(np.sum(2 * floor_log2_np(values) + 1))
 
 
-# Row w: which of a byte's 8 bits (MSB first) belong to a w-bit code, its last w.
-_LAST_BITS = np.arange(8)[None, :] >= 8 - np.arange(9)[:, None]
-
 # floor(log2(v)) for v < 2**16 (entry 0, never a valid argument, is -1).
 _SMALL = (np.frexp(np.arange(1 << 16, dtype=np.float64))[1] - 1).astype(np.int8)
 
@@ -376,19 +523,35 @@ class BitReader:
         packed = np.packbits(matrix, axis=1)
         return packed.view(f">u{nbytes}").reshape(n).astype(np.int64)
 
+    def _ones(self, n: int, max_count: int) -> np.ndarray:
+        """Positions (from the read position) of the ``n`` ones ending ``n`` unary codes.
+
+        A valid field spans at most ``n * (max_count + 1)`` bits: never scan beyond. Within
+        that limit the scan starts with ``2 n + 64`` bits and doubles, so a field of short
+        codes is not scanned together with the (often much longer) rest of the stream.
+        """
+        remaining = self._bits.size - self._pos
+        limit = min(remaining, n * (max_count + 1))
+        start, stop, found, parts = 0, min(limit, 2 * n + 64), 0, []
+        while True:
+            # The field holds n ones: dense fields (QSGD γ prefixes) skip the word scan.
+            part = flatnonzero(self._bits[self._pos + start : self._pos + stop], n - found)
+            parts.append(part + start if start else part)
+            found += part.size
+            if found >= n or stop == limit:
+                break
+            start, stop = stop, min(limit, 2 * stop)
+        if found < n:
+            if limit < remaining:  # n codes within their maxima would fit in the limit
+                raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
+            raise self._fail("data is truncated or corrupt (unterminated unary code).")
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[:n]
+
     def unary(self, n: int, max_count: int) -> np.ndarray:
         """Reads ``n`` unary counts, each required to be ``<= max_count``."""
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        # A valid field spans at most n * (max_count + 1) bits: never scan (or allocate) beyond.
-        remaining = self._bits.size - self._pos
-        window = min(remaining, n * (max_count + 1))
-        # The field holds n ones: dense fields (QSGD dense γ prefixes) skip the word scan.
-        ones = flatnonzero(self._bits[self._pos : self._pos + window], n)[:n]
-        if ones.size < n:
-            if window < remaining:  # n codes within their maxima would fit in the window
-                raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
-            raise self._fail("data is truncated or corrupt (unterminated unary code).")
+        ones = self._ones(n, max_count)
         counts = np.diff(ones, prepend=-1) - 1
         if counts.max() > max_count:
             raise self._fail(f"a unary count exceeds its maximum {max_count}; data is corrupt.")
@@ -433,17 +596,67 @@ class BitReader:
             values[codes] = (values[codes] << 1) | chunk[starts + t]
         return values
 
-    def gamma(self, n: int, max_value: int) -> np.ndarray:
-        """Reads ``n`` Elias-γ codes, each required to be in ``[1, max_value]``."""
+    def gamma(self, n: int, max_value: int, dtype=np.int64) -> np.ndarray:
+        """Reads ``n`` Elias-γ codes, each required to be in ``[1, max_value]``.
+
+        The result has ``dtype`` (int64 by default; a narrower integer dtype that holds
+        ``max_value`` saves the wide temporaries when values are small).
+        """
         if n == 0:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=dtype)
         max_value = max(int(max_value), 1)
+        if max_value < 2**57:
+            return self._windowed_gamma(n, max_value).astype(dtype, copy=False)
         exps = self.unary(n, max_value.bit_length() - 1)
         mantissas = self.varwidth(exps)
         values = (np.int64(1) << exps) | mantissas
         if values.max() > max_value:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
         return values
+
+    def _windowed_gamma(self, n: int, max_value: int) -> np.ndarray:
+        """:meth:`gamma` for ``max_value < 2**57``, in the narrowest unsigned dtype that fits.
+
+        With ``p_i`` the position of code ``i``'s terminating one in the prefix field,
+        ``q_i = p_i - i`` counts the zeros up to it, so the exponents are ``diff(q)`` and code
+        ``i``'s mantissa starts ``q_{i-1}`` bits into the mantissa field: no prefix sum. Each
+        mantissa (exponent <= 57 bits) lies in the 2-, 4- or 8-byte big-endian window from its
+        first byte, read through an overlapping byte-stride view. After the scan for the ones
+        the arithmetic is int32 and the values' own width (uint8 for QSGD levels).
+        """
+        max_count = max_value.bit_length() - 1
+        ones = self._ones(n, max_count)
+        # Bit positions fit int32: payloads are capped at 2**31 - 1 bits (check_int32_bits).
+        zeros = np.subtract(ones, np.arange(n, dtype=np.int32), dtype=np.int32)
+        exps = np.empty(n, np.int32)
+        exps[0] = zeros[0]
+        np.subtract(zeros[1:], zeros[:-1], out=exps[1:])
+        if int(exps.max()) > max_count:
+            raise self._fail(f"a unary count exceeds its maximum {max_count}; data is corrupt.")
+        self._pos += int(ones[-1]) + 1
+        first = self._pos
+        self._take(int(zeros[-1]))  # the mantissa field: bounds check and advance
+        starts = zeros - exps  # exclusive: zeros before code i's own prefix
+        starts += first
+        nbytes = 2 if max_count <= 9 else 4 if max_count <= 25 else 8
+        word = np.dtype(f"u{nbytes}")
+        # The big-endian window at every byte of the field, built from shifted contiguous
+        # byte slices (SIMD), then one gather from that native array: a gather straight from
+        # an overlapping byte-swapped view takes numpy's slow non-contiguous path.
+        lo = first >> 3
+        field = self._bytes[lo : self._pos // 8 + 1 + nbytes].astype(word)
+        span = field.size - nbytes + 1
+        windows = field[:span] << word.type(8 * (nbytes - 1))
+        for k in range(1, nbytes):
+            windows |= field[k : k + span] << word.type(8 * (nbytes - 1 - k))
+        windows = np.take(windows, (starts >> 3) - lo)
+        small = exps.astype(np.uint8)
+        shift = (8 * nbytes - small - (starts & 7).astype(np.uint8)).astype(word)
+        top = np.left_shift(word.type(1), small.astype(word))
+        values = top | ((windows >> shift) & (top - word.type(1)))
+        if int(values.max()) > max_value:
+            raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
+        return values.astype(_uint_for(max_count + 1), copy=False)
 
     def rice(self, n: int, b: int, max_value: int) -> np.ndarray:
         """Reads ``n`` Rice codes (divisor ``2**b``), each required to be in ``[0, max_value]``."""

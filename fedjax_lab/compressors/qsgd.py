@@ -286,9 +286,12 @@ def _to_bytes(payload: QSGDPayload) -> bytes:
         if use_sparse:
             writer.fixed(np.array([nonzero_pos.size]), _codec.count_width(d))
             writer.gamma(runs + 1)
-            writer.gamma(np.abs(nonzero.astype(np.int64)))
+            writer.gamma(np.abs(nonzero).view(f"u{nonzero.dtype.itemsize}"))
         else:
-            writer.gamma(np.abs(levels.astype(np.int64)) + 1)
+            # |l| + 1 in the levels' own width (|l| <= s <= 2**15 - 1, validated above): the
+            # writer's small-value path then runs in uint8 without an int64 copy of d values.
+            magnitudes = np.abs(levels).view(f"u{levels.dtype.itemsize}")
+            writer.gamma(magnitudes + magnitudes.dtype.type(1))
         writer.bits(nonzero < 0)
     return head + writer.to_bytes()
 
@@ -315,11 +318,17 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
                 raise ValueError("from_bytes: qsgd payload: a position is out of range; corrupt.")
             magnitudes = reader.gamma(n, s)
         else:
-            levels = (reader.gamma(d, s + 1) - 1).astype(level_dtype)
+            # uint8 codes when s + 1 < 256 (l + 1 - 1 <= 254 cannot wrap), int64 otherwise.
+            narrow = np.uint8 if s + 1 < 256 else np.int64
+            levels = (reader.gamma(d, s + 1, dtype=narrow) - narrow(1)).astype(level_dtype)
             positions = _codec.flatnonzero(levels)
-            magnitudes = levels[positions].astype(np.int64)
+            magnitudes = None
         negative = reader.bits(positions.size).astype(bool)
-        levels[positions] = np.where(negative, -magnitudes, magnitudes)
+        if magnitudes is None:  # dense: levels hold the magnitudes; negate the negative ones
+            flip = positions[negative]
+            levels[flip] = -levels[flip]
+        else:
+            levels[positions] = np.where(negative, -magnitudes, magnitudes)
     else:
         positions = np.zeros(0, dtype=np.int64)
     reader.finish()

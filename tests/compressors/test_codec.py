@@ -365,3 +365,68 @@ def test_short_code_paths_match_reference_and_invert(seed):
     np.testing.assert_array_equal(reader.varwidth(widths), values)
     np.testing.assert_array_equal(reader.gamma(n, 511), gammas)
     assert reader.finish() == len(ref)
+
+
+def _ref_varwidth(values, widths):
+    return "".join(_ref_fixed([v], int(w)) for v, w in zip(values, widths, strict=True))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_fields_take_the_merged_and_uint8_paths_and_match_reference(seed):
+    # Thousands of codes per field: the writer merges up to 64 codes per packed word, stores
+    # short codes in interleaved lanes, and writes γ codes of values < 256 through its uint8
+    # path (fields of > 4096 values); the reader's windowed γ uses 2-, 4- and 8-byte windows.
+    rng = np.random.default_rng(200 + seed)
+    n = 5000
+    small = rng.integers(1, 18, n)
+    small[rng.random(n) < 0.5] = 1  # QSGD-like: mostly γ(1) = "1"
+    mid = np.maximum(rng.integers(1, 2**20, n) >> rng.integers(0, 20, n), 1)
+    big = np.maximum(rng.integers(1, 2**56, n, dtype=np.int64) >> rng.integers(0, 56, n), 1)
+    widths = rng.integers(0, 3, n)  # mostly 0- and 1-bit codes: several lanes per byte
+    values = np.array([int(rng.integers(0, 1 << int(w))) for w in widths])
+    flags = rng.integers(0, 2, n)
+    writer = _codec.BitWriter()
+    writer.bits(np.array([1, 0, 1]))  # an odd offset, so no field starts on a byte boundary
+    writer.gamma(small)
+    writer.gamma(mid)
+    writer.gamma(big)
+    writer.varwidth(values, widths)
+    writer.unary(np.minimum(widths * 20, 56))
+    writer.bits(flags)
+    ref = "101" + _ref_gamma(small) + _ref_gamma(mid) + _ref_gamma(big)
+    ref += _ref_varwidth(values, widths) + _ref_unary(np.minimum(widths * 20, 56))
+    ref += _ref_fixed(flags, 1)
+    data = writer.to_bytes()
+    assert data == _to_bytes(ref)
+    assert writer.length == len(ref)
+    reader = _codec.BitReader(memoryview(data), "test")
+    np.testing.assert_array_equal(reader.bits(3), [1, 0, 1])
+    got = reader.gamma(n, 17, dtype=np.uint8)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, small)
+    np.testing.assert_array_equal(reader.gamma(n, 2**20), mid)
+    np.testing.assert_array_equal(reader.gamma(n, 2**56), big)
+    np.testing.assert_array_equal(reader.varwidth(widths), values)
+    np.testing.assert_array_equal(reader.unary(n, 56), np.minimum(widths * 20, 56))
+    np.testing.assert_array_equal(reader.bits(n), flags)
+    assert reader.finish() == len(ref)
+
+    # Hostile versions of the long uint8 γ field: every failure is a ValueError, and a value
+    # over the maximum, a truncation or a flipped bit never decodes silently to other values.
+    head = _codec.BitWriter()
+    head.gamma(small)
+    field = head.to_bytes()
+    with pytest.raises(ValueError, match="exceeds its maximum 16"):
+        _codec.BitReader(memoryview(field), "t").gamma(n, 16)
+    with pytest.raises(ValueError, match="truncated"):
+        _codec.BitReader(memoryview(field[: len(field) // 2]), "t").gamma(n, 17)
+    for position in rng.integers(0, 8 * len(field), 20):
+        corrupt = bytearray(field)
+        corrupt[position // 8] ^= 0x80 >> (position % 8)
+        reader = _codec.BitReader(memoryview(bytes(corrupt)), "t")
+        try:
+            got = reader.gamma(n, 17)
+            reader.finish()
+        except ValueError:
+            continue
+        assert not np.array_equal(got, small)  # decoded, but visibly different values
