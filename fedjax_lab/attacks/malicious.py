@@ -41,7 +41,7 @@ def num_malicious(num_clients: int, fraction: float) -> int:
         raise ValueError(f"malicious fraction must be in [0, 1), got {fraction}")
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    return int(round(fraction * num_clients))
+    return round(fraction * num_clients)
 
 
 def select_malicious(num_clients: int, fraction: float, seed: int) -> np.ndarray:
