@@ -17,8 +17,10 @@ leave it unchanged), and ``finish`` puts it in the client's metrics under
 :data:`MALICIOUS_METRIC` (a 0/1 counter: its round sum is reported as ``malicious_clients``).
 The column is removed before the algorithm's steps see the examples.
 
-Uploads must be raw model deltas (``algorithm.compressor is None``): an attacker that
-compresses its poisoned update would be another attack.
+Uploads must be raw model deltas: no compressor, or the ``identity`` compressor (whose payload
+is the flat float32 delta); an attacker that compresses its poisoned update would be another
+attack. Every attack here is coordinate-wise or linear, so it acts on the flat vector the same
+way as on the parameter pytree.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from fedjax_lab.attacks.malicious import MALICIOUS_KEY
+from fedjax_lab.compressors.identity import IdentityPayload
 from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.local import LocalUpdate, is_local_update
 from fedjax_lab.core.types import Aggregate, Algorithm, Batches, ClientOutput
@@ -81,8 +84,15 @@ def _step_flag(arrays, mask: jax.Array) -> jax.Array:
     return jnp.max(arrays[MALICIOUS_KEY].astype(jnp.float32) * mask, initial=0.0)
 
 
+def _check_raw(update, compressed: bool) -> None:
+    if compressed and not isinstance(update, IdentityPayload):
+        raise ValueError(f"model poisoning needs raw uploads; the algorithm's compressor sends "
+                         f"{type(update).__name__} payloads: use the identity compressor")
+
+
 def _poison_client(attack: ModelAttack, output: ClientOutput, flag: jax.Array,
-                   key: jax.Array) -> ClientOutput:
+                   key: jax.Array, compressed: bool) -> ClientOutput:
+    _check_raw(output.update, compressed)
     metrics = {**output.metrics, MALICIOUS_METRIC: flag}
     if attack.per_client is None:
         return output._replace(metrics=metrics)
@@ -93,7 +103,7 @@ def _poison_client(attack: ModelAttack, output: ClientOutput, flag: jax.Array,
     return output._replace(update=update, metrics=metrics)
 
 
-def _wrap_client_update(client_update, attack: ModelAttack):
+def _wrap_client_update(client_update, attack: ModelAttack, compressed: bool):
     if is_local_update(client_update):
         def start(server_state):
             return client_update.start(server_state), jnp.float32(0.0)
@@ -106,7 +116,7 @@ def _wrap_client_update(client_update, attack: ModelAttack):
         def finish(server_state, client_state, carry, weight, *, key):
             inner, flag = carry
             out, state = client_update.finish(server_state, client_state, inner, weight, key=key)
-            return _poison_client(attack, out, flag, key), state
+            return _poison_client(attack, out, flag, key, compressed), state
 
         return LocalUpdate(start, step, finish, client_update.context, client_update.keyed)
 
@@ -120,7 +130,7 @@ def _wrap_client_update(client_update, attack: ModelAttack):
         flag = jnp.max(column.astype(jnp.float32) * batches.mask, initial=0.0)
         clean = batches._replace(arrays=_strip(batches.arrays), table=_strip(batches.table))
         out, state = client_update(server_state, client_state, clean, key=key)
-        return _poison_client(attack, out, flag, key), state
+        return _poison_client(attack, out, flag, key, compressed), state
 
     return plain
 
@@ -135,8 +145,9 @@ def with_model_poisoning(algorithm: Algorithm, attack: ModelAttack) -> Algorithm
     (and the attack's own metrics).
 
     Raises:
-      ValueError: ``attack`` sets neither or both functions, or the algorithm compresses its
-        uploads.
+      ValueError: ``attack`` sets neither or both functions; when the round is traced: the
+        algorithm compresses its uploads (other than ``identity``), or the examples lack the
+        malicious column.
     """
     if not isinstance(algorithm, Algorithm):
         raise TypeError(f"algorithm must be a fedjax_lab Algorithm, got {type(algorithm)}")
@@ -145,15 +156,14 @@ def with_model_poisoning(algorithm: Algorithm, attack: ModelAttack) -> Algorithm
     if (attack.per_client is None) == (attack.omniscient is None):
         raise ValueError(f"attack {attack.name!r} must set exactly one of per_client and "
                          "omniscient")
-    if algorithm.compressor is not None:
-        raise ValueError(f"model poisoning needs raw uploads; {algorithm.name} compresses them "
-                         "with a compressor: use --compressor identity (no compressor)")
-    client_update = _wrap_client_update(algorithm.client_update, attack)
+    compressed = algorithm.compressor is not None
+    client_update = _wrap_client_update(algorithm.client_update, attack, compressed)
     aggregate = algorithm.aggregate
     if attack.omniscient is not None:
         inner_aggregate = algorithm.aggregate
 
         def aggregate(outputs: ClientOutput) -> Aggregate:
+            _check_raw(outputs.update, compressed)
             malicious = outputs.metrics[MALICIOUS_METRIC] > 0
             valid = outputs.weight > 0
             flat = jax.vmap(lambda u: ravel_pytree(u)[0])(outputs.update)

@@ -21,7 +21,7 @@ from fedjax_lab.attacks import (
     with_model_poisoning,
 )
 from fedjax_lab.backends.vmap import VmapBackend
-from fedjax_lab.compressors import qsgd
+from fedjax_lab.compressors import identity, qsgd
 from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.data.cohort import CohortBuilder
@@ -159,7 +159,9 @@ def test_omniscient_attack_feeds_the_robust_rule(setup):
 
 def test_run_reports_malicious_clients():
     data = mark_malicious(make_population(SIZES, seed=3), MALICIOUS)
-    algo = with_model_poisoning(fedavg(MODEL, optax.sgd(0.3), batch_size=4), scale(3.0))
+    # The identity compressor's flat payload is poisoned like the raw delta.
+    algo = with_model_poisoning(
+        fedavg(MODEL, optax.sgd(0.3), batch_size=4, compressor=identity()), scale(3.0))
     params = MODEL.init(jax.random.key(0))
     res = run(algo, VmapBackend(), data, params, rounds=2, clients_per_round=6, seed=1)
     for record in res.history:
@@ -173,9 +175,12 @@ def test_bad_inputs(setup):
         noise(float("nan"))
     with pytest.raises(ValueError, match="epsilon"):
         ipm(-1.0)
-    with pytest.raises(ValueError, match="compressor"):
-        with_model_poisoning(fedavg(MODEL, optax.sgd(0.3), batch_size=4, compressor=qsgd(4)),
-                             scale(2.0))
+    marked = mark_malicious(make_population(SIZES, seed=3), MALICIOUS)
+    compressed = with_model_poisoning(
+        fedavg(MODEL, optax.sgd(0.3), batch_size=4, compressor=qsgd(4)), scale(2.0))
+    with pytest.raises(ValueError, match="identity compressor"):
+        run(compressed, VmapBackend(), marked, MODEL.init(jax.random.key(0)), rounds=1,
+            clients_per_round=2, seed=0)
     unmarked = make_population(SIZES, seed=3)
     algo = with_model_poisoning(fedavg(MODEL, optax.sgd(0.3), batch_size=4), scale(2.0))
     with pytest.raises(ValueError, match="mark_malicious"):
