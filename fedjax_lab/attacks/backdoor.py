@@ -64,8 +64,11 @@ def backdoor(data: FederatedData, malicious: Sequence[int] | np.ndarray, *, targ
 
 
 def triggered_test(test: dict[str, np.ndarray], *, target: int, size: int = 3,
-                   value: float = 1.0) -> dict[str, np.ndarray]:
+                   value: float = 1.0, num_classes: int | None = None
+                   ) -> dict[str, np.ndarray]:
     """The test examples whose label is not ``target``, triggered, labelled ``target``."""
+    check_trigger(np.shape(test["x"])[1:], size, target,
+                  num_classes if num_classes is not None else target + 1)
     keep = np.asarray(test["y"]) != target
     if not keep.any():
         raise ValueError(f"every test example has the backdoor target label {target}; there is "
@@ -81,8 +84,9 @@ def attack_success_evaluator(apply_fn: Callable[..., Any], test: dict[str, np.nd
     """``evaluate(params) -> {"attack_success_rate": ...}`` on :func:`triggered_test`."""
     from fedjax_lab.metrics.evaluation import make_evaluator
 
-    evaluate = make_evaluator(apply_fn, triggered_test(test, target=target, size=size,
-                                                       value=value), num_classes=num_classes)
+    triggered = triggered_test(test, target=target, size=size, value=value,
+                               num_classes=num_classes)
+    evaluate = make_evaluator(apply_fn, triggered, num_classes=num_classes)
 
     def success(params: Any) -> dict[str, float]:
         return {ATTACK_SUCCESS: evaluate(params)["test_accuracy"]}
