@@ -8,6 +8,7 @@ needs gRPC.
 
 from fedjax_lab import (
     algorithms,
+    attacks,
     backends,
     compressors,
     core,
@@ -41,6 +42,7 @@ __all__ = [
     "ServerState",
     "__version__",
     "algorithms",
+    "attacks",
     "backends",
     "compressors",
     "core",
