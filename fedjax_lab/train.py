@@ -371,6 +371,10 @@ class TrainConfig(RunConfig):
             return train, evaluate
         malicious = attacks.select_malicious(train.num_clients, self.malicious_fraction,
                                              self.seed)
+        if not len(malicious):
+            raise ValueError(f"--malicious-fraction {self.malicious_fraction} of "
+                             f"{train.num_clients} clients rounds to no malicious client: raise "
+                             "it to at least 1 / (2 x clients)")
         try:
             if self.attack == "label_flip":
                 train = attacks.label_flip(train, malicious, self.flip_map, self.seed)

@@ -56,9 +56,11 @@ TINY = ["--rounds", "2", "--num-clients", str(NUM_CLIENTS), "--clients-per-round
     (["--attack", "backdoor", "--malicious-fraction", "0.2", "--backdoor-target", "10"],
      "backdoor target must be a class in [0, 10)"),
     (["--attack", "poison"], "invalid choice: 'poison'"),
+    (["--attack", "label_flip", "--malicious-fraction", "0.01"], "--malicious-fraction 0.01 "
+     "of 10 clients rounds to no malicious client"),
 ], ids=["scale-sharded", "alie-chunk", "ipm-qsgd", "fraction-1", "fraction-negative",
         "no-fraction", "fraction-no-attack", "scale-no-boost", "noise-sigma", "param-unselected",
-        "backdoor-not-image", "backdoor-target", "unknown"])
+        "backdoor-not-image", "backdoor-target", "unknown", "zero-malicious"])
 def test_bad_attack_flags_exit_2_before_compiling(flags, message, capsys, tmp_path):
     try:
         code = main(TrainConfig, run_fedavg_experiment, [*TINY, "--out", str(tmp_path), *flags])
