@@ -20,6 +20,7 @@ from fedjax_lab.attacks import (
     sign_flip,
     with_model_poisoning,
 )
+from fedjax_lab.backends.packed import PackingPolicy
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import identity, qsgd
 from fedjax_lab.core import rng as rng_lib
@@ -157,15 +158,23 @@ def test_omniscient_attack_feeds_the_robust_rule(setup):
     np.testing.assert_allclose(got, est * w.sum(), rtol=1e-5, atol=1e-5)
 
 
-def test_run_reports_malicious_clients():
-    data = mark_malicious(make_population(SIZES, seed=3), MALICIOUS)
+def test_packed_run_equals_padded_and_reports_malicious_clients():
+    """Packing resets the carry (and its malicious flag) at each client boundary: packed and
+    padded rounds of a poisoned algorithm compute the same numbers."""
+    data = mark_malicious(make_population([2, 9, 3, 12, 4, 5], seed=3), MALICIOUS)
     # The identity compressor's flat payload is poisoned like the raw delta.
     algo = with_model_poisoning(
-        fedavg(MODEL, optax.sgd(0.3), batch_size=4, compressor=identity()), scale(3.0))
+        fedavg(MODEL, optax.sgd(0.3), batch_size=2, compressor=identity()), scale(3.0))
     params = MODEL.init(jax.random.key(0))
-    res = run(algo, VmapBackend(), data, params, rounds=2, clients_per_round=6, seed=1)
-    for record in res.history:
-        assert record[MALICIOUS_CLIENTS] == 2.0  # every client sampled
+    runs = {mode: run(algo, VmapBackend(packing=PackingPolicy(mode)), data, params, rounds=2,
+                      clients_per_round=6, seed=1) for mode in ("on", "off")}
+    assert runs["on"].history[0]["packed_slots"] > 0
+    for packed, padded in zip(runs["on"].history, runs["off"].history, strict=True):
+        assert packed[MALICIOUS_CLIENTS] == padded[MALICIOUS_CLIENTS] == 2.0  # all sampled
+        np.testing.assert_allclose(packed["train_loss"], padded["train_loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(runs["on"].server_state.params),
+                    jax.tree.leaves(runs["off"].server_state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs(setup):
