@@ -166,7 +166,7 @@ def test_packed_run_equals_padded_and_reports_malicious_clients():
     algo = with_model_poisoning(
         fedavg(MODEL, optax.sgd(0.3), batch_size=2, compressor=identity()), scale(3.0))
     params = MODEL.init(jax.random.key(0))
-    runs = {mode: run(algo, VmapBackend(packing=PackingPolicy(mode)), data, params, rounds=2,
+    runs = {mode: run(algo, VmapBackend(packing=PackingPolicy(mode)), data, params, rounds=1,
                       clients_per_round=6, seed=1) for mode in ("on", "off")}
     assert runs["on"].history[0]["packed_slots"] > 0
     for packed, padded in zip(runs["on"].history, runs["off"].history, strict=True):
