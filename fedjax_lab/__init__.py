@@ -8,6 +8,7 @@ needs gRPC.
 
 from fedjax_lab import (
     algorithms,
+    attacks,
     backends,
     compressors,
     core,
@@ -42,6 +43,7 @@ __all__ = [
     "ServerState",
     "__version__",
     "algorithms",
+    "attacks",
     "backends",
     "compressors",
     "core",

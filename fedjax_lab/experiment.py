@@ -201,6 +201,14 @@ class RunConfig(abc.ABC):
     def make_algorithm(self, model: Any) -> Any:
         """The ``Algorithm`` of this config for ``model``; ValueError names a bad flag."""
 
+    def attack_problem(self, dataset: Any, train: Any, model: Any,
+                       evaluate: Callable[[Any], dict[str, float]]) -> tuple[Any, Any]:
+        """``(train, evaluate)`` after this config's attack (``fedjax_lab.attacks``): the
+        poisoned / malicious-marked population and the evaluator with attack metrics. None here.
+        """
+        del dataset, model
+        return train, evaluate
+
     def systems(self, num_params: int) -> dict[str, Any]:
         """``run`` keywords of the system simulation (availability, time model); none here."""
         del num_params
@@ -547,6 +555,8 @@ def build_problem(cfg: RunConfig):
 
         def evaluate(params: Any) -> dict[str, float]:
             return {**central(params), **per_client(params)}
+    # Attacks (fedjax_lab.attacks) poison the training population and add their evaluation.
+    train, evaluate = cfg.attack_problem(dataset, train, model, evaluate)
     params = model.init(jax.random.key(cfg.seed))
     return dataset, train, model, evaluate, params
 

@@ -37,6 +37,30 @@ NON_ROBUST_BACKENDS = ("sharded", "mpi", "edge")
 # Backends on which the runner simulates availability and the time model.
 SYSTEM_BACKENDS = ("vmap", "sharded")
 
+# fedjax_lab.attacks from flags: data poisoning (host side) and model poisoning (in the round).
+DATA_ATTACKS = ("label_flip", "backdoor")
+MODEL_ATTACKS = ("scale", "noise", "sign_flip", "alie", "ipm")
+ATTACKS = ("none", *DATA_ATTACKS, *MODEL_ATTACKS)
+# Each attack hyperparameter flag: (type, optional, the attacks that read it, help).
+ATTACK_PARAMS = {
+    "attack_boost": (float, True, ("scale", "backdoor"),
+                     "boost factor gamma of a malicious upload (Bagdasaryan et al. 2020): needed "
+                     "by --attack scale; with --attack backdoor it adds model replacement "
+                     "(none: no boosting)"),
+    "attack_sigma": (float, False, ("noise",), "std of the Gaussian-noise uploads"),
+    "alie_z": (float, True, ("alie",), "ALIE's z (none: Baruch et al. 2019's z_max formula)"),
+    "ipm_epsilon": (float, False, ("ipm",), "IPM's epsilon (Xie et al. 2020): upload "
+                    "-epsilon x mean of the honest updates"),
+    "flip_map": (str, False, ("label_flip",), "label flip map: reverse (y -> K-1-y) or "
+                 "permutation (a seeded random permutation)"),
+    "backdoor_target": (int, False, ("backdoor",), "the backdoor's target label"),
+    "trigger_size": (int, False, ("backdoor",), "side of the square trigger patch (pixels, "
+                     "bottom-right corner, value 1.0)"),
+}
+ATTACK_HELP = ("poison the run: data poisoning (label_flip, backdoor: the malicious clients' "
+               "examples) or model poisoning of the malicious clients' uploads (scale, noise, "
+               "sign_flip; alie and ipm are omniscient: they see the round's honest updates)")
+
 SYSTEM_HELP = {
     "dropout": "probability that a sampled client drops out of a round (Bonawitz et al. 2019)",
     "straggler_fraction": "probability that a client straggles: it completes a random part "
@@ -167,6 +191,15 @@ class TrainConfig(RunConfig):
     comm_comp_ratio: float | None = None
     comp_shift: float = 1.0
     comp_scale: float = 1.0
+    attack: str = "none"
+    malicious_fraction: float = 0.0
+    attack_boost: float | None = None
+    attack_sigma: float = 1.0
+    alie_z: float | None = None
+    ipm_epsilon: float = 0.1
+    flip_map: str = "reverse"
+    backdoor_target: int = 0
+    trigger_size: int = 3
     out: str | None = None  # none: a new runs/<algorithm>/<timestamp>-<config hash>/
     hparams: dict[str, Any] = field(default_factory=dict)
     auto_out: bool = field(default=False, repr=False)  # out was named by resolve_out()
@@ -194,6 +227,15 @@ class TrainConfig(RunConfig):
                                    ("comp_scale", float, False)):
             parser.add_flag(name, tp, getattr(cls, name), SYSTEM_HELP[name], optional=optional,
                             group=group, choices=SYSTEM_CHOICES.get(name))
+        group = parser.add_argument_group("attacks", "malicious clients (fedjax_lab.attacks)")
+        parser.add_flag("attack", str, cls.attack, ATTACK_HELP, choices=ATTACKS, group=group)
+        parser.add_flag("malicious_fraction", float, cls.malicious_fraction,
+                        "fraction in [0, 1) of the population that is malicious (a fixed set "
+                        "drawn from --seed)", group=group)
+        for name, (tp, optional, users, text) in ATTACK_PARAMS.items():
+            parser.add_flag(name, tp, getattr(cls, name), f"{text} [--attack {'|'.join(users)}]",
+                            optional=optional, group=group,
+                            choices=("reverse", "permutation") if name == "flip_map" else None)
         # The class's own default (a preset's folder; None: a new named folder per run).
         parser.set_defaults(out=cls.out)
         values = vars(parser.parse_args(argv))
@@ -286,6 +328,7 @@ class TrainConfig(RunConfig):
         if self.comm_comp_ratio is None and (self.comp_shift != 1.0 or self.comp_scale != 1.0):
             raise ValueError("--comp-shift/--comp-scale shape the FedPAQ time model: they need "
                              "--comm-comp-ratio")
+        self.validate_attack()
         self.build_compressor()
         self.build_aggregation()
         if self.out is None:
@@ -293,6 +336,110 @@ class TrainConfig(RunConfig):
                 raise ValueError("--resume continues the run in --out: pass --out with the "
                                  "run's folder (e.g. runs/<algorithm>/latest)")
             self.resolve_out()
+
+    def model_attack(self) -> bool:
+        """Whether the attack changes uploads inside the round (backdoor with a boost too)."""
+        return self.attack in MODEL_ATTACKS or (
+            self.attack == "backdoor" and self.attack_boost is not None)
+
+    def validate_attack(self) -> None:
+        """The attack flags; ValueError naming them (the dataset is checked when loaded)."""
+        if self.attack not in ATTACKS:
+            raise ValueError(f"--attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        fraction = self.malicious_fraction
+        if not (math.isfinite(fraction) and 0.0 <= fraction < 1.0):
+            raise ValueError(f"--malicious-fraction must be in [0, 1), got {fraction}")
+        if self.attack == "none" and fraction:
+            raise ValueError("--malicious-fraction needs --attack (got --attack none)")
+        if self.attack != "none" and not fraction:
+            raise ValueError(f"--attack {self.attack} needs --malicious-fraction > 0")
+        for name, (_, _, users, _) in ATTACK_PARAMS.items():
+            if getattr(self, name) != getattr(type(self), name) and self.attack not in users:
+                raise ValueError(f"--{name.replace('_', '-')} needs --attack {'|'.join(users)} "
+                                 f"(got --attack {self.attack})")
+        if self.attack == "scale" and self.attack_boost is None:
+            raise ValueError("--attack scale needs --attack-boost (e.g. clients_per_round / "
+                             "server lr for model replacement)")
+        from fedjax_lab import attacks
+
+        builders = {"scale": lambda: attacks.scale(self.attack_boost),
+                    "noise": lambda: attacks.noise(self.attack_sigma),
+                    "alie": lambda: attacks.alie(self.alie_z),
+                    "ipm": lambda: attacks.ipm(self.ipm_epsilon),
+                    "backdoor": lambda: (attacks.scale(self.attack_boost)
+                                         if self.attack_boost is not None else None)}
+        try:
+            builders.get(self.attack, lambda: None)()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--attack {self.attack}: {e}") from None
+        if self.attack == "label_flip" and self.flip_map not in attacks.FLIP_MAPS:
+            raise ValueError(f"--flip-map must be one of {attacks.FLIP_MAPS}, got "
+                             f"{self.flip_map!r}")
+        if self.attack == "backdoor" and self.trigger_size < 1:
+            raise ValueError(f"--trigger-size must be >= 1, got {self.trigger_size}")
+        if not self.model_attack():
+            return
+        what = f"--attack {self.attack}" + (" --attack-boost" if self.attack == "backdoor"
+                                            else "")
+        if self.backend != "vmap" or self.chunk_size is not None:
+            raise ValueError(f"{what} changes malicious clients' uploads inside the round (the "
+                             "omniscient ones from every client's update); --backend "
+                             f"{self.backend}{' --chunk-size' if self.chunk_size else ''} "
+                             "splits the round's clients: use --backend vmap without "
+                             "--chunk-size")
+        if self.compressor != "identity":
+            raise ValueError(f"{what} poisons raw uploads; --compressor {self.compressor} "
+                             "compresses them: use --compressor identity")
+
+    def build_attack(self) -> Any:
+        """The ``ModelAttack`` of the flags, or None (no model poisoning)."""
+        from fedjax_lab import attacks
+
+        if not self.model_attack():
+            return None
+        if self.attack == "noise":
+            return attacks.noise(self.attack_sigma)
+        if self.attack == "sign_flip":
+            return attacks.sign_flip()
+        if self.attack == "alie":
+            return attacks.alie(self.alie_z)
+        if self.attack == "ipm":
+            return attacks.ipm(self.ipm_epsilon)
+        return attacks.scale(self.attack_boost)  # scale, or backdoor's model replacement
+
+    def attack_problem(self, dataset: Any, train: Any, model: Any, evaluate: Any
+                       ) -> tuple[Any, Any]:
+        """The population poisoned / marked for ``--attack`` and the evaluator with the
+        backdoor's ``attack_success_rate``; ValueError (before compiling) for a backdoor on a
+        non-image dataset."""
+        from fedjax_lab import attacks
+
+        if self.attack == "none":
+            return train, evaluate
+        malicious = attacks.select_malicious(train.num_clients, self.malicious_fraction,
+                                             self.seed)
+        if not len(malicious):
+            raise ValueError(f"--malicious-fraction {self.malicious_fraction} of "
+                             f"{train.num_clients} clients rounds to no malicious client: raise "
+                             "it to at least 1 / (2 x clients)")
+        try:
+            if self.attack == "label_flip":
+                train = attacks.label_flip(train, malicious, self.flip_map, self.seed)
+            elif self.attack == "backdoor":
+                success = attacks.attack_success_evaluator(
+                    model.apply, dataset.test, target=self.backdoor_target,
+                    size=self.trigger_size, num_classes=model.num_classes)
+                train = attacks.backdoor(train, malicious, target=self.backdoor_target,
+                                         size=self.trigger_size)
+                clean = evaluate
+
+                def evaluate(params: Any) -> dict[str, float]:
+                    return {**clean(params), **success(params)}
+        except ValueError as e:
+            raise ValueError(f"--attack {self.attack} (--dataset {self.dataset}): {e}") from None
+        if self.model_attack():
+            train = attacks.mark_malicious(train, malicious)
+        return train, evaluate
 
     def config_hash(self) -> str:
         """8 hex digits of SHA-256 over the settings that change results (not the folder)."""
@@ -400,7 +547,13 @@ class TrainConfig(RunConfig):
         if self.weak_dp_std is not None:
             # The server's noise key is the run seed's key, as for DP-FedAvg's noise.
             algorithm = with_weak_dp(algorithm, self.weak_dp_std, jax.random.key(self.seed))
-        return algorithm
+        attack = self.build_attack()
+        if attack is None:
+            return algorithm
+        from fedjax_lab.attacks import with_model_poisoning
+
+        # After the aggregator: an omniscient attack replaces uploads before the rule sees them.
+        return with_model_poisoning(algorithm, attack)
 
     def systems(self, num_params: int) -> dict[str, Any]:
         """``availability`` and ``time_model`` keywords of ``fedjax_lab.runner.run``."""
@@ -419,8 +572,12 @@ class TrainConfig(RunConfig):
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting by flag field name, the selected components' hyperparameters included."""
+        # Without an attack its fields stay out, so configs, hashes and checkpoints of runs
+        # made before attacks existed are unchanged.
+        skip = {"hparams", "auto_out"} | (
+            {"attack", "malicious_fraction", *ATTACK_PARAMS} if self.attack == "none" else set())
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("hparams", "auto_out")}
+                  if f.name not in skip}
         for component in self._selected():
             values.update(self._params(component))
         return values

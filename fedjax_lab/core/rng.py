@@ -18,6 +18,12 @@ PARTITION_STREAM = 3
 SYSTEM_STREAM = 4
 # Device-side stream of a client's local-step randomness (dropout), folded into its client key.
 LOCAL_STEP_STREAM = 5
+# Host-side stream of fedjax_lab.attacks: which clients are malicious (substream 0) and the
+# label-flipping permutation (substream 1); drawn once per run from the seed, never per round.
+ATTACK_STREAM = 6
+# Device-side stream of a malicious client's Gaussian-noise upload, folded into its client key
+# (so the compressor's and the local steps' draws are unchanged).
+ATTACK_NOISE_STREAM = 7
 
 
 def round_key(root: jax.Array, round_idx: int | jax.Array) -> jax.Array:
