@@ -555,8 +555,10 @@ def build_problem(cfg: RunConfig):
 
         def evaluate(params: Any) -> dict[str, float]:
             return {**central(params), **per_client(params)}
-    # Attacks (fedjax_lab.attacks) poison the training population and add their evaluation.
-    train, evaluate = cfg.attack_problem(dataset, train, model, evaluate)
+    # Attacks (fedjax_lab.attacks) poison the training population and add their evaluation;
+    # other problem configs (sweeps, plain namespaces) carry no attack.
+    if isinstance(cfg, RunConfig):
+        train, evaluate = cfg.attack_problem(dataset, train, model, evaluate)
     params = model.init(jax.random.key(cfg.seed))
     return dataset, train, model, evaluate, params
 

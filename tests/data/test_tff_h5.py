@@ -16,7 +16,7 @@ from fedjax_lab.train import TrainConfig
 EMNIST_SIZES = {"f0001_01": 3, "f0002_07": 5, "f0100_33": 2}  # writer -> train examples
 
 
-def _write(path, clients):
+def write_tff_h5(path, clients):
     """An h5 file in TFF's layout: ``examples/<client>/<feature>`` arrays."""
     with h5py.File(path, "w") as f:
         for cid, features in clients.items():
@@ -28,7 +28,7 @@ def _write(path, clients):
                     f.create_dataset(f"examples/{cid}/{key}", data=value)
 
 
-def _emnist_clients(sizes, seed):
+def emnist_clients(sizes, seed):
     rng = np.random.default_rng(seed)
     return {c: {"pixels": rng.random((n, 28, 28), dtype=np.float32),
                 "label": rng.integers(0, 62, n).astype(np.int32)} for c, n in sizes.items()}
@@ -37,10 +37,10 @@ def _emnist_clients(sizes, seed):
 @pytest.fixture(scope="module")
 def emnist_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("fed_emnist")
-    train = _emnist_clients(EMNIST_SIZES, 0)
-    test = _emnist_clients({c: 2 for c in EMNIST_SIZES}, 1)
-    _write(d / "fed_emnist_train.h5", train)
-    _write(d / "fed_emnist_test.h5", test)
+    train = emnist_clients(EMNIST_SIZES, 0)
+    test = emnist_clients({c: 2 for c in EMNIST_SIZES}, 1)
+    write_tff_h5(d / "fed_emnist_train.h5", train)
+    write_tff_h5(d / "fed_emnist_test.h5", test)
     return d, train, test
 
 
@@ -85,8 +85,8 @@ def test_fed_cifar100_normalised_images_fine_labels(tmp_path):
                 for c, n in sizes.items()}
 
     train, test = clients({"0": 4, "1": 2, "10": 3}), clients({"0": 2, "1": 1})
-    _write(tmp_path / "fed_cifar100_train.h5", train)
-    _write(tmp_path / "fed_cifar100_test.h5", test)
+    write_tff_h5(tmp_path / "fed_cifar100_train.h5", train)
+    write_tff_h5(tmp_path / "fed_cifar100_test.h5", test)
     ds = D.fed_cifar100(tmp_path)
     assert ds.num_classes == 100 and ds.input_shape == (32, 32, 3)
     assert ds.test_client_ids is None  # test clients are other data holders
@@ -121,8 +121,8 @@ def shakespeare_dir(tmp_path_factory):
     train = {"ROMEO": {"snippets": ["dh", "Thou art"]}, "JULIET": {"snippets": ["O Romeo!"]},
              "NURSE": {"snippets": ["Ay."]}}
     test = {"ROMEO": {"snippets": ["x"]}, "CHORUS": {"snippets": ["ab"]}}
-    _write(d / "shakespeare_train.h5", train)
-    _write(d / "shakespeare_test.h5", test)
+    write_tff_h5(d / "shakespeare_train.h5", train)
+    write_tff_h5(d / "shakespeare_test.h5", test)
     return d
 
 
@@ -155,17 +155,18 @@ def test_missing_and_bad_files_are_named(tmp_path):
     (tmp_path / "fed_emnist_test.h5").write_text("not hdf5")
     with pytest.raises(ValueError, match="not a readable HDF5 file"):
         D.fed_emnist(tmp_path)
-    _write(tmp_path / "fed_emnist_test.h5", _emnist_clients({"a": 1}, 3))
+    write_tff_h5(tmp_path / "fed_emnist_test.h5", emnist_clients({"a": 1}, 3))
     # An h5 file of another layout: the missing group/array is named.
     with h5py.File(tmp_path / "fed_emnist_train.h5", "w") as f:
         f.create_dataset("pixels", data=np.zeros((2, 28, 28)))
     with pytest.raises(ValueError, match="no 'examples' group"):
         D.fed_emnist(tmp_path)
-    _write(tmp_path / "fed_emnist_train.h5", {"a": {"image": np.zeros((2, 28, 28))}})
+    write_tff_h5(tmp_path / "fed_emnist_train.h5", {"a": {"image": np.zeros((2, 28, 28))}})
     with pytest.raises(ValueError, match=r"client 'a': no 'label' array"):
         D.fed_emnist(tmp_path)
-    _write(tmp_path / "fed_emnist_train.h5", {"a": {"pixels": np.zeros((2, 28, 28), np.float32),
-                                                    "label": np.array([3, 62], np.int32)}})
+    write_tff_h5(tmp_path / "fed_emnist_train.h5",
+                 {"a": {"pixels": np.zeros((2, 28, 28), np.float32),
+                        "label": np.array([3, 62], np.int32)}})
     with pytest.raises(ValueError, match=r"outside \[0, 62\)"):
         D.fed_emnist(tmp_path)
 

@@ -360,7 +360,10 @@ OFFLINE = ("fedavg_digits.yaml", "fedpaq_digits.yaml", "fedprox_synthetic_1_1.ya
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_parse_and_the_offline_ones_run(preset, tmp_path):
     path = os.path.join(ROOT, "experiments", "configs", preset)
-    cfg = TrainConfig.parse(["--config", path])
+    # The h5 presets refuse to parse without --data-dir (tests/experiments/test_fedml_presets.py
+    # runs them on tiny files).
+    data_dir = ["--data-dir", str(tmp_path)] if preset.startswith("fedml_") else []
+    cfg = TrainConfig.parse(["--config", path, *data_dir])
     assert cfg.rounds >= 100  # a real benchmark setting, not a smoke test
     if preset not in OFFLINE:
         return
