@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fedjax_lab.io.run_folder import check_output_file
@@ -28,3 +29,27 @@ def validated_run(cfg: Any, json_out: str | None, run: Callable[[Any], dict]) ->
     if json_out:
         write_json(json_out, results)
     return results
+
+
+def config_parser(prog: str, doc: str | None, config_cls: type, help: Mapping[str, str]) -> Any:
+    """A strict parser with ``--json`` and one ``--flag`` per field of the config dataclass.
+
+    Each field's default and type come from the dataclass; ``help`` must describe every field
+    (a missing one is a KeyError at import of the command, not a silent empty help).
+    """
+    from fedjax_lab.cli import StrictParser
+
+    parser = StrictParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--json", dest="json_out", default=None,
+                        help="also write the results to this file")
+    for f in dataclasses.fields(config_cls):
+        parser.add_flag(f.name, type(f.default), f.default, help=help[f.name])
+    return parser
+
+
+def parse_config(parser: Any, config_cls: type, argv: Sequence[str] | None) -> tuple[Any, Any]:
+    """``(config, json_out)`` from the command line parsed by :func:`config_parser`."""
+    args = vars(parser.parse_args(argv))
+    json_out = args.pop("json_out")
+    args.pop("config", None)  # --config is consumed by the parser (YAML defaults)
+    return config_cls(**args), json_out

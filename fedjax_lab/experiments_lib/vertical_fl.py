@@ -30,7 +30,7 @@ from fedjax_lab.cli import StrictParser
 from fedjax_lab.core import host_rng
 from fedjax_lab.data.datasets import digits, synthetic
 from fedjax_lab.experiment import MAX_SEED
-from fedjax_lab.experiments_lib.common import validated_run
+from fedjax_lab.experiments_lib.common import config_parser, parse_config, validated_run
 from fedjax_lab.io.run_folder import RunFolder
 from fedjax_lab.io.writers import write_json
 from fedjax_lab.topologies import epoch_batches, feature_split, vertical_model, vertical_trainer
@@ -170,20 +170,12 @@ HELP = {
 
 
 def _parser() -> StrictParser:
-    p = StrictParser(prog="vertical_fl.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", dest="json_out", default=None,
-                   help="also write the results to this file")
-    for f in dataclasses.fields(VerticalFLConfig):
-        p.add_flag(f.name, type(f.default), f.default, help=HELP[f.name])
-    return p
+    return config_parser("vertical_fl.py", __doc__, VerticalFLConfig, HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: parse, validate (one ``error:`` line, exit 2), train, print a summary."""
-    args = vars(_parser().parse_args(argv))
-    json_out = args.pop("json_out")
-    args.pop("config", None)
-    cfg = VerticalFLConfig(**args)
+    cfg, json_out = parse_config(_parser(), VerticalFLConfig, argv)
     results = validated_run(cfg, json_out, run_experiment)
     if results is None:
         return 2
