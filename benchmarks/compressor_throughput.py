@@ -172,6 +172,32 @@ def bench_one(c: C.Compressor, tree, repeats: int) -> dict:
     }
 
 
+def run_table(args, results: dict, make_compressors, bench) -> None:
+    """For every size and compressor: one JSON row (printed as it comes), then the JSON file.
+
+    ``make_compressors(tree)`` names the compressors of a tree; ``bench(c, tree)`` measures one.
+    Each row is printed as soon as it is measured, so a long run shows progress, and the jit
+    caches are cleared between rows so a row's memory does not stay for the next.
+    """
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for size in args.sizes:
+        tree = make_tree(size, rng)
+        params = sum(x.size for x in jax.tree.leaves(tree))
+        for name, c in make_compressors(tree).items():
+            if args.only and name not in args.only:
+                continue
+            row = {"size": size, "params": int(params), "compressor": name, **bench(c, tree)}
+            results["results"].append(row)
+            print(json.dumps(row), flush=True)
+            jax.clear_caches()
+    results["load_average_end"] = os.getloadavg()
+    results["total_s"] = round(time.perf_counter() - start, 1)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.json} in {results['total_s']} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="output JSON path")
@@ -181,7 +207,6 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="subset of compressor names")
     args = parser.parse_args()
 
-    rng = np.random.default_rng(0)
     results = {
         "benchmark": "compressor_throughput",
         "jax": jax.__version__,
@@ -192,22 +217,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": [],
     }
-    start = time.perf_counter()
-    for size in args.sizes:
-        tree = make_tree(size, rng)
-        for name, c in compressors(tree).items():
-            if args.only and name not in args.only:
-                continue
-            row = {"size": size, "compressor": name, **bench_one(c, tree, args.repeats)}
-            results["results"].append(row)
-            print(json.dumps(row), flush=True)
-            jax.clear_caches()
-    results["load_average_end"] = os.getloadavg()
-    results["total_s"] = round(time.perf_counter() - start, 1)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.json} in {results['total_s']} s")
-
+    run_table(args, results, compressors, lambda c, tree: bench_one(c, tree, args.repeats))
 
 if __name__ == "__main__":
     jnp.zeros(())  # initialise the backend before timing anything

@@ -18,7 +18,6 @@ machine is running: the load average is recorded next to them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -86,7 +85,6 @@ def main() -> None:
         print("error: --repeats must be >= 1", file=sys.stderr)
         sys.exit(2)
 
-    rng = np.random.default_rng(0)
     results = {
         "benchmark": "host_codecs",
         "cpu_count": os.cpu_count(),
@@ -96,24 +94,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": [],
     }
-    start = time.perf_counter()
-    for size in args.sizes:
-        tree = B.make_tree(size, rng)
-        params = sum(x.size for x in jax.tree.leaves(tree))
-        for name, c in host_compressors(tree).items():
-            if args.only and name not in args.only:
-                continue
-            row = {"size": size, "params": int(params), "compressor": name}
-            row.update(bench_one(c, tree, args.repeats))
-            results["results"].append(row)
-            print(json.dumps(row), flush=True)
-            jax.clear_caches()
-    results["load_average_end"] = os.getloadavg()
-    results["total_s"] = round(time.perf_counter() - start, 1)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.json} in {results['total_s']} s")
-
+    B.run_table(args, results, host_compressors, lambda c, tree: bench_one(c, tree, args.repeats))
 
 if __name__ == "__main__":
     jnp.zeros(())  # initialise the backend before timing anything
