@@ -144,7 +144,8 @@ def _aesgcm(key: bytes):
 
 
 def _commit(session: bytes, index: int, seed: bytes) -> bytes:
-    return hashlib.sha256(b"fedjax_lab/secagg/b/" + session + struct.pack("<I", index) + seed).digest()
+    data = b"fedjax_lab/secagg/b/" + session + struct.pack("<I", index) + seed
+    return hashlib.sha256(data).digest()
 
 
 def _mask_sign(u: int, v: int) -> int:

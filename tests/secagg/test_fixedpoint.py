@@ -45,7 +45,7 @@ def test_capacity_and_field_validation():
     fp = FixedPoint(16, 8, 1.0)  # codes up to 256, 2^15 - 1 = 32767 -> 127 clients
     assert fp.max_clients() == 127
     fp.check_capacity(127)
-    with pytest.raises(ValueError, match="128 clients .* can overflow"):
+    with pytest.raises(ValueError, match=r"128 clients .* can overflow"):
         fp.check_capacity(128)
     with pytest.raises(ValueError, match="bits must be"):
         FixedPoint(65, 8, 1.0).validate()

@@ -13,9 +13,10 @@ from fedjax_lab.secagg import (
     SecAggConfig,
     SecAggError,
     SecAggServer,
+    messages,
+    protocol,
     run_protocol,
 )
-from fedjax_lab.secagg import messages, protocol
 
 FP = FixedPoint(bits=24, frac_bits=10, bound=8.0)
 

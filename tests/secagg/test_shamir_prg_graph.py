@@ -5,8 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedjax_lab.secagg import neighbour_graph
-from fedjax_lab.secagg import prg, shamir
+from fedjax_lab.secagg import neighbour_graph, prg, shamir
 
 
 def test_shamir_any_t_shares_rebuild_and_fewer_fail():
