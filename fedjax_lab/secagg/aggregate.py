@@ -26,7 +26,7 @@ import numpy as np
 from fedjax_lab.algorithms.robust import client_contributions
 from fedjax_lab.core.types import Aggregate, Algorithm, ClientOutput
 from fedjax_lab.secagg.fixedpoint import FixedPoint
-from fedjax_lab.secagg.protocol import SecAggConfig, SecAggError, default_threshold
+from fedjax_lab.secagg.protocol import SecAggConfig, default_threshold
 from fedjax_lab.secagg.simulation import new_session, run_protocol
 
 SECAGG_CLIPPED = "secagg_clipped"  # coordinates clipped to ±bound this round (all clients)
@@ -158,6 +158,3 @@ def with_secure_aggregation(
     return algorithm._replace(aggregate=aggregate, server_update=server_update, name=name,
                               additive=False)
 
-
-__all__ = ["SECAGG_CLIPPED", "SECAGG_FAILED", "SecAggError", "secure_sum",
-           "with_secure_aggregation"]

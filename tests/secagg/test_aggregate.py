@@ -1,5 +1,10 @@
 """with_secure_aggregation: the protocol's decoded sum inside FedAvg rounds."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +111,11 @@ def test_secure_sum_and_argument_errors():
         with_secure_aggregation(alg, FP, threshold_fraction=0.4)
     with pytest.raises(ValueError, match="min_clients"):
         with_secure_aggregation(alg, FP, min_clients=1)
+
+
+def test_importing_the_package_does_not_import_cryptography():
+    code = ("import sys, fedjax_lab.secagg; "
+            "assert 'cryptography' not in sys.modules, 'imported eagerly'")
+    root = str(Path(__file__).resolve().parents[2])  # this checkout, not an installed copy
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
