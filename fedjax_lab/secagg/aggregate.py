@@ -126,6 +126,8 @@ def with_secure_aggregation(
         return total.astype(np.float32), np.int32(clipped), np.int32(0)
 
     def aggregate(outputs: ClientOutput) -> Aggregate:
+        # Every slot could be valid: refuse, while tracing, a ring the cohort's sum can wrap.
+        fixed_point.check_capacity(outputs.weight.shape[0])
         base = algorithm.aggregate(outputs)
         contrib = client_contributions(algorithm, outputs)
         leaves, treedef = jax.tree.flatten(contrib)

@@ -182,7 +182,7 @@ class SecAggClient:
         self._s_sk, self._s_pk = _keypair()
         self._peers: dict[int, tuple[bytes, bytes]] = {}
         self._shares: dict[int, tuple[int, int]] = {}  # sender -> (sk share, b share) for me
-        self._revealed = False
+        self._b: bytes | None = None  # self-mask seed, drawn when sharing
 
     def _advance(self, stage: int) -> None:
         if self._stage != stage:
