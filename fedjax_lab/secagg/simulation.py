@@ -33,7 +33,9 @@ class SecAggResult(NamedTuple):
       survivors: clients whose input is in ``total`` (``U3``), sorted.
       rejected: ``{client: reason}`` for messages the server or a client refused.
       upload_bytes: ``{stage: [bytes sent by each client]}`` (0 for clients that did not send).
-      download_bytes: ``{stage: [bytes received by each client]}``.
+      download_bytes: ``{stage: [bytes each client received to do that stage]}``: the
+        neighbours' keys (``share``), the forwarded ciphertexts (``masked``), the survivor
+        list (``unmask``); ``advertise`` receives nothing but the config.
       rounds: message rounds (4: advertise, share keys, masked input, unmasking).
     """
 
