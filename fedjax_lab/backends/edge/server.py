@@ -55,6 +55,7 @@ import numpy as np
 from fedjax_lab.backends.base import SingleProcessBackend
 from fedjax_lab.backends.edge import _common, protocol
 from fedjax_lab.backends.edge.client import EXIT_REFUSED
+from fedjax_lab.backends.edge.secagg import SecAggRequestError, SecureSumRound
 from fedjax_lab.backends.vmap import validate_round_inputs
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.core.tree import tree_all_finite
@@ -318,6 +319,7 @@ class EdgeServer:
         self._keys = [protocol.worker_key(token, w) for w in range(num_workers)]
         self._cond = threading.Condition()
         self._round: _Round | None = None
+        self._secagg: SecureSumRound | None = None
         self._document: dict[str, Any] | None = None
         self._limits = dict.fromkeys(protocol.METHODS, SMALL_REQUEST_BYTES)
         self._joined: set[int] = set()
@@ -433,7 +435,7 @@ class EdgeServer:
                context: grpc.ServicerContext) -> bytes | None:
         """An admitted call: receive the body, run the method, sign the answer."""
         handler = {protocol.JOIN: self._join, protocol.FETCH: self._fetch,
-                   protocol.SUBMIT: self._submit}[method]
+                   protocol.SUBMIT: self._submit, protocol.SECAGG: self._secagg_call}[method]
         try:
             request = self._receive(auth, request_iterator, context)
             if request is None:
@@ -594,6 +596,44 @@ class EdgeServer:
                 self._cond.notify_all()
                 return protocol.encode_message({"kind": "ack"})
         raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"slot {slot} closed while decoding")
+
+    def _secagg_call(self, worker: int, request: bytearray, context: Any) -> bytes:
+        """One stage of the open secure aggregation (see :mod:`.secagg`)."""
+        msg = _decode(request, "secagg")
+        deadline = time.monotonic() + self.poll_seconds
+        with self._cond:
+            while self._secagg is None:
+                remaining = deadline - time.monotonic()
+                if msg.header.get("stage") != "config":
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                 "no secure aggregation is open")
+                if remaining <= 0 or not context.is_active() or self._stopping:
+                    return protocol.encode_message({"kind": "secagg", "stage": "none"})
+                self._cond.wait(remaining)
+            rnd = self._secagg
+        try:
+            return rnd.handle(worker, msg, len(request), context.is_active)
+        except SecAggRequestError as err:
+            raise _Abort(grpc.StatusCode[err.code], err.details) from err
+
+    def secure_sum(self, rnd: SecureSumRound) -> np.ndarray:
+        """Opens ``rnd`` to the workers, runs its four stages, and closes it.
+
+        Returns the unmasked sum (``uint64`` ring elements) of the surviving participants;
+        raises :class:`fedjax_lab.secagg.SecAggError` when the round fails (too few left).
+        """
+        with self._cond:
+            if self._secagg is not None:
+                raise RuntimeError("a secure aggregation is already open")
+            self._secagg = rnd
+            self._limits[protocol.SECAGG] = rnd.max_request_bytes()
+            self._cond.notify_all()
+        try:
+            return rnd.run()
+        finally:
+            with self._cond:
+                self._secagg = None
+                self._limits[protocol.SECAGG] = SMALL_REQUEST_BYTES
 
     def _reject(self, rnd: _Round, slots: Sequence[int] | None, reason: str, count: bool = True,
                 worker: int | None = None) -> None:
