@@ -9,17 +9,30 @@ from __future__ import annotations
 import os
 import threading
 
+import chex
 import grpc
+import jax
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 
-from fedjax_lab.backends.edge import protocol
-from fedjax_lab.backends.edge.client import _Connection
-from fedjax_lab.backends.edge.secagg import SecureSumRound, run_secagg_worker
+from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.backends.edge import EdgeBackend, EdgeProblem, protocol
+from fedjax_lab.backends.edge.__main__ import main as edge_main
+from fedjax_lab.backends.edge.client import _Connection, run_client
+from fedjax_lab.backends.edge.secagg import (
+    SecureAggregation,
+    SecureSumRound,
+    run_secagg_worker,
+)
 from fedjax_lab.backends.edge.server import EdgeServer
+from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.compressors import qsgd
+from fedjax_lab.runner import run
 from fedjax_lab.secagg import FixedPoint, SecAggConfig, SecAggError
 from fedjax_lab.secagg import messages as wire
+from tests.helpers import LinearModel, make_population
 
 pytestmark = pytest.mark.serial
 
@@ -208,3 +221,86 @@ def test_forged_share_and_malformed_messages_over_the_wire_are_rejected(server):
     assert "advertise" in rnd.dropped[4]
     assert rnd.survivors() == (0, 2, 3)
     np.testing.assert_array_equal(outcome["total"], codes_sum(values, (0, 2, 3)))
+
+
+# ------------------------------------------------------------- training rounds (EdgeBackend)
+MODEL = LinearModel(dim=5, classes=3)
+SIZES = [4, 9, 2, 7, 5, 11]
+# Example counts up to 11 times |u| <= 1: a 48-bit ring with 2^-24 resolution.
+SECURE = SecureAggregation(FixedPoint(bits=48, frac_bits=24, bound=64.0), stage_timeout=5.0)
+
+
+def fedavg_problem(argv=()) -> EdgeProblem:
+    del argv
+    alg = fedavg(MODEL, optax.sgd(0.3), batch_size=3, local_epochs=1)
+    return EdgeProblem(alg, make_population(SIZES, seed=2), MODEL.init(jax.random.key(0)), 7)
+
+
+def test_fedavg_rounds_over_secure_aggregation_equal_plain_fedavg():
+    problem = fedavg_problem()
+    kwargs = dict(rounds=2, clients_per_round=4, seed=problem.seed)
+    ref = run(problem.algorithm, VmapBackend("vmap"), problem.data, problem.init_params,
+              **kwargs)
+    backend = EdgeBackend(num_workers=1, token=TOKEN, round_timeout=60, join_timeout=60,
+                          poll_seconds=0.3, secure_aggregation=SECURE)
+    codes = {}
+    threads = [threading.Thread(target=lambda w=w: codes.setdefault(w, run_client(
+        problem, server=backend.address, worker=w, key=protocol.worker_key(TOKEN, w),
+        server_timeout=20.0))) for w in range(1)]
+    for t in threads:
+        t.start()
+    try:
+        edge = run(problem.algorithm, backend, problem.data, problem.init_params, **kwargs)
+    finally:
+        backend.close()
+        for t in threads:
+            t.join(30.0)
+    assert codes == {0: 0}
+    # Each of the 4 clients' |w u| and w carry at most 2^-25 of rounding; the sums divide by
+    # the total weight (>= 2 examples per client here).
+    chex.assert_trees_all_close(edge.server_state.params, ref.server_state.params, atol=1e-5)
+    for a, b in zip(ref.history, edge.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-6)
+        assert b["secagg_failed"] == 0.0 and b["secagg_clients"] == 4.0
+        assert b["dropped_clients"] == 0.0 and b["uplink_bytes"] == 0.0  # no plaintext update
+        # Masked inputs alone: 4 clients x (18 + 1 coordinates) x 6 bytes.
+        assert b["secagg_upload_bytes"] > 4 * 19 * 6
+    print("secagg bytes per round", edge.history[-1]["secagg_upload_bytes"],
+          edge.history[-1]["secagg_download_bytes"])
+
+
+def test_secure_aggregation_refuses_what_it_cannot_protect():
+    problem = fedavg_problem()
+    with pytest.raises(ValueError, match="neighbours must be None"):
+        EdgeBackend(num_workers=1, token=TOKEN, secure_aggregation=SECURE._replace(neighbours=3))
+    alg = fedavg(MODEL, optax.sgd(0.3), batch_size=3, local_epochs=1,
+                 compressor=qsgd(num_levels=4))
+    backend = EdgeBackend(num_workers=1, token=TOKEN, secure_aggregation=SECURE)
+    try:
+        with pytest.raises(ValueError, match="compressor whose per-client payload"):
+            run(alg, backend, problem.data, problem.init_params, rounds=1,
+                clients_per_round=2, seed=0)
+    finally:
+        backend.close()
+
+
+def test_bad_secure_aggregation_flags_exit_2_naming_the_flag(tmp_path, capsys):
+    master = tmp_path / "master"
+    master.write_bytes(TOKEN)
+    server = ["server", "--master-file", str(master), "--listen", "127.0.0.1:0"]
+    secure = [*server, "--secure-aggregation"]
+    cases = [
+        ("--secagg-neighbours needs", [*server, "--secagg-neighbours", "4"]),
+        ("--secagg-neighbours: neighbours must be", [*secure, "--secagg-neighbours", "3"]),
+        ("--secagg-bits/--secagg-frac-bits/--secagg-bound: bits", [*secure, "--secagg-bits",
+                                                                   "80"]),
+        ("--secagg-bits/--secagg-frac-bits/--secagg-bound: bound=1e+20", [
+            *secure, "--secagg-bound", "1e20"]),
+        ("--secagg-stage-timeout", [*secure, "--secagg-stage-timeout", "0"]),
+        ("--secure-aggregation sums dense updates; --compressor qsgd", [
+            *secure, "--", "--compressor", "qsgd"]),
+    ]
+    for start, argv in cases:
+        assert edge_main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {start}"), (argv, lines)

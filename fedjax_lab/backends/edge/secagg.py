@@ -27,11 +27,12 @@ checks the server makes on plaintext uploads move to the clients (``docs/threat_
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,6 +45,7 @@ from fedjax_lab.secagg import (
     SecAggConfig,
     SecAggError,
     SecAggServer,
+    default_threshold,
     shamir,
 )
 from fedjax_lab.secagg import messages as wire
@@ -51,6 +53,58 @@ from fedjax_lab.secagg import protocol as secagg_protocol
 
 CONFIG = "config"  # the pseudo-stage in which a worker learns the round's parameters
 _BLOB = re.compile(r"u([0-9]{1,7})")
+
+
+class SecureAggregation(NamedTuple):
+    """The edge backend's secure aggregation settings (``EdgeBackend(secure_aggregation=...)``).
+
+    Attributes:
+      fixed_point: the code of each client's input ``[w_i u_i, w_i]``; ``bound`` must cover
+        ``|w_i u_i|`` and ``w_i`` (the example count when weighting by examples), and ``bits``
+        the cohort's sum (``FixedPoint.check_capacity``). Clients refuse (never clip) values
+        beyond it.
+      neighbours: ``None`` for SecAgg (complete graph), an even ``k`` for SecAgg+ (used when
+        ``k < n - 1`` for the ``n`` clients that reached the protocol).
+      threshold_fraction: ``t = ceil(fraction * holders)``, at least a strict majority.
+      stage_timeout: seconds each of the four stages waits; clients missing it drop out.
+      min_clients: a round with fewer clients left does not aggregate (one client's "sum"
+        would be its update): it keeps the previous model and reports ``secagg_failed``.
+    """
+
+    fixed_point: FixedPoint
+    neighbours: int | None = None
+    threshold_fraction: float | None = None
+    stage_timeout: float = 10.0
+    min_clients: int = 2
+
+    def validate(self) -> SecureAggregation:
+        """Raises ValueError naming the field and the fix; returns ``self``."""
+        if not isinstance(self.fixed_point, FixedPoint):
+            raise ValueError(f"fixed_point must be a FixedPoint, got {self.fixed_point!r}")
+        self.fixed_point.validate()
+        k = self.neighbours
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2):
+            raise ValueError(f"neighbours must be None (SecAgg) or an even integer >= 2 "
+                             f"(SecAgg+), got {k!r}")
+        f = self.threshold_fraction
+        if f is not None and not 0.5 < f <= 1:
+            raise ValueError(f"threshold_fraction must be in (0.5, 1], got {f!r}")
+        if not (isinstance(self.stage_timeout, int | float) and self.stage_timeout > 0):
+            raise ValueError(f"stage_timeout must be > 0 seconds, got {self.stage_timeout!r}")
+        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or (
+                self.min_clients < 2):
+            raise ValueError(f"min_clients must be an integer >= 2, got {self.min_clients!r}")
+        return self
+
+    def round_config(self, n: int, dim: int, session: bytes, graph_seed: int) -> SecAggConfig:
+        """The :class:`SecAggConfig` of a round with ``n`` participants."""
+        k = self.neighbours if self.neighbours is not None and self.neighbours < n - 1 else None
+        holders = n if k is None else k + 1
+        t = default_threshold(holders)
+        if self.threshold_fraction is not None:
+            t = max(t, min(holders, math.ceil(self.threshold_fraction * holders)))
+        return SecAggConfig(num_clients=n, dim=dim, fixed_point=self.fixed_point, threshold=t,
+                            neighbours=k, graph_seed=graph_seed, session=session).validate()
 
 
 class SecAggRequestError(Exception):
@@ -115,10 +169,13 @@ class SecureSumRound:
       config: the round's public parameters (``config.session`` names it on the wire).
       owners: ``{participant index: worker id}``: who may send each participant's messages.
       stage_timeout: seconds each stage waits for the expected participants.
+      slots: ``{participant index: label}`` told to its worker (the cohort slot it trains).
+      round_id: the training round this aggregation belongs to (told to the workers).
     """
 
     def __init__(self, config: SecAggConfig, owners: Mapping[int, int],
-                 stage_timeout: float) -> None:
+                 stage_timeout: float, *, slots: Mapping[int, int] | None = None,
+                 round_id: int = -1) -> None:
         self.config = config.validate()
         if not owners or any(not 0 <= i < config.num_clients for i in owners):
             raise ValueError(f"owners must map participant indices in [0, {config.num_clients}) "
@@ -126,6 +183,8 @@ class SecureSumRound:
         if not stage_timeout > 0:
             raise ValueError(f"stage_timeout must be > 0, got {stage_timeout!r}")
         self.owners = dict(owners)
+        self.slots = dict(slots) if slots is not None else {i: i for i in owners}
+        self.round_id = int(round_id)
         self.stage_timeout = float(stage_timeout)
         self.server = SecAggServer(config)
         self.cond = threading.Condition()
@@ -161,6 +220,7 @@ class SecureSumRound:
         if stage == CONFIG:
             answer = protocol.encode_message({
                 "kind": "secagg", "stage": CONFIG, "indices": mine,
+                "slots": [self.slots[i] for i in mine], "round": self.round_id,
                 **config_header(self.config, self.stage_timeout)})
             with self.cond:
                 self.calls[CONFIG] += 1
@@ -288,8 +348,9 @@ Tamper = Callable[[str, int, bytes], bytes]
 
 def run_secagg_worker(
     call: Call,
-    inputs: Callable[[SecAggConfig, list[int]], Mapping[int, np.ndarray]],
+    inputs: Callable[[SecAggConfig, Mapping[int, int]], Mapping[int, np.ndarray]],
     *,
+    round_id: int | None = None,
     config_timeout: float = 30.0,
     stop_before: str | None = None,
     tamper: Tamper | None = None,
@@ -299,9 +360,10 @@ def run_secagg_worker(
     Args:
       call: a signed ``SecAgg`` call, ``(frame, timeout) -> answer``
         (``_Connection.call`` bound to :data:`protocol.SECAGG`).
-      inputs: ``(config, indices) -> {index: float vector}``, this worker's participants'
-        inputs; they are fixed-point encoded here, which raises ValueError for non-finite
-        values or values beyond ``config.fixed_point.bound`` (nothing is clipped silently).
+      inputs: ``(config, {index: slot}) -> {index: float vector}``, this worker's
+        participants' inputs; they are fixed-point encoded here, which raises ValueError for
+        non-finite values or values beyond ``config.fixed_point.bound`` (nothing is clipped).
+      round_id: wait for the aggregation of this training round (None: the open one).
       config_timeout: how long to ask for the round's parameters.
       stop_before: test hook: stop (as a crashed or hanging device) before this stage.
       tamper: test hook ``(stage, index, message) -> message`` on outgoing SecAgg messages.
@@ -315,14 +377,19 @@ def run_secagg_worker(
     give_up = time.monotonic() + config_timeout
     while True:
         answer = call(protocol.encode_message({"kind": "secagg", "stage": CONFIG}), 30.0)
-        if answer.header.get("stage") == CONFIG:
+        if answer.header.get("stage") == CONFIG and round_id in (None,
+                                                                  answer.header.get("round")):
             break
         if time.monotonic() > give_up:
             raise TimeoutError("no secure aggregation round was opened")
         time.sleep(0.05)
     config, stage_timeout = config_from_header(answer)
     indices = answer.field("indices", list)
-    values = inputs(config, indices)
+    slots = answer.field("slots", list)
+    if len(slots) != len(indices) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in [*indices, *slots]):
+        raise protocol.ProtocolError("bad participant list in the secure aggregation config")
+    values = inputs(config, dict(zip(indices, slots, strict=True)))
     clients = {}
     for i in indices:
         codes, _ = config.fixed_point.encode(np.asarray(values[i], np.float64).reshape(-1))
