@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
 import chex
 import grpc
@@ -304,3 +305,23 @@ def test_bad_secure_aggregation_flags_exit_2_naming_the_flag(tmp_path, capsys):
         assert edge_main(argv) == 2, argv
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {start}"), (argv, lines)
+
+
+def test_a_failed_secure_aggregation_drops_the_clients_and_updates_nothing(capfd):
+    backend = EdgeBackend(num_workers=1, token=TOKEN,
+                          secure_aggregation=SECURE._replace(stage_timeout=0.2))
+    try:
+        # Too few for the protocol: it does not run.
+        rnd = SimpleNamespace(results={3: None}, owners={3: (0, 3)}, dropped={})
+        total, info = backend._secure_sum(rnd, 0, 18)
+        assert total is None and info["secagg_failed"] == 1.0 and not rnd.results
+        assert rnd.dropped == {3: "secure aggregation: round failed"}
+        assert "fewer than min_clients=2" in capfd.readouterr().err
+        # Nobody answers the advertise stage: SecAggError, clean failure.
+        rnd = SimpleNamespace(results={0: None, 2: None}, owners={0: (0, 0), 2: (0, 2)},
+                              dropped={})
+        total, info = backend._secure_sum(rnd, 1, 18)
+        assert total is None and info["secagg_failed"] == 1.0 and set(rnd.dropped) == {0, 2}
+        assert "0 of 2 clients advertised keys" in capfd.readouterr().err
+    finally:
+        backend.close()
