@@ -1,7 +1,8 @@
 """CPU-only edge clients talking to a server over gRPC (DESIGN.md "Backends").
 
 See :mod:`.server` (the service and the ``EdgeBackend``), :mod:`.client` (a client process),
-:mod:`.protocol` (framing, authentication, limits) and ``python -m fedjax_lab.backends.edge``.
+:mod:`.protocol` (framing, authentication, limits), :mod:`.secagg` (SecAgg over the wire)
+and ``python -m fedjax_lab.backends.edge``.
 The exports are imported lazily so that :mod:`.protocol` (numpy only) loads without JAX.
 """
 
@@ -13,6 +14,7 @@ _EXPORTS = {
     "EdgeProblem": "_common",
     "EdgeServer": "server",
     "EdgeWorker": "client",
+    "SecureAggregation": "secagg",
     "WorkerLauncher": "server",
     "run_client": "client",
 }

@@ -108,6 +108,19 @@ def _server(argv: Sequence[str]) -> int:
                         help="seconds a request may take to deliver its body")
     parser.add_argument("--max-message-bytes", type=int, default=protocol.DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="aggregate each round through SecAgg/SecAgg+ (Bonawitz et al. "
+                        "2017; Bell et al. 2020): the server sees only masked uploads")
+    parser.add_argument("--secagg-neighbours", type=int, default=None,
+                        help="SecAgg+ neighbours k (even); default: SecAgg (all pairs)")
+    parser.add_argument("--secagg-bits", type=int, default=48,
+                        help="fixed-point ring Z_(2^bits) of the masked inputs")
+    parser.add_argument("--secagg-frac-bits", type=int, default=24,
+                        help="fixed-point fractional bits (resolution 2^-frac_bits)")
+    parser.add_argument("--secagg-bound", type=float, default=1024.0,
+                        help="largest |w_i u_i| and w_i a client may send (clients refuse more)")
+    parser.add_argument("--secagg-stage-timeout", type=float, default=30.0,
+                        help="seconds each of the 4 SecAgg stages waits for the clients")
     args = parser.parse_args(own)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("give both --tls-cert and --tls-key, or neither")
@@ -121,6 +134,7 @@ def _server(argv: Sequence[str]) -> int:
         _positive(args.receive_timeout, "--receive-timeout")
         _message_bytes(args.max_message_bytes)
         _check_listen(args.listen)
+        secure = _secure_aggregation(args)
     except _BadFlag as err:
         return _fail(err)
 
@@ -131,6 +145,8 @@ def _server(argv: Sequence[str]) -> int:
 
     try:
         cfg = FedAvgConfig.parse([*rest, "--backend", "edge"], prog="edge server")
+        if secure is not None:
+            _check_secure_flags(cfg)
     except ValueError as err:
         return _fail(err)
     try:
@@ -139,6 +155,7 @@ def _server(argv: Sequence[str]) -> int:
             round_timeout=cfg.edge_round_timeout, join_timeout=args.join_timeout,
             max_message_bytes=args.max_message_bytes, tls=(cert, key) if cert else None,
             receive_timeout=args.receive_timeout, problem_config=problem_config(cfg),
+            secure_aggregation=secure,
         )
     except OSError as err:  # e.g. the port was taken since the check
         return _fail(_BadFlag(f"--listen: {err}"))
@@ -153,6 +170,42 @@ def _server(argv: Sequence[str]) -> int:
         backend.close()
     print_summary(summary, cfg.out)
     return 0
+
+
+def _secure_aggregation(args: argparse.Namespace):
+    """The server's ``SecureAggregation`` from its flags (None without --secure-aggregation)."""
+    if not args.secure_aggregation:
+        if args.secagg_neighbours is not None:
+            raise _BadFlag("--secagg-neighbours needs --secure-aggregation")
+        return None
+    from fedjax_lab.backends.edge.secagg import SecureAggregation
+    from fedjax_lab.secagg import FixedPoint
+
+    fixed_point = FixedPoint(args.secagg_bits, args.secagg_frac_bits, args.secagg_bound)
+    try:
+        fixed_point.validate()
+    except ValueError as err:  # names bits, frac_bits or bound
+        raise _BadFlag(f"--secagg-bits/--secagg-frac-bits/--secagg-bound: {err}") from err
+    _positive(args.secagg_stage_timeout, "--secagg-stage-timeout")
+    try:
+        return SecureAggregation(fixed_point, neighbours=args.secagg_neighbours,
+                                 stage_timeout=args.secagg_stage_timeout).validate()
+    except ValueError as err:
+        raise _BadFlag(f"--secagg-neighbours: {err}") from err
+
+
+def _check_secure_flags(cfg) -> None:
+    """Secure aggregation sums dense weighted updates: refuse what it cannot protect.
+
+    (Non-mean aggregators are already refused on the edge backend; algorithms with client
+    extras or state are refused by ``EdgeBackend`` before the first round compiles.)
+    """
+    if cfg.compressor != "identity":
+        raise ValueError(f"--secure-aggregation sums dense updates; --compressor {cfg.compressor} "
+                         "would be decoded per client by the server: use --compressor identity")
+    if cfg.clients_per_round < 2:
+        raise ValueError("--secure-aggregation needs --clients-per-round >= 2 (one client's "
+                         "sum is its update)")
 
 
 def _client(argv: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ gone (so a killed experiment does not leave clients behind).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -28,11 +29,13 @@ import numpy as np
 
 from fedjax_lab.backends import packed
 from fedjax_lab.backends.edge import _common, protocol
+from fedjax_lab.backends.edge.secagg import run_secagg_worker
 from fedjax_lab.backends.vmap import has_conv
 from fedjax_lab.core.local import is_local_update
 from fedjax_lab.core.types import Cohort
 from fedjax_lab.data.cohort import CohortBuilder
 from fedjax_lab.data.packing import pack, split_layout
+from fedjax_lab.secagg import FixedPoint, SecAggError
 
 # Steps per call of a stepwise client update: small, so a client's last call wastes little.
 SEGMENT_STEPS = 4
@@ -182,8 +185,19 @@ class EdgeWorker:
         return jax.tree.map(lambda x: x[0], (out, new_states))
 
     def run_task(self, round_id: int, entry: dict, server_state: Any, key_data: np.ndarray,
-                 state: Any) -> bytes:
-        """One client's update for ``round_id``: the result frame to submit."""
+                 state: Any, secure: dict | None = None) -> bytes | tuple[bytes, np.ndarray]:
+        """One client's update for ``round_id``: the result frame to submit.
+
+        With ``secure`` (the task's secure aggregation code: bits, frac_bits, bound) it returns
+        ``(frame, x)``: the frame without the update and weight, and ``x = [w u, w]`` (float64,
+        flattened), the input this client gives the SecAgg protocol (None if refused).
+        """
+        frame = self._run_task(round_id, entry, server_state, key_data, state, secure)
+        if secure is not None and not isinstance(frame, tuple):
+            return frame, None
+        return frame
+
+    def _run_task(self, round_id, entry, server_state, key_data, state, secure):
         client, slot = entry["client"], entry["slot"]
         head = {"round": round_id, "slot": slot, "client": client}
         if client not in self.local_lo:
@@ -200,6 +214,9 @@ class EdgeWorker:
             np.float32(self.builder.client_weight(client, index)), key,
         )
         out, new_state = jax.device_get((out, new_state))
+        if secure is not None:
+            return self._secure_result(head, out, new_state, secure,
+                                       float(self.builder.client_weight(client, index)))
         try:
             payload = self.codec.to_bytes(out.update)
         except ValueError as err:  # e.g. a non-finite payload (compressor policy)
@@ -209,6 +226,35 @@ class EdgeWorker:
         arrays.update(_common.tree_arrays("e", out.extra))
         arrays.update(_common.tree_arrays("c", new_state))
         return protocol.encode_message({"kind": "result", **head}, arrays, {"payload": payload})
+
+    def _secure_result(self, head: dict, out: Any, new_state: Any, secure: dict,
+                       examples: float) -> bytes | tuple[bytes, np.ndarray]:
+        """The checks the server makes on plaintext uploads, made here (it sees only a sum).
+
+        The weight must lie in ``[0, examples]`` and ``[w u, w]`` be finite and within the
+        fixed-point bound; otherwise the client reports "failed" instead of joining the sum.
+        """
+        try:
+            fp = FixedPoint(int(secure["bits"]), int(secure["frac_bits"]),
+                            float(secure["bound"])).validate()
+        except (KeyError, TypeError, ValueError) as err:
+            return _failed(head, f"bad secure aggregation settings: {err}")
+        weight = float(out.weight)
+        if not (math.isfinite(weight) and 0.0 <= weight <= examples):
+            return _failed(head, f"weight {weight!r} is not in [0, {examples:g}]")
+        flat = [np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(out.update)]
+        x = np.concatenate([*(weight * f for f in flat), [weight]])
+        try:
+            fp.encode(x)  # refuses non-finite values and values beyond the bound
+        except ValueError as err:
+            return _failed(head, f"secure aggregation input refused: {err}")
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in
+                   jax.tree.leaves((out.metrics, out.extra, new_state))):
+            return _failed(head, "non-finite metrics or state")
+        arrays = {f"m:{k}": np.asarray(v) for k, v in out.metrics.items()}
+        arrays.update(_common.tree_arrays("e", out.extra))
+        arrays.update(_common.tree_arrays("c", new_state))
+        return protocol.encode_message({"kind": "result", **head}, arrays), x
 
     def parse_task(self, msg: protocol.Message):
         """``(round, entries, server_state, [(key_data, client_state)])`` from a task frame."""
@@ -356,8 +402,13 @@ def _work(state: EdgeWorker, conn: _Connection, worker: int, poll: float,
         if kind != "task":
             continue
         round_id, entries, server_state, per_task = state.parse_task(msg)
+        secure = msg.header.get("secure_aggregation")
+        secure = secure if isinstance(secure, dict) else None
+        inputs = {}
         for entry, (key, client_state) in zip(entries, per_task, strict=True):
-            frame = state.run_task(round_id, entry, server_state, key, client_state)
+            frame = state.run_task(round_id, entry, server_state, key, client_state, secure)
+            if secure is not None:
+                frame, x = frame
             try:
                 conn.call(protocol.SUBMIT, frame, 30.0)
             except grpc.RpcError as err:  # the server dropped this client; go on
@@ -365,4 +416,32 @@ def _work(state: EdgeWorker, conn: _Connection, worker: int, poll: float,
                     raise _Rejoin from err
                 print(f"edge client {worker}: submit of slot {entry['slot']} failed: "
                       f"{err.code().name}: {err.details()}", file=sys.stderr)
+                continue
+            if secure is not None and x is not None:
+                inputs[entry["slot"]] = x
+        if inputs:
+            _secure_aggregate(conn, worker, round_id, inputs, float(secure.get("wait", 90.0)))
         last_round = round_id
+
+
+def _secure_aggregate(conn: _Connection, worker: int, round_id: int,
+                      inputs: dict[int, np.ndarray], wait: float) -> None:
+    """Takes part in the round's SecAgg protocol with these slots' inputs ``[w u, w]``."""
+
+    def values(config, slots):
+        unknown = sorted(s for s in slots.values() if s not in inputs)
+        if unknown:
+            raise ValueError(f"the server asks for slots {unknown} this process did not submit")
+        return {i: inputs[s] for i, s in slots.items()}
+
+    try:
+        run_secagg_worker(lambda frame, timeout: conn.call(protocol.SECAGG, frame, timeout),
+                          values, round_id=round_id, config_timeout=wait)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.ABORTED:
+            raise _Rejoin from err
+        print(f"edge client {worker}: secure aggregation of round {round_id} failed: "
+              f"{err.code().name}: {err.details()}", file=sys.stderr)
+    except (SecAggError, ValueError, TimeoutError) as err:  # incl. ProtocolError, MessageError
+        print(f"edge client {worker}: secure aggregation of round {round_id} failed: {err}",
+              file=sys.stderr)

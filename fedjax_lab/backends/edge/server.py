@@ -55,10 +55,16 @@ import numpy as np
 from fedjax_lab.backends.base import SingleProcessBackend
 from fedjax_lab.backends.edge import _common, protocol
 from fedjax_lab.backends.edge.client import EXIT_REFUSED
+from fedjax_lab.backends.edge.secagg import (
+    SecAggRequestError,
+    SecureAggregation,
+    SecureSumRound,
+)
 from fedjax_lab.backends.vmap import validate_round_inputs
 from fedjax_lab.core.rng import client_keys
 from fedjax_lab.core.tree import tree_all_finite
 from fedjax_lab.core.types import Algorithm, ClientOutput, Cohort, ServerState
+from fedjax_lab.secagg import SecAggError
 
 DEFAULT_MAX_MESSAGE_BYTES = protocol.DEFAULT_MAX_MESSAGE_BYTES
 DEFAULT_RECEIVE_TIMEOUT = 60.0
@@ -83,13 +89,17 @@ class _Rejected(ValueError):
 class _ResultSchema:
     """Validates and decodes one uploaded client result against the round's templates."""
 
-    def __init__(self, output: ClientOutput, state: Any, codec: _common.PayloadCodec) -> None:
+    def __init__(self, output: ClientOutput, state: Any, codec: _common.PayloadCodec,
+                 secure: bool = False) -> None:
         self.output = output
         self.state = state
         self.codec = codec
+        # Under secure aggregation the update and the weight never travel in the clear: they
+        # go through the SecAgg stages (.secagg); the result carries the rest.
+        self.secure = secure
         self.metrics = _common.metric_names(output)
         self.names = (
-            {"weight"} | {f"m:{k}" for k in self.metrics}
+            ({"weight"} if not secure else set()) | {f"m:{k}" for k in self.metrics}
             | _common.tree_names("e", output.extra) | _common.tree_names("c", state)
         )
         arrays = [output.weight, *output.metrics.values(), *jax.tree.leaves(output.extra),
@@ -98,7 +108,7 @@ class _ResultSchema:
         # and the largest payload the codec accepts. Submit requests announcing more are
         # refused before a byte of their body is read.
         self.max_bytes = (
-            SMALL_REQUEST_BYTES + codec.max_bytes
+            SMALL_REQUEST_BYTES + (codec.max_bytes if not secure else 0)
             + sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays)
         )
 
@@ -114,16 +124,20 @@ class _ResultSchema:
           ValueError: a malformed result (:class:`protocol.ProtocolError`, the codec's checks)
             or refused numbers (:class:`_Rejected`: weight out of range, non-finite values).
         """
-        msg.expect_names(self.names, {"payload"})
-        weight = float(msg.array("weight", (), np.float32))
+        msg.expect_names(self.names, {"payload"} if not self.secure else set())
+        weight = float(msg.array("weight", (), np.float32)) if not self.secure else 0.0
         metrics = {}
         for k in self.metrics:
             spec = self.output.metrics[k]
             metrics[k] = np.array(msg.array(f"m:{k}", spec.shape, spec.dtype))
         extra = _common.read_tree(msg, "e", self.output.extra)
         state = _common.read_tree(msg, "c", self.state)
-        data = msg.blobs["payload"]
-        update = self.codec.from_bytes(data)
+        if self.secure:
+            data = b""
+            update = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self.output.update)
+        else:
+            data = msg.blobs["payload"]
+            update = self.codec.from_bytes(data)
         if not (math.isfinite(weight) and 0.0 <= weight <= real_weight):
             raise _Rejected(
                 "weight out of range",
@@ -135,7 +149,7 @@ class _ResultSchema:
                 raise _Rejected("non-finite values", f"the result's {what} are not all finite")
         # After decoding: a payload of finite numbers can still decode to inf (e.g. a rand-k
         # value of 3e38 scaled by d/k).
-        if not _common.all_finite(self.codec.decode(update)):
+        if not self.secure and not _common.all_finite(self.codec.decode(update)):
             raise _Rejected("non-finite values", "the update decodes to non-finite values")
         out = ClientOutput(update, np.float32(weight), metrics, extra)
         return out, state, len(data)
@@ -318,6 +332,7 @@ class EdgeServer:
         self._keys = [protocol.worker_key(token, w) for w in range(num_workers)]
         self._cond = threading.Condition()
         self._round: _Round | None = None
+        self._secagg: SecureSumRound | None = None
         self._document: dict[str, Any] | None = None
         self._limits = dict.fromkeys(protocol.METHODS, SMALL_REQUEST_BYTES)
         self._joined: set[int] = set()
@@ -433,7 +448,7 @@ class EdgeServer:
                context: grpc.ServicerContext) -> bytes | None:
         """An admitted call: receive the body, run the method, sign the answer."""
         handler = {protocol.JOIN: self._join, protocol.FETCH: self._fetch,
-                   protocol.SUBMIT: self._submit}[method]
+                   protocol.SUBMIT: self._submit, protocol.SECAGG: self._secagg_call}[method]
         try:
             request = self._receive(auth, request_iterator, context)
             if request is None:
@@ -595,6 +610,44 @@ class EdgeServer:
                 return protocol.encode_message({"kind": "ack"})
         raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"slot {slot} closed while decoding")
 
+    def _secagg_call(self, worker: int, request: bytearray, context: Any) -> bytes:
+        """One stage of the open secure aggregation (see :mod:`.secagg`)."""
+        msg = _decode(request, "secagg")
+        deadline = time.monotonic() + self.poll_seconds
+        with self._cond:
+            while self._secagg is None:
+                remaining = deadline - time.monotonic()
+                if msg.header.get("stage") != "config":
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                 "no secure aggregation is open")
+                if remaining <= 0 or not context.is_active() or self._stopping:
+                    return protocol.encode_message({"kind": "secagg", "stage": "none"})
+                self._cond.wait(remaining)
+            rnd = self._secagg
+        try:
+            return rnd.handle(worker, msg, len(request), context.is_active)
+        except SecAggRequestError as err:
+            raise _Abort(grpc.StatusCode[err.code], err.details) from err
+
+    def secure_sum(self, rnd: SecureSumRound) -> np.ndarray:
+        """Opens ``rnd`` to the workers, runs its four stages, and closes it.
+
+        Returns the unmasked sum (``uint64`` ring elements) of the surviving participants;
+        raises :class:`fedjax_lab.secagg.SecAggError` when the round fails (too few left).
+        """
+        with self._cond:
+            if self._secagg is not None:
+                raise RuntimeError("a secure aggregation is already open")
+            self._secagg = rnd
+            self._limits[protocol.SECAGG] = rnd.max_request_bytes()
+            self._cond.notify_all()
+        try:
+            return rnd.run()
+        finally:
+            with self._cond:
+                self._secagg = None
+                self._limits[protocol.SECAGG] = SMALL_REQUEST_BYTES
+
     def _reject(self, rnd: _Round, slots: Sequence[int] | None, reason: str, count: bool = True,
                 worker: int | None = None) -> None:
         """Drops ``slots`` (or all of ``worker``'s pending slots) of ``rnd``."""
@@ -672,6 +725,22 @@ class EdgeServer:
             self._cond.notify_all()
             live = {w for w, t in self._seen.items() if time.monotonic() - t <= horizon}
             self._cond.wait_for(lambda: live <= self._told_stop, timeout=horizon)
+
+
+def _check_secure(algorithm: Algorithm, output: ClientOutput, state: Any) -> None:
+    """Refuses algorithms whose per-client upload secure aggregation could not protect."""
+    fix = ("; use an additive algorithm without compressor, client extras or client state "
+           "(e.g. FedAvg), or run without secure aggregation")
+    if not algorithm.additive:
+        raise ValueError(f"secure aggregation needs an additive algorithm (a sum over clients); "
+                         f"{algorithm.name} is not{fix}")
+    if algorithm.compressor is not None:
+        raise ValueError(f"secure aggregation sums dense updates; {algorithm.name} has a "
+                         f"compressor whose per-client payload would be decoded by the server"
+                         f"{fix}")
+    if jax.tree.leaves(output.extra) or jax.tree.leaves(state):
+        raise ValueError(f"{algorithm.name} uploads per-client extras or client state, which "
+                         f"would travel in the clear{fix}")
 
 
 class _Abort(Exception):
@@ -812,7 +881,8 @@ class _Supervisor:
 class _Setup:
     algorithm: Algorithm
     schema: _ResultSchema
-    finish: Callable[[ServerState, ClientOutput], tuple[ServerState, Any, jax.Array]]
+    finish: Callable[..., tuple[ServerState, Any, jax.Array]]
+    dim: int = 0  # secure aggregation: coordinates of the flattened update
 
 
 class EdgeBackend(SingleProcessBackend):
@@ -841,6 +911,10 @@ class EdgeBackend(SingleProcessBackend):
       problem_config: the JSON-able config that clients' ``EdgeProblem.config`` must equal
         (derived from the same source, e.g. the experiment's flags); None when the problem
         factory gives none.
+      secure_aggregation: run SecAgg / SecAgg+ (:mod:`.secagg`) over the transport each round:
+        clients upload their weighted update and weight only masked, the server decodes only
+        their sum. Needs an additive algorithm without compressor, per-client extras or client
+        state (they would travel in the clear).
     """
 
     name = "edge"
@@ -861,7 +935,14 @@ class EdgeBackend(SingleProcessBackend):
         poll_seconds: float = 2.0,
         receive_timeout: float = DEFAULT_RECEIVE_TIMEOUT,
         problem_config: Mapping[str, Any] | None = None,
+        secure_aggregation: SecureAggregation | None = None,
     ) -> None:
+        if secure_aggregation is not None:
+            if not isinstance(secure_aggregation, SecureAggregation):
+                raise ValueError("secure_aggregation must be a SecureAggregation, got "
+                                 f"{type(secure_aggregation).__name__}")
+            secure_aggregation.validate()
+        self.secure_aggregation = secure_aggregation
         if not (round_timeout > 0 and join_timeout > 0):
             raise ValueError(
                 f"round_timeout and join_timeout must be > 0, got {round_timeout}, {join_timeout}"
@@ -908,7 +989,11 @@ class EdgeBackend(SingleProcessBackend):
         output = spec.output(algorithm)
         # The wire codec of the algorithm's own compressor (raw float32 deltas without one).
         codec = _common.PayloadCodec(algorithm.compressor, output.update)
-        schema = _ResultSchema(output, spec.state, codec)
+        secure = self.secure_aggregation
+        if secure is not None:
+            _check_secure(algorithm, output, spec.state)
+            secure.fixed_point.check_capacity(cohort.num_clients)
+        schema = _ResultSchema(output, spec.state, codec, secure=secure is not None)
         if schema.max_bytes > self.server.max_message_bytes:
             raise ValueError(
                 f"max_message_bytes={self.server.max_message_bytes} is below the largest valid "
@@ -922,8 +1007,74 @@ class EdgeBackend(SingleProcessBackend):
             committed = tree_all_finite((new_state.params, new_state.opt_state, new_state.extra))
             return new_state, metrics, committed
 
-        self._setup = _Setup(algorithm, schema, finish)
+        dim = sum(math.prod(x.shape) for x in jax.tree.leaves(output.update))
+
+        @jax.jit
+        def finish_secure(state, outputs, update_sum, weight_sum):
+            # The plain aggregate of the results (updates and weights are zero: they never
+            # arrived in the clear) gives the metric sums; the update and weight sums are the
+            # securely aggregated ones, as in fedjax_lab.secagg.with_secure_aggregation.
+            base = algorithm.aggregate(outputs)
+            leaves, treedef = jax.tree.flatten(base.update_sum)
+            sums, start = [], 0
+            for leaf in leaves:
+                sums.append(update_sum[start : start + leaf.size].reshape(leaf.shape)
+                            .astype(leaf.dtype))
+                start += leaf.size
+            agg = base._replace(update_sum=jax.tree.unflatten(treedef, sums),
+                                weight_sum=weight_sum.astype(base.weight_sum.dtype))
+            new_state, metrics = algorithm.server_update(state, agg)
+            committed = tree_all_finite((new_state.params, new_state.opt_state, new_state.extra))
+            return new_state, metrics, committed
+
+        self._setup = _Setup(algorithm, schema, finish_secure if secure else finish, dim)
         return self._setup
+
+    def _secure_sum(self, rnd: _Round, round_id: int, dim: int):
+        """Runs SecAgg over the clients whose result arrived; ``(decoded sum | None, metrics)``.
+
+        Clients that leave during the protocol are dropped from the round (their plaintext
+        metrics too), so every number the round reports covers the same clients.
+        """
+        secure = self.secure_aggregation
+        slots = sorted(rnd.results)
+        info = {"secagg_failed": 1.0, "secagg_clients": float(len(slots)),
+                "secagg_upload_bytes": 0.0, "secagg_download_bytes": 0.0}
+        reason = None
+        total = None
+        if len(slots) < secure.min_clients:
+            reason = (f"{len(slots)} client(s) left, fewer than min_clients="
+                      f"{secure.min_clients}")
+        else:
+            config = secure.round_config(len(slots), dim + 1, os.urandom(16),
+                                         int.from_bytes(os.urandom(8), "little"))
+            sround = SecureSumRound(
+                config, {i: rnd.owners[s][0] for i, s in enumerate(slots)},
+                secure.stage_timeout, slots=dict(enumerate(slots)), round_id=round_id,
+            )
+            try:
+                total = self.server.secure_sum(sround)
+            except SecAggError as err:
+                reason = str(err)
+            info["secagg_upload_bytes"] = float(sum(sround.up_frame_bytes.values()))
+            info["secagg_download_bytes"] = float(sum(sround.down_frame_bytes.values()))
+            survivors = {slots[i] for i in sround.survivors()} if total is not None else set()
+            for i, s in enumerate(slots):
+                if s not in survivors:
+                    rnd.results.pop(s)
+                    rnd.dropped[s] = "secure aggregation: " + (
+                        sround.dropped.get(i, "round failed") if total is not None
+                        else "round failed")
+        if total is None:
+            for s in slots:
+                if s in rnd.results:
+                    rnd.results.pop(s)
+                    rnd.dropped[s] = "secure aggregation: round failed"
+            print(f"edge: round {round_id}: secure aggregation failed ({reason}); kept the "
+                  "previous server and client states", file=sys.stderr)
+            return None, info
+        info["secagg_failed"] = 0.0
+        return secure.fixed_point.decode(total), info
 
     def _check_workers(self) -> None:
         if self.supervisor is None:
@@ -1003,9 +1154,15 @@ class EdgeBackend(SingleProcessBackend):
                 arrays[f"k{t}"] = keys[slot]
                 one = jax.tree.map(lambda x, s=slot: x[s], host_states)
                 arrays.update(_common.tree_arrays(f"c{t}_", one))
-            tasks[w] = protocol.encode_message(
-                {"kind": "task", "round": round_id, "tasks": entries}, arrays
-            )
+            head = {"kind": "task", "round": round_id, "tasks": entries}
+            if self.secure_aggregation is not None:
+                fp = self.secure_aggregation.fixed_point
+                head["secure_aggregation"] = {
+                    "bits": fp.bits, "frac_bits": fp.frac_bits, "bound": float(fp.bound),
+                    # How long the client waits for the protocol to open after its submit.
+                    "wait": self.round_timeout + 30.0,
+                }
+            tasks[w] = protocol.encode_message(head, arrays)
         rnd = _Round(round_id, owners, {s: float(weights[s]) for s in owners}, tasks,
                      setup.schema)
         self.server.open_round(rnd)
@@ -1015,6 +1172,9 @@ class EdgeBackend(SingleProcessBackend):
         rnd, refused = self.server.wait_round(
             time.monotonic() + self.round_timeout, self._check_workers
         )
+        secure_metrics: dict[str, float] = {}
+        if self.secure_aggregation is not None:
+            secure_total, secure_metrics = self._secure_sum(rnd, round_id, setup.dim)
         outputs, states = [], []
         zero = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), setup.schema.output)
         for slot in range(c):
@@ -1026,8 +1186,19 @@ class EdgeBackend(SingleProcessBackend):
             states.append(state)
         stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *outputs)
         new_states = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
-        new_server, metrics, committed = setup.finish(server_state, stacked)
+        if self.secure_aggregation is None:
+            new_server, metrics, committed = setup.finish(server_state, stacked)
+        else:
+            failed = secure_total is None
+            total = np.zeros(setup.dim + 1) if failed else secure_total
+            new_server, metrics, committed = setup.finish(
+                server_state, stacked, np.asarray(total[:-1], np.float32),
+                np.float32(total[-1]))
+            if failed:  # no sum: no model update, as for a non-finite one (below)
+                new_server = server_state._replace(round=new_server.round)
+                new_states = host_states
         metrics = dict(metrics)
+        metrics.update(secure_metrics)
         if not bool(committed):
             # Bounded, finite uploads can still overflow together (or with the server
             # optimizer): keep the last good model. The round is void for the clients too
