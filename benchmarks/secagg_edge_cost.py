@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from fedjax_lab.backends.edge import protocol
-from fedjax_lab.backends.edge.client import _Connection
+from fedjax_lab.backends.edge.client import Connection
 from fedjax_lab.backends.edge.secagg import CONFIG, SecureSumRound, run_secagg_worker
 from fedjax_lab.backends.edge.server import EdgeServer
 from fedjax_lab.secagg import STAGES, FixedPoint, SecAggConfig, default_threshold, new_session
@@ -45,7 +45,7 @@ def measure(server: EdgeServer, token: bytes, clients: int, dim: int, bits: int,
     out = {}
 
     def work(w):
-        conn = _Connection(server.address, w, protocol.worker_key(token, w), tls_ca=None,
+        conn = Connection(server.address, w, protocol.worker_key(token, w), tls_ca=None,
                            server_name=None, max_message_bytes=1 << 26)
         conn.session = server.session
         try:

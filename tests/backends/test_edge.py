@@ -32,7 +32,7 @@ from fedjax_lab.backends.edge import (
 )
 from fedjax_lab.backends.edge.__main__ import main as edge_main
 from fedjax_lab.backends.edge._common import PayloadCodec, ProgramSpec, compare_documents
-from fedjax_lab.backends.edge.client import EXIT_REFUSED, EdgeClientError, _Connection
+from fedjax_lab.backends.edge.client import EXIT_REFUSED, Connection, EdgeClientError
 from fedjax_lab.backends.edge.server import EdgeServer, _ResultSchema
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import qsgd, rand_k, with_error_feedback
@@ -339,7 +339,7 @@ def test_server_admits_only_signed_fresh_requests_of_its_own_session():
             protocol.SERVICE, {protocol.FETCH: grpc.stream_unary_rpc_method_handler(replay)}),))
         port = fake.add_insecure_port("127.0.0.1:0")
         fake.start()
-        conn = _Connection(f"127.0.0.1:{port}", 1, key1, tls_ca=None, server_name=None,
+        conn = Connection(f"127.0.0.1:{port}", 1, key1, tls_ca=None, server_name=None,
                            max_message_bytes=1 << 20)
         conn.session = session
         try:

@@ -21,7 +21,7 @@ from scipy import stats
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.edge import EdgeBackend, EdgeProblem, protocol
 from fedjax_lab.backends.edge.__main__ import main as edge_main
-from fedjax_lab.backends.edge.client import _Connection, run_client
+from fedjax_lab.backends.edge.client import Connection, run_client
 from fedjax_lab.backends.edge.secagg import (
     SecureAggregation,
     SecureSumRound,
@@ -50,7 +50,7 @@ def server():
 
 
 def connect(server, worker, key=None):
-    conn = _Connection(server.address, worker, key or protocol.worker_key(TOKEN, worker),
+    conn = Connection(server.address, worker, key or protocol.worker_key(TOKEN, worker),
                        tls_ca=None, server_name=None, max_message_bytes=1 << 24)
     conn.session = server.session
     return conn

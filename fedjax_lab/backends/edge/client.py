@@ -54,7 +54,7 @@ class _Rejoin(Exception):
     """The server's session changed (it restarted): join again."""
 
 
-class _Connection:
+class Connection:
     """Signed calls to the server; answers are verified with the server's MAC.
 
     Each request streams its frame in chunks (:func:`protocol.chunks`) with metadata that
@@ -315,7 +315,7 @@ def run_client(
       An exit code: 0 after "stop", 3 if refused (key, id, configuration), 4 if the server
       stayed unreachable for ``server_timeout`` seconds, 5 if ``parent_pid`` went away.
     """
-    conn = _Connection(server, worker, key, tls_ca=tls_ca, server_name=server_name,
+    conn = Connection(server, worker, key, tls_ca=tls_ca, server_name=server_name,
                        max_message_bytes=max_message_bytes)
     try:
         return _serve(problem, conn, worker, server_timeout, parent_pid)
@@ -326,7 +326,7 @@ def run_client(
         conn.close()
 
 
-def _call(conn: _Connection, method: str, frame: bytes, timeout: float,
+def _call(conn: Connection, method: str, frame: bytes, timeout: float,
           server_timeout: float, parent_pid: int | None) -> protocol.Message | None:
     """A call retried while the server is unreachable; None when we should exit."""
     give_up = time.monotonic() + server_timeout
@@ -348,7 +348,7 @@ def _call(conn: _Connection, method: str, frame: bytes, timeout: float,
         delay = min(2 * delay, 1.0)
 
 
-def _join(conn: _Connection, document: dict, server_timeout: float,
+def _join(conn: Connection, document: dict, server_timeout: float,
           parent_pid: int | None) -> protocol.Message | None:
     """The server's welcome (its session is then ``conn.session``); None when we should exit."""
     conn.session = ""
@@ -365,7 +365,7 @@ def _join(conn: _Connection, document: dict, server_timeout: float,
     return welcome
 
 
-def _serve(problem, conn: _Connection, worker: int, server_timeout: float,
+def _serve(problem, conn: Connection, worker: int, server_timeout: float,
            parent_pid: int | None) -> int:
     spec = _common.ProgramSpec.of_problem(problem)
     document = spec.document(problem.algorithm, problem.config)
@@ -385,7 +385,7 @@ def _serve(problem, conn: _Connection, worker: int, server_timeout: float,
             print(f"edge client {worker}: the server restarted; joining again", file=sys.stderr)
 
 
-def _work(state: EdgeWorker, conn: _Connection, worker: int, poll: float,
+def _work(state: EdgeWorker, conn: Connection, worker: int, poll: float,
           server_timeout: float, parent_pid: int | None) -> int:
     """Fetches and runs tasks until "stop" (raises :class:`_Rejoin` on a new session)."""
     last_round = -1
@@ -424,7 +424,7 @@ def _work(state: EdgeWorker, conn: _Connection, worker: int, poll: float,
         last_round = round_id
 
 
-def _secure_aggregate(conn: _Connection, worker: int, round_id: int,
+def _secure_aggregate(conn: Connection, worker: int, round_id: int,
                       inputs: dict[int, np.ndarray], wait: float) -> None:
     """Takes part in the round's SecAgg protocol with these slots' inputs ``[w u, w]``."""
 

@@ -359,7 +359,7 @@ def run_secagg_worker(
 
     Args:
       call: a signed ``SecAgg`` call, ``(frame, timeout) -> answer``
-        (``_Connection.call`` bound to :data:`protocol.SECAGG`).
+        (``Connection.call`` bound to :data:`protocol.SECAGG`).
       inputs: ``(config, {index: slot}) -> {index: float vector}``, this worker's
         participants' inputs; they are fixed-point encoded here, which raises ValueError for
         non-finite values or values beyond ``config.fixed_point.bound`` (nothing is clipped).
