@@ -49,6 +49,7 @@ PUBLIC = {
         "select_malicious",
         "sign_flip",
         "triggered_test",
+        "with_malicious_flag",
         "with_model_poisoning",
     ],
     "fedjax_lab.core": [
