@@ -20,9 +20,9 @@ from fedjax_lab.attacks import (
 )
 from fedjax_lab.attacks.model_poisoning import MALICIOUS_METRIC
 from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import ClientOutput
 from fedjax_lab.data.federated import sample_clients
-from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.runner import run
 from tests.helpers import LinearModel, make_population
 
