@@ -169,6 +169,7 @@ PUBLIC = {
         "scaffold",
         "trimmed_mean",
         "with_aggregator",
+        "with_foolsgold",
         "with_weak_dp",
     ],
     "fedjax_lab.compressors": [
