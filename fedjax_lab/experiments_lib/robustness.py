@@ -111,7 +111,7 @@ class RobustnessConfig:
 
     datasets: str = "digits,synthetic_iid"
     attacks: str = "label_flip,backdoor,sign_flip,alie"
-    defenses: str = "mean,median,trimmed_mean,krum,bulyan,geometric_median"
+    defenses: str = "mean,median,trimmed_mean,krum,bulyan,geometric_median,foolsgold"
     fractions: str = "0.1,0.3,0.6"
     num_clients: int = 40
     clients_per_round: int = 20

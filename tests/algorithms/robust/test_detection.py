@@ -192,3 +192,25 @@ def test_data_attack_flag_leaves_training_unchanged():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert [h["malicious_clients"] for h in flagged.history] == [2.0, 2.0]
     assert all(h["malicious_valid"] == 2.0 for h in flagged.history)
+
+
+def test_train_cli_flags_a_data_attack_under_a_selecting_aggregator():
+    """train.py marks and flags label-flipped clients when the aggregator selects (the flag
+    wrapper's effect on a run is tested above); nothing is compiled here."""
+    from fedjax_lab.experiment import build_problem
+    from fedjax_lab.train import TrainConfig
+
+    flags = ["--num-clients", "10", "--clients-per-round", "5", "--model", "logreg",
+             "--seed", "3", "--attack", "label_flip", "--malicious-fraction", "0.3",
+             "--out", "unused"]
+    krum_cfg = TrainConfig.parse([*flags, "--aggregator", "krum", "--byzantine-clients", "1"])
+    median_cfg = TrainConfig.parse([*flags, "--aggregator", "median"])
+    assert krum_cfg.scores_detection() and not median_cfg.scores_detection()
+    _, train, model, _, _ = build_problem(krum_cfg)
+    rows = np.repeat(np.arange(10), np.diff(train.offsets))
+    np.testing.assert_array_equal(train.arrays["malicious"],
+                                  np.isin(rows, select_malicious(10, 0.3, 3)))
+    alg = krum_cfg.make_algorithm(model)
+    assert alg.name.endswith("krum1") and alg.client_update is not median_cfg.make_algorithm(
+        model).client_update
+    assert "malicious" not in build_problem(median_cfg)[1].arrays
