@@ -437,9 +437,15 @@ class TrainConfig(RunConfig):
                     return {**clean(params), **success(params)}
         except ValueError as e:
             raise ValueError(f"--attack {self.attack} (--dataset {self.dataset}): {e}") from None
-        if self.model_attack():
+        if self.model_attack() or self.scores_detection():
             train = attacks.mark_malicious(train, malicious)
         return train, evaluate
+
+    def scores_detection(self) -> bool:
+        """Whether a data attack's malicious flags travel into the round so that a selecting
+        aggregator's exclusions are scored (``detection_precision``/``detection_recall``)."""
+        return (self.attack in DATA_ATTACKS and not self.model_attack()
+                and self.build_aggregation()[0].selects)
 
     def config_hash(self) -> str:
         """8 hex digits of SHA-256 over the settings that change results (not the folder)."""
@@ -549,6 +555,10 @@ class TrainConfig(RunConfig):
             algorithm = with_weak_dp(algorithm, self.weak_dp_std, jax.random.key(self.seed))
         attack = self.build_attack()
         if attack is None:
+            if self.scores_detection():
+                from fedjax_lab.attacks import with_malicious_flag
+
+                return with_malicious_flag(algorithm)
             return algorithm
         from fedjax_lab.attacks import with_model_poisoning
 

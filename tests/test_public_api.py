@@ -49,6 +49,7 @@ PUBLIC = {
         "select_malicious",
         "sign_flip",
         "triggered_test",
+        "with_malicious_flag",
         "with_model_poisoning",
     ],
     "fedjax_lab.core": [
@@ -168,6 +169,7 @@ PUBLIC = {
         "scaffold",
         "trimmed_mean",
         "with_aggregator",
+        "with_foolsgold",
         "with_weak_dp",
     ],
     "fedjax_lab.compressors": [

@@ -29,6 +29,7 @@ from fedjax_lab.algorithms.robust import (
     multi_krum,
     trimmed_mean,
     with_aggregator,
+    with_foolsgold,
     with_weak_dp,
 )
 from fedjax_lab.algorithms.scaffold import ScaffoldClientState, scaffold
@@ -61,5 +62,6 @@ __all__ = [
     "scaffold",
     "trimmed_mean",
     "with_aggregator",
+    "with_foolsgold",
     "with_weak_dp",
 ]

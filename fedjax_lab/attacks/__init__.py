@@ -7,7 +7,9 @@
   :func:`noise`, :func:`sign_flip` (per client) and the OMNISCIENT :func:`alie` (Baruch et al.
   2019) and :func:`ipm` (Xie et al. 2020), which see the round's honest updates.
 * Data poisoning (host side, before training): :func:`label_flip` and the pixel-pattern
-  :func:`backdoor` (Bagdasaryan et al. 2020), measured by :func:`attack_success_evaluator`.
+  :func:`backdoor` (Bagdasaryan et al. 2020), measured by :func:`attack_success_evaluator`;
+  :func:`with_malicious_flag` reports which clients are malicious without changing uploads, so
+  a selecting defense's exclusions can be scored (precision/recall of detection).
 """
 
 from fedjax_lab.attacks.alie import alie, alie_z
@@ -29,6 +31,7 @@ from fedjax_lab.attacks.malicious import (
 from fedjax_lab.attacks.model_poisoning import (
     MALICIOUS_CLIENTS,
     ModelAttack,
+    with_malicious_flag,
     with_model_poisoning,
 )
 from fedjax_lab.attacks.noise import noise
@@ -56,5 +59,6 @@ __all__ = [
     "select_malicious",
     "sign_flip",
     "triggered_test",
+    "with_malicious_flag",
     "with_model_poisoning",
 ]

@@ -90,10 +90,12 @@ def _check_raw(update, compressed: bool) -> None:
                          f"{type(update).__name__} payloads: use the identity compressor")
 
 
-def _poison_client(attack: ModelAttack, output: ClientOutput, flag: jax.Array,
+def _poison_client(attack: ModelAttack | None, output: ClientOutput, flag: jax.Array,
                    key: jax.Array, compressed: bool) -> ClientOutput:
-    _check_raw(output.update, compressed)
     metrics = {**output.metrics, MALICIOUS_METRIC: flag}
+    if attack is None:  # with_malicious_flag: the flag only, any payload
+        return output._replace(metrics=metrics)
+    _check_raw(output.update, compressed)
     if attack.per_client is None:
         return output._replace(metrics=metrics)
     flat, unravel = ravel_pytree(output.update)
@@ -103,7 +105,7 @@ def _poison_client(attack: ModelAttack, output: ClientOutput, flag: jax.Array,
     return output._replace(update=update, metrics=metrics)
 
 
-def _wrap_client_update(client_update, attack: ModelAttack, compressed: bool):
+def _wrap_client_update(client_update, attack: ModelAttack | None, compressed: bool):
     if is_local_update(client_update):
         def start(server_state):
             return client_update.start(server_state), jnp.float32(0.0)
@@ -184,3 +186,26 @@ def with_model_poisoning(algorithm: Algorithm, attack: ModelAttack) -> Algorithm
         name=f"{algorithm.name}+{attack.name}",
         additive=algorithm.additive and attack.omniscient is None,
     )
+
+
+def with_malicious_flag(algorithm: Algorithm) -> Algorithm:
+    """``algorithm`` whose clients report the simulation's malicious flag, uploads unchanged.
+
+    For data poisoning (:func:`~fedjax_lab.attacks.label_flip`,
+    :func:`~fedjax_lab.attacks.backdoor`), whose uploads are honest training on poisoned data:
+    the client metric :data:`MALICIOUS_METRIC` lets a selecting robust rule's exclusions be
+    scored against the truth (``detection_precision``/``detection_recall``, see
+    :mod:`fedjax_lab.algorithms.robust.detection`), and the round metric ``malicious_clients``
+    counts the malicious clients of the round. Apply it outermost (after ``with_aggregator``);
+    the population must carry :func:`~fedjax_lab.attacks.mark_malicious`'s column. The name,
+    additivity and payloads are the algorithm's.
+    """
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"algorithm must be a fedjax_lab Algorithm, got {type(algorithm)}")
+    client_update = _wrap_client_update(algorithm.client_update, None, False)
+
+    def server_update(state, agg: Aggregate):
+        new_state, metrics = algorithm.server_update(state, agg)
+        return new_state, {**metrics, MALICIOUS_CLIENTS: agg.metric_sums[MALICIOUS_METRIC]}
+
+    return algorithm._replace(client_update=client_update, server_update=server_update)

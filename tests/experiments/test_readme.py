@@ -35,6 +35,11 @@ HIERARCHICAL_SHORT = ["--num-clients", "8", "--groups", "2", "--cloud-rounds", "
                       "--edge-rounds", "1", "--batch-size", "50"]
 # Decentralized: 4 nodes, 2 rounds of 1 local step (the README's topologies, one program).
 DECENTRALIZED_SHORT = ["--nodes", "4", "--rounds", "2", "--local-steps", "1", "--eval-every", "1"]
+# Robustness grid: one cell beside its clean baseline (digits, sign_flip, mean, 2 rounds);
+# tests/experiments/test_robustness.py runs a 2 x 2 x 2 grid and checks its table.
+ROBUSTNESS_SHORT = ["--datasets", "digits", "--attacks", "sign_flip", "--defenses", "mean",
+                    "--fractions", "0.2", "--rounds", "2", "--num-clients", "10",
+                    "--clients-per-round", "5", "--tolerated", "1"]
 SHORTENED = {
     "experiments/fedavg.py": SHORT,
     "experiments/train.py": SHORT,
@@ -42,6 +47,7 @@ SHORTENED = {
     "experiments/fedbuff.py": FEDBUFF_SHORT,
     "experiments/hierarchical.py": HIERARCHICAL_SHORT,
     "experiments/decentralized.py": DECENTRALIZED_SHORT,
+    "experiments/robustness.py": ROBUSTNESS_SHORT,
 }
 # Each curve/table entry of these compiles its own program: no flag makes them take seconds
 # (fedpaq.py --quick: ~70 s, sstc_compression.py with 2 rounds: minutes on 2 shared cores), so
@@ -60,6 +66,7 @@ OUTPUT = {
     "experiments/sweep.py": "results.json",
     "experiments/fedbuff.py": "results.json",
     "experiments/decentralized.py": "results.json",
+    "experiments/robustness.py": "robustness.csv",
 }
 # Scripts that write one --json file instead of an --out folder: that file's name.
 JSON_OUTPUT = {"experiments/hierarchical.py": "results.json"}

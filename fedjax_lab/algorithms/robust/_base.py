@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.algorithms.robust import detection
+from fedjax_lab.attacks.model_poisoning import MALICIOUS_METRIC
 from fedjax_lab.core.types import Aggregate, Algorithm, ClientOutput, PyTree
 
 # (updates [C, D], weights [C], valid [C] bool) -> (estimate [D], metrics)
@@ -47,6 +49,10 @@ class Aggregator(NamedTuple):
       additive: whether ``estimate * sum(weights)`` is a sum over clients (only ``mean``).
       min_slots: fewest client slots a cohort must have (checked when the round is traced).
       metric_names: the keys of ``metrics``, passed through to the round metrics.
+      selects: whether the rule keeps some valid slots and drops the others (Krum, Bulyan);
+        its ``metrics`` then hold :data:`~fedjax_lab.algorithms.robust.detection.SELECTED`
+        (``[C]`` bool), which ``with_aggregator`` turns into exclusion and detection metrics
+        (:mod:`fedjax_lab.algorithms.robust.detection`).
     """
 
     name: str
@@ -54,6 +60,7 @@ class Aggregator(NamedTuple):
     additive: bool = False
     min_slots: int = 1
     metric_names: tuple[str, ...] = ()
+    selects: bool = False
 
 
 class Transform(NamedTuple):
@@ -120,9 +127,12 @@ def with_aggregator(
     masked out) and returns an ``Aggregate`` whose ``update_sum = estimate * weight_sum`` so the
     algorithm's own ``server_update`` (which divides by ``weight_sum``) applies the estimate.
     Metric sums and extras are the algorithm's own; the rule's and transforms' metrics are added
-    to the round metrics. Robust rules are unweighted over valid clients (a Byzantine client
-    could otherwise claim a huge example count); ``mean`` keeps the algorithm's weights, and
-    ``geometric_median`` uses them as RFA's ``alpha_i`` (Pillutla et al. 2022).
+    to the round metrics, and a selecting rule's exclusions (and their precision/recall against
+    the simulation's malicious flags, when an attack wrapper reports them) as described in
+    :mod:`fedjax_lab.algorithms.robust.detection`. Robust rules are unweighted over valid
+    clients (a Byzantine client could otherwise claim a huge example count); ``mean`` keeps the
+    algorithm's weights, and ``geometric_median`` uses them as RFA's ``alpha_i`` (Pillutla et
+    al. 2022).
 
     Args:
       algorithm: an additive ``Algorithm`` whose aggregate is ``sum_i weight_i * u_i``.
@@ -168,13 +178,22 @@ def with_aggregator(
             flat, m = t.apply(flat, valid)
             metrics.update(m)
         estimate, m = aggregator.estimate(flat, outputs.weight.astype(flat.dtype), valid)
+        if aggregator.selects:
+            # The simulation's malicious flags (when an attack wrapper reports them) score the
+            # rule's selection here, after the rule ran without them.
+            m = dict(m)
+            metrics.update(detection.exclusion_sums(m.pop(detection.SELECTED), valid,
+                                                    outputs.metrics.get(MALICIOUS_METRIC)))
         metrics.update(m)
         update_sum = unravel(estimate * base.weight_sum.astype(estimate.dtype))
         return base._replace(update_sum=update_sum, metric_sums={**base.metric_sums, **metrics})
 
     def server_update(state, agg: Aggregate):
         new_state, round_metrics = algorithm.server_update(state, agg)
-        return new_state, {**round_metrics, **{k: agg.metric_sums[k] for k in metric_names}}
+        round_metrics = {**round_metrics, **{k: agg.metric_sums[k] for k in metric_names}}
+        if aggregator.selects:
+            round_metrics.update(detection.detection_metrics(agg.metric_sums))
+        return new_state, round_metrics
 
     name = "+".join([algorithm.name, *(t.name for t in transforms), aggregator.name])
     return algorithm._replace(

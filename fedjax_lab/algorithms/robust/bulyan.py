@@ -14,7 +14,9 @@ The guarantee needs ``n >= 4f + 3`` (the cohort size is checked when the round i
 Rounds where rejections left fewer valid clients still aggregate, with
 ``theta = max(n - 2f, 1)`` and ``beta = theta - 2f`` raised to 1 (odd ``theta``) or 2 (even
 ``theta``, where one value would be a tie between the two middle ones), and are counted in the
-``bulyan_underfull`` metric. Invalid slots are masked out of every step.
+``bulyan_underfull`` metric. Invalid slots are masked out of every step. The slots left out of
+the selection set are reported as excluded (``selects=True``, see
+:mod:`fedjax_lab.algorithms.robust.detection`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.algorithms.robust._base import Aggregator, num_valid, sorted_valid
+from fedjax_lab.algorithms.robust.detection import SELECTED
 from fedjax_lab.algorithms.robust.krum import pairwise_sq_distances, scores_from_distances
 
 
@@ -65,7 +68,9 @@ def bulyan(f: int) -> Aggregator:
         total = jnp.sum(jnp.where(keep, updates, 0.0), axis=0)
         est = jnp.where(n > 0, total / beta.astype(updates.dtype), 0.0)
         underfull = jnp.logical_and(n > 0, n < 4 * f + 3)
-        return est, {"bulyan_underfull": underfull.astype(jnp.float32)}
+        return est, {"bulyan_underfull": underfull.astype(jnp.float32), SELECTED: selected}
 
+    # Exclusion = not among the theta Krum selections (the per-coordinate trimming of step 2
+    # drops values, not clients).
     return Aggregator(name=f"bulyan{f}", estimate=estimate, min_slots=4 * f + 3,
-                      metric_names=("bulyan_underfull",))
+                      metric_names=("bulyan_underfull",), selects=True)

@@ -6,7 +6,8 @@ valid clients``; Krum returns the update with the lowest score, Multi-Krum the m
 ``m`` lowest-scoring updates. The guarantee needs ``n > 2f + 2`` valid clients with at most
 ``f`` Byzantine ones. Rounds where fewer clients were valid (rejections) still aggregate, using
 ``max(n - f - 2, 1)`` neighbours and ``min(m, n)`` selected updates, and are counted in the
-``krum_underfull`` metric.
+``krum_underfull`` metric. The selected slots are reported (``selects=True``): see
+:mod:`fedjax_lab.algorithms.robust.detection`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.algorithms.robust._base import Aggregator, num_valid
+from fedjax_lab.algorithms.robust.detection import SELECTED
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -75,7 +77,8 @@ def multi_krum(f: int, m: int) -> Aggregator:
         total = jnp.sum(jnp.where(chosen[:, None], updates, 0.0), axis=0)
         count = jnp.maximum(jnp.sum(chosen.astype(jnp.int32)), 1).astype(updates.dtype)
         underfull = jnp.logical_and(n > 0, jnp.logical_or(n <= 2 * f + 2, n < m))
-        return total / count, {"krum_underfull": underfull.astype(jnp.float32)}
+        return total / count, {"krum_underfull": underfull.astype(jnp.float32),
+                               SELECTED: chosen}
 
     name = f"krum{f}" if m == 1 else f"multi_krum{f}_{m}"
     return Aggregator(
@@ -83,6 +86,7 @@ def multi_krum(f: int, m: int) -> Aggregator:
         estimate=estimate,
         min_slots=max(2 * f + 3, m),
         metric_names=("krum_underfull",),
+        selects=True,
     )
 
 
