@@ -532,9 +532,17 @@ def build_problem(cfg: RunConfig):
     task = task_of(dataset)
     if task is not None:
         check_task_model(dataset, model, cfg.model)
-    train = federate(
-        dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
-    )
+    max_clients = getattr(cfg, "max_clients", None)
+    if max_clients is None:
+        train = federate(
+            dataset, cfg.partition, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha
+        )
+    else:  # the first N natural clients in the files' order (train.py --max-clients)
+        train = federate(dataset, "natural", None, seed=cfg.seed)
+        if max_clients > train.num_clients:
+            raise ValueError(f"--max-clients {max_clients} > the {train.num_clients} natural "
+                             f"clients of --dataset {cfg.dataset}; lower it")
+        train = train.subset(range(max_clients))
     # Configs without the federated evaluation flags (e.g. sweep.py's) evaluate centrally.
     fraction = getattr(cfg, "client_eval_fraction", 0.0)
     mode = getattr(cfg, "client_eval", None) or ("split" if fraction else "off")

@@ -61,6 +61,14 @@ ATTACK_HELP = ("poison the run: data poisoning (label_flip, backdoor: the malici
                "examples) or model poisoning of the malicious clients' uploads (scale, noise, "
                "sign_flip; alie and ipm are omniscient: they see the round's honest updates)")
 
+MAX_CLIENTS_HELP = (
+    "--partition natural: keep only the first N natural clients in the files' order (e.g. "
+    "FedML's 200-writer FEMNIST-LR row); --num-clients must equal it")
+QUICK_HELP = (
+    "smoke run of a preset: the data become a tiny generated stand-in of the same layout "
+    "(written to a temp folder; MNIST -> sklearn digits), 2 rounds, <= 2 clients per round, "
+    "evaluation every round, --out gets a '-quick' suffix (a real run's results are never "
+    "touched); refused with --data-dir/--download/--resume")
 SYSTEM_HELP = {
     "dropout": "probability that a sampled client drops out of a round (Bonawitz et al. 2019)",
     "straggler_fraction": "probability that a client straggles: it completes a random part "
@@ -200,6 +208,7 @@ class TrainConfig(RunConfig):
     flip_map: str = "reverse"
     backdoor_target: int = 0
     trigger_size: int = 3
+    max_clients: int | None = None  # --partition natural: only the files' first N clients
     out: str | None = None  # none: a new runs/<algorithm>/<timestamp>-<config hash>/
     hparams: dict[str, Any] = field(default_factory=dict)
     auto_out: bool = field(default=False, repr=False)  # out was named by resolve_out()
@@ -236,10 +245,16 @@ class TrainConfig(RunConfig):
             parser.add_flag(name, tp, getattr(cls, name), f"{text} [--attack {'|'.join(users)}]",
                             optional=optional, group=group,
                             choices=("reverse", "permutation") if name == "flip_map" else None)
+        parser.add_flag("max_clients", int, None, MAX_CLIENTS_HELP, optional=True)
+        parser.add_flag("quick", bool, False, QUICK_HELP)
         # The class's own default (a preset's folder; None: a new named folder per run).
         parser.set_defaults(out=cls.out)
         values = vars(parser.parse_args(argv))
         values.pop("config")
+        if values.pop("quick"):
+            from fedjax_lab.experiments_lib.quick import quick_values
+
+            values = quick_values(values, cls.out)
         hparams = pop_component_hparams(values, registries)
         cfg = cls(**values, hparams=hparams)
         cfg.validate()
@@ -256,6 +271,18 @@ class TrainConfig(RunConfig):
 
     def validate(self) -> None:
         """Raises ValueError naming the bad flag(s); runs before anything is built."""
+        if self.max_clients is not None:
+            if self.max_clients < 1:
+                raise ValueError(f"--max-clients must be >= 1 (or none), got {self.max_clients}")
+            if self.partition != "natural":
+                raise ValueError("--max-clients keeps the first N natural clients: it needs "
+                                 f"--partition natural (got --partition {self.partition})")
+            if self.num_clients != self.max_clients:
+                raise ValueError(f"--num-clients ({self.num_clients}) must equal --max-clients "
+                                 f"({self.max_clients}): the population is those clients")
+            if self.client_eval == "natural":
+                raise ValueError("--max-clients with --client-eval natural is not supported "
+                                 "(the test writers would not match): use --client-eval off")
         super().validate()
         algorithm, compressor, aggregator = self._selected()
         known = {p.name for c in (algorithm, compressor, aggregator) for p in c.params}
@@ -586,6 +613,8 @@ class TrainConfig(RunConfig):
         # made before attacks existed are unchanged.
         skip = {"hparams", "auto_out"} | (
             {"attack", "malicious_fraction", *ATTACK_PARAMS} if self.attack == "none" else set())
+        if self.max_clients is None:  # likewise for the natural-subset option
+            skip.add("max_clients")
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in skip}
         for component in self._selected():

@@ -102,6 +102,7 @@ PUBLIC = {
         "LazyImageSplit",
         "NATURAL_TEST_DATASETS",
         "SHAKESPEARE_VOCAB",
+        "STANDIN_DATASETS",
         "TARGET_KIND_OF",
         "UserSource",
         "WordIds",
@@ -127,6 +128,7 @@ PUBLIC = {
         "synthetic",
         "synthetic_iid",
         "tag_targets",
+        "write_standin",
     ],
     "fedjax_lab.models": [
         "BatchNormMLP",

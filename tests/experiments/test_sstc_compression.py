@@ -1,6 +1,9 @@
 """experiments/sstc_compression.py (SSTC Table I): outputs, factors, accounting, flag errors."""
 
+import csv
+import dataclasses
 import json
+import math
 
 import jax
 import numpy as np
@@ -11,8 +14,16 @@ from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import stc, with_error_feedback
 from fedjax_lab.compressors._codec import count_width, golomb_bits
-from fedjax_lab.experiments_lib.sstc import main, stc_metrics, with_payload_metrics
+from fedjax_lab.experiments_lib.sstc import (
+    PAPER_TABLE_I,
+    SSTCConfig,
+    main,
+    stc_metrics,
+    table_markdown,
+    with_payload_metrics,
+)
 from fedjax_lab.runner import run
+from tests.data.test_tff_h5 import EMNIST_SIZES, emnist_clients, write_tff_h5
 from tests.helpers import LinearModel, make_population
 
 KEYS = ("stc_conv_factor", "sstc_conv_factor", "stc_total_factor", "sstc_total_factor",
@@ -66,7 +77,72 @@ def test_quick_cli_writes_factors_and_plot(tmp_path, capsys):
                                  res["sstc_conv_factor_per_round"], strict=True):
         if nz > enough:
             assert f_sstc > f_stc
-    assert "conv factor" in capsys.readouterr().out
+    # Table I's compression (the paper's Eq. 1): STC 32 W_conv / (16 p), i.e. 2 / conv density
+    # per round; SSTC 32 * 52,000 / (b_k k + 2 * 25 k) with b_k = 1 + floor(log2(2,080)) = 12
+    # and k = round(0.125 * 2,080) = 260 kept kernels (the paper's §V-B numbers).
+    assert res["eq1_bits"] == {"b_p": 16, "b_k": 12, "kept_kernels": 260,
+                               "sstc_conv_bits": 12 * 260 + 50 * 260}
+    np.testing.assert_allclose(res["stc_paper_conv_factor_per_round"],
+                               2.0 / np.asarray(res["stc_conv_density_per_round"]), rtol=1e-6)
+    np.testing.assert_allclose(res["sstc_paper_conv_factor_per_round"],
+                               [32 * 52000 / (62 * 260)] * rounds, rtol=1e-9)
+    # The table, in the three files and on stdout, with the paper's numbers beside the measured.
+    table = json.loads((out / "table_i.json").read_text())
+    assert [r["method"] for r in table] == ["FedAvg (32-bit)", "FedAvg + STC", "FedAvg + SSTC"]
+    assert table == res["table"]
+    for row, method in zip(table, ("fedavg", "stc", "sstc"), strict=True):
+        acc = res["runs"][method]["test_accuracy"]
+        assert row["max_accuracy"] == max(acc) and row["final_accuracy"] == acc[-1]
+        if method == "fedavg":
+            assert row["compression"] == row["exact_compression"] == 1.0
+            assert row["paper_compression"] is None and row["paper_max_accuracy"] is None
+        else:
+            assert row["compression"] == res[f"{method}_paper_conv_factor"]
+            assert row["exact_compression"] == res[f"{method}_conv_factor"]
+            assert row["paper_compression"] == PAPER_TABLE_I[method]["compression"]
+            assert row["paper_max_accuracy"] == PAPER_TABLE_I[method]["max_accuracy"]
+    with open(out / "table_i.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["max_accuracy"]) for r in rows] == [r["max_accuracy"] for r in table]
+    assert rows[0]["paper_compression"] == ""
+    md = (out / "table_i.md").read_text()
+    assert md == table_markdown(table)
+    assert "| FedAvg + SSTC | 103.2x | 104.0x |" in md and "| 83.94 % |" in md
+    assert md in capsys.readouterr().out
+
+
+def test_paper_settings_are_the_defaults():
+    # Mora et al. 2022, §V-A: E = 5, SGD lr 0.1, batch 16, 1000 rounds, 50 clients per round,
+    # sparsity 1 %; Table I: k = 12.5 %.
+    cfg = SSTCConfig()
+    assert (cfg.local_epochs, cfg.lr, cfg.batch_size, cfg.rounds, cfg.clients_per_round,
+            cfg.sparsity, cfg.kernel_fraction, cfg.image_size) == (5, 0.1, 16, 1000, 50, 0.01,
+                                                                  0.125, 28)
+    assert PAPER_TABLE_I["stc"]["compression"] == 41 and PAPER_TABLE_I["sstc"]["compression"] == 104
+
+
+def test_fed_emnist_h5_is_the_natural_writer_population(tmp_path):
+    # The paper's data: TFF's FEMNIST h5 files, one client per writer (tiny files here).
+    from fedjax_lab.experiments_lib.sstc import build_problem
+
+    write_tff_h5(tmp_path / "fed_emnist_train.h5", emnist_clients(EMNIST_SIZES, 0))
+    write_tff_h5(tmp_path / "fed_emnist_test.h5", emnist_clients({c: 2 for c in EMNIST_SIZES}, 1))
+    cfg = SSTCConfig(dataset="fed_emnist", data_dir=str(tmp_path), clients_per_round=2)
+    cfg.validate()
+    problem = build_problem(cfg)
+    assert problem.data.num_clients == len(EMNIST_SIZES)
+    assert sorted(problem.data.sizes.tolist()) == sorted(EMNIST_SIZES.values())
+    assert (problem.conv_params, problem.num_kernels, problem.kernel_size) == (52000, 2080, 25)
+    with pytest.raises(ValueError, match="--clients-per-round \\(4\\) must be <= the 3 writers"):
+        build_problem(dataclasses.replace(cfg, clients_per_round=4))
+
+
+def test_table_shows_non_finite_factors_as_such():
+    row = {"method": "FedAvg + STC", "compression": math.inf, "paper_compression": 41.0,
+           "exact_compression": math.nan, "max_accuracy": 0.5, "paper_max_accuracy": 0.8433,
+           "final_accuracy": 0.25}
+    assert "| FedAvg + STC | inf | 41.0x | nan | 50.00 % | 84.33 % | 25.00 % |" in table_markdown(
+        [row])
 
 
 def test_payload_metrics_do_not_change_training():
@@ -101,9 +177,11 @@ def test_payload_metrics_do_not_change_training():
         (["--lr", "-1"], "--lr must be a finite float > 0"),
         (["--rounds", "0"], "--rounds must be an integer >= 1"),
         (["--partition", "natural"], "--partition must be one of"),
+        (["--dataset", "fed_emnist"], "--dataset fed_emnist needs --data-dir"),
+        (["--image-size", "3"], "--image-size must be >= 4"),
     ],
     ids=["dataset", "data_dir", "cohort", "sparsity", "kernel_fraction", "lr", "rounds",
-         "partition"],
+         "partition", "fed_emnist", "image_size"],
 )
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
     assert main(["--quick", "--out", str(tmp_path), *argv]) == 2

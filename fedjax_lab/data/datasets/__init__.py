@@ -21,6 +21,7 @@ from fedjax_lab.data.datasets.stackoverflow import (
     stackoverflow_nwp,
     tag_targets,
 )
+from fedjax_lab.data.datasets.standin import STANDIN_DATASETS, write_standin
 from fedjax_lab.data.datasets.synthetic import synthetic, synthetic_iid
 from fedjax_lab.data.datasets.tfds_images import (
     LazyImageSplit,
@@ -46,6 +47,7 @@ __all__ = [
     "LEAF_TASKS",
     "NATURAL_TEST_DATASETS",
     "SHAKESPEARE_VOCAB",
+    "STANDIN_DATASETS",
     "TARGET_KIND_OF",
     "Dataset",
     "H5ClientSource",
@@ -74,4 +76,5 @@ __all__ = [
     "synthetic",
     "synthetic_iid",
     "tag_targets",
+    "write_standin",
 ]
