@@ -40,24 +40,25 @@ from fedjax_lab.algorithms.robust import mean, with_aggregator
 from fedjax_lab.core.losses import softmax_cross_entropy
 from fedjax_lab.core.types import Aggregate, Algorithm, PyTree, ServerState
 
-# Rounds are int32: 31 levels cover every prefix 1 .. 2^31 - 1.
-TREE_LEVELS = 31
-
-
 def tree_noise(key: jax.Array, t: jax.Array, tree: PyTree, std: float) -> PyTree:
     """The tree-aggregation noise of prefix ``t >= 1``: the sum of the noises of the nodes in
-    the binary decomposition of ``t`` (node ``(l, t >> l)`` for each set bit ``l``)."""
+    the binary decomposition of ``t`` (node ``(l, t >> l)`` for each set bit ``l``).
+
+    A while loop over the set bits (lowest first) draws ``popcount(t)`` nodes and compiles its
+    body once, whatever the number of rounds.
+    """
     t = jnp.asarray(t, jnp.int32)
-    total = jax.tree.map(jnp.zeros_like, tree)
-    for level in range(TREE_LEVELS):
-        used = (t >> level) & 1
 
-        def add(acc, level=level):
-            node_key = jax.random.fold_in(jax.random.fold_in(key, level), t >> level)
-            return jax.tree.map(jnp.add, acc, gaussian_noise(node_key, tree, std))
+    def body(carry):
+        rest, total = carry
+        low = rest & -rest  # the lowest set bit
+        level = jax.lax.population_count(low - 1)
+        node_key = jax.random.fold_in(jax.random.fold_in(key, level), t >> level)
+        total = jax.tree.map(jnp.add, total, gaussian_noise(node_key, tree, std))
+        return rest - low, total
 
-        # cond skips the draws of unused levels when not vmapped (a select under vmap).
-        total = jax.lax.cond(used == 1, add, lambda acc: acc, total)
+    _, total = jax.lax.while_loop(lambda carry: carry[0] != 0, body,
+                                  (t, jax.tree.map(jnp.zeros_like, tree)))
     return total
 
 
