@@ -40,6 +40,7 @@ from fedjax_lab.algorithms.robust import mean, with_aggregator
 from fedjax_lab.core.losses import softmax_cross_entropy
 from fedjax_lab.core.types import Aggregate, Algorithm, PyTree, ServerState
 
+
 def tree_noise(key: jax.Array, t: jax.Array, tree: PyTree, std: float) -> PyTree:
     """The tree-aggregation noise of prefix ``t >= 1``: the sum of the noises of the nodes in
     the binary decomposition of ``t`` (node ``(l, t >> l)`` for each set bit ``l``).

@@ -31,6 +31,7 @@ AccountantName = Literal["auto", "dp_accounting", "dp_accounting_pld", "rdp"]
 ACCOUNTANTS = ("auto", "dp_accounting", "dp_accounting_pld", "rdp")
 RDP_NAME = "dp_accounting.rdp.RdpAccountant"
 PLD_NAME = "dp_accounting.pld.PLDAccountant"
+GAUSSIAN_PLD_NAME = "dp_accounting.gaussian_mechanism"
 OWN_NAME = "fedjax_lab.privacy.rdp"
 
 
@@ -98,6 +99,24 @@ def event_epsilon(event: object, delta: float, accountant: str, *,
     rdp.compose(event)
     eps, order = rdp.get_epsilon_and_optimal_order(delta)
     return float(eps), float(order)
+
+
+def gaussian_event_epsilon(noise_multiplier: float, delta: float, accountant: str
+                           ) -> tuple[float, float]:
+    """``(epsilon, order)`` of ONE Gaussian mechanism with ``noise_multiplier`` (the whole
+    release of local DP with Gaussian noise, or of a DP-FTRL tree).
+
+    ``"dp_accounting_pld"``: its exact privacy-loss curve, ``dp_accounting.gaussian_mechanism.
+    get_epsilon_gaussian`` (what the PLD accountant discretises; the discretised PLD of a
+    noise multiplier far below 1 takes minutes). ``"dp_accounting"``: its RDP accountant.
+    """
+    import dp_accounting
+
+    if accountant == "dp_accounting_pld":
+        from dp_accounting import gaussian_mechanism
+
+        return float(gaussian_mechanism.get_epsilon_gaussian(noise_multiplier, delta)), math.nan
+    return event_epsilon(dp_accounting.GaussianDpEvent(noise_multiplier), delta, accountant)
 
 
 def _dp_accounting_epsilon(q: float, z: float, rounds: int, delta: float,

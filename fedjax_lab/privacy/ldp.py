@@ -25,12 +25,14 @@ import math
 
 from fedjax_lab.privacy import rdp as rdp_lib
 from fedjax_lab.privacy.accountant import (
+    GAUSSIAN_PLD_NAME,
     OWN_NAME,
     PLD_NAME,
     RDP_NAME,
     AccountantName,
     PrivacyReport,
     event_epsilon,
+    gaussian_event_epsilon,
     resolve_accountant,
 )
 
@@ -82,9 +84,10 @@ def ldp_privacy(
       noise_multiplier: ``m``: noise std / Laplace scale per coordinate over the clip norm.
       participations: uploads of one client (composition count ``k``).
       delta: target delta in ``(0, 1)``.
-      accountant: ``"dp_accounting"`` (RDP), ``"dp_accounting_pld"``, ``"rdp"`` (ours: RDP of
-        the Gaussian; basic composition of the pure ``2/m`` for Laplace, reported with
-        ``delta = 0``) or ``"auto"``.
+      accountant: ``"dp_accounting"`` (RDP), ``"dp_accounting_pld"`` (its PLD accountant for
+        Laplace; for Gaussian the exact curve of the one equivalent Gaussian,
+        ``dp_accounting.gaussian_mechanism``), ``"rdp"`` (ours: RDP of the Gaussian; basic
+        composition of the pure ``2/m`` for Laplace, reported with ``delta = 0``) or ``"auto"``.
 
     Returns:
       A ``PrivacyReport`` (``rounds`` = participations, ``sampling_rate`` 1).
@@ -108,10 +111,15 @@ def ldp_privacy(
     else:
         import dp_accounting
 
-        base = (dp_accounting.GaussianDpEvent(m / 2.0) if mechanism == "gaussian"
-                else dp_accounting.LaplaceDpEvent(m / 2.0))
-        eps, order = event_epsilon(dp_accounting.SelfComposedDpEvent(base, k), delta, which)
-        name = RDP_NAME if which == "dp_accounting" else PLD_NAME
+        if mechanism == "gaussian" and which == "dp_accounting_pld":
+            # k Gaussian uploads are one Gaussian with multiplier m / (2 sqrt(k)), exactly.
+            eps, order = gaussian_event_epsilon(m / (2.0 * math.sqrt(k)), delta, which)
+            name = GAUSSIAN_PLD_NAME
+        else:
+            base = (dp_accounting.GaussianDpEvent(m / 2.0) if mechanism == "gaussian"
+                    else dp_accounting.LaplaceDpEvent(m / 2.0))
+            eps, order = event_epsilon(dp_accounting.SelfComposedDpEvent(base, k), delta, which)
+            name = RDP_NAME if which == "dp_accounting" else PLD_NAME
     return PrivacyReport(epsilon=float(eps), delta=report_delta, noise_multiplier=m,
                          sampling_rate=1.0, rounds=k, order=float(order), accountant=name,
                          sampling=LDP_SAMPLING)

@@ -10,14 +10,15 @@ one client's updates, replaced by zeros (the denominator is fixed; ``dp_accounti
 
     S^2 = sum_{l=0}^{D-1} ( floor(k / 2^l) 4^l + (k mod 2^l)^2 ) C^2      (= D C^2 for k = 1)
 
-(per level, the participations packed into as few nodes as possible; rounds ``1..k`` reach it
-when the tree is large enough, so it is the worst case, not a loose bound). The node releases are an adaptive composition of Gaussian mechanisms,
-which is exactly the Gaussian mechanism with noise multiplier ``z C / S`` (Dong, Roth & Su
-2022, Cor. 3.3), so: RDP ``alpha S^2 / (2 z^2 C^2)`` — for ``k = 1`` this is ``dp_accounting``'s
-``SingleEpochTreeAggregationDpEvent(z, T)``, used then — and the exact analytic-Gaussian
-``epsilon`` via the PLD accountant. No sampling amplification is claimed: a client's
-contributions count whatever the cohort sampling was. Tree restarts are not modelled (one tree
-over the whole run).
+(per level, the participations packed into as few nodes as possible; rounds ``1..k`` reach it when
+the tree is large enough, so it is the worst case, not a loose bound). The node releases are an
+adaptive composition of Gaussian mechanisms, which is exactly the Gaussian mechanism with noise
+multiplier ``z C / S`` (Dong, Roth & Su 2022, Cor. 3.3), so: RDP ``alpha S^2 / (2 z^2 C^2)`` — for
+``k = 1`` this is ``dp_accounting``'s ``SingleEpochTreeAggregationDpEvent(z, T)``, used then — and
+the exact analytic-Gaussian ``epsilon`` (``"dp_accounting_pld"``: the exact privacy-loss curve of
+one Gaussian, ``dp_accounting.gaussian_mechanism``). No sampling amplification is
+claimed: a client's contributions count whatever the cohort sampling was. Tree restarts are not
+modelled (one tree over the whole run).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import math
 
 from fedjax_lab.privacy import rdp as rdp_lib
 from fedjax_lab.privacy.accountant import (
+    GAUSSIAN_PLD_NAME,
     OWN_NAME,
-    PLD_NAME,
     RDP_NAME,
     AccountantName,
     PrivacyReport,
     event_epsilon,
+    gaussian_event_epsilon,
     resolve_accountant,
 )
 
@@ -98,9 +100,8 @@ def dp_ftrl_privacy(
             event = dp_accounting.SingleEpochTreeAggregationDpEvent(float(z), rounds)
             eps, order = event_epsilon(event, delta, which, replace_special=True)
         else:
-            event = dp_accounting.GaussianDpEvent(effective)
-            eps, order = event_epsilon(event, delta, which, replace_special=True)
-        name = RDP_NAME if which == "dp_accounting" else PLD_NAME
+            eps, order = gaussian_event_epsilon(effective, delta, which)
+        name = RDP_NAME if which == "dp_accounting" else GAUSSIAN_PLD_NAME
     return PrivacyReport(epsilon=float(eps), delta=float(delta), noise_multiplier=effective,
                          sampling_rate=1.0, rounds=rounds, order=float(order), accountant=name,
                          sampling=TREE_SAMPLING)
