@@ -7,7 +7,7 @@ import pytest
 
 from fedjax_lab.privacy import analytic_gaussian_epsilon, dp_fedavg_privacy
 
-ARGS = {"noise_multiplier": 1.0, "clients_per_round": 10, "num_clients": 500, "rounds": 50,
+ARGS = {"noise_multiplier": 2.0, "clients_per_round": 10, "num_clients": 500, "rounds": 50,
         "delta": 1e-5}
 
 
@@ -16,7 +16,7 @@ def test_dp_fedavg_pld_is_dp_accountings_pld_and_tighter_than_rdp():
     rdp = dp_fedavg_privacy(**ARGS, accountant="dp_accounting")
     assert pld.accountant == "dp_accounting.pld.PLDAccountant" and math.isnan(pld.order)
     acc = dp_accounting.pld.PLDAccountant()
-    acc.compose(dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.0)), 50)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(2.0)), 50)
     assert pld.epsilon == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     assert 0 < pld.epsilon < rdp.epsilon
 
