@@ -27,9 +27,11 @@ def make(mechanism, m=0.0, clip=0.5):
                       noise_multiplier=m, mechanism=mechanism)
 
 
-@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
+@pytest.mark.parametrize("mechanism", ["laplace"])
 def test_noise_free_ldp_fedavg_matches_numpy(mechanism):
-    # m = 0: each client's update clipped in L2 (gaussian) or L1 (laplace), uniform mean.
+    # m = 0: each client's update clipped in L1 (laplace), uniform mean. (The L2 clip of the
+    # gaussian mechanism is checked against numpy by the mean of the noise below: one compile
+    # fewer.)
     data = make_population([7, 12, 3, 9, 15, 5], seed=1)
     params = MODEL.init(jax.random.key(0))
     clip, norm = (0.9, l2) if mechanism == "gaussian" else (3.0, l1)
