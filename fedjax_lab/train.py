@@ -296,6 +296,7 @@ class TrainConfig(RunConfig):
             if name.endswith("_lr") and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, "
                                  f"got {value}")
+        self.validate_privacy_params(self._params(algorithm))
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"--local-steps must be >= 1 (or none), got {self.local_steps}")
         if "fixed_local_steps" in algorithm.tags and self.local_steps is None:
@@ -323,6 +324,13 @@ class TrainConfig(RunConfig):
             flag = f"--aggregator {self.aggregator}" if robust else "--clip-norm"
             raise ValueError(f"--algorithm {self.algorithm} clips and noises its own aggregate; "
                              f"{flag} would replace it: drop {flag}")
+        if "raw_uploads" in algorithm.tags and (self.compressor != "identity"
+                                                 or self.error_feedback):
+            flag = ("--error-feedback" if self.compressor == "identity"
+                    else f"--compressor {self.compressor}")
+            raise ValueError(f"--algorithm {self.algorithm} clips on the client against a bound "
+                             f"that changes every round and uploads the raw clipped update; "
+                             f"{flag} would change it after clipping: drop {flag}")
         for name in ("dropout", "straggler_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -363,6 +371,34 @@ class TrainConfig(RunConfig):
                 raise ValueError("--resume continues the run in --out: pass --out with the "
                                  "run's folder (e.g. runs/<algorithm>/latest)")
             self.resolve_out()
+
+    def validate_privacy_params(self, params: dict[str, Any]) -> None:
+        """The DP algorithms' hyperparameters by name (and adaptive clipping's sigma_b vs z),
+        so that a bad value exits 2 before data or models are built."""
+        ranges = {"dp_clip_norm": (0.0, math.inf, "a finite number > 0", False),
+                  "noise_multiplier": (0.0, math.inf, "a finite number >= 0", True),
+                  "target_quantile": (0.0, 1.0, "in [0, 1]", True),
+                  "clip_count_stddev": (0.0, math.inf, "a finite number >= 0 (or none)", True),
+                  "server_momentum": (0.0, 1.0, "in [0, 1)", True)}
+        for name, (lo, hi, text, closed) in ranges.items():
+            value = params.get(name)
+            if value is None:
+                continue
+            ok = math.isfinite(value) and (lo <= value if closed else lo < value) and (
+                value <= hi if name == "target_quantile" else value < hi)
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {text}, got {value}")
+        if "target_quantile" in params:  # adaptive clipping: the count's share of the budget
+            from fedjax_lab.algorithms.dp_adaptive_clip import update_noise_multiplier
+
+            sigma_b = params["clip_count_stddev"]
+            sigma_b = self.clients_per_round / 20.0 if sigma_b is None else sigma_b
+            try:
+                update_noise_multiplier(params["noise_multiplier"], sigma_b)
+            except ValueError as e:
+                raise ValueError(f"--clip-count-stddev (default --clients-per-round / 20 = "
+                                 f"{self.clients_per_round / 20.0:g}) with --noise-multiplier "
+                                 f"{params['noise_multiplier']}: {e}") from None
 
     def model_attack(self) -> bool:
         """Whether the attack changes uploads inside the round (backdoor with a boost too)."""

@@ -2,7 +2,9 @@
 
 # Registers the constructors by name for the experiment CLI (fedjax_lab.registry).
 from fedjax_lab.algorithms import _registered  # noqa: F401
+from fedjax_lab.algorithms.dp_adaptive_clip import dp_fedavg_adaptive
 from fedjax_lab.algorithms.dp_fedavg import dp_fedavg
+from fedjax_lab.algorithms.dp_ftrl import dp_ftrl
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fedbn import fedbn
 from fedjax_lab.algorithms.fednova import fednova
@@ -16,6 +18,7 @@ from fedjax_lab.algorithms.fedopt import (
 )
 from fedjax_lab.algorithms.fedpaq import fedpaq, qsgd_baseline
 from fedjax_lab.algorithms.fedprox import fedprox
+from fedjax_lab.algorithms.ldp_fedavg import ldp_fedavg
 from fedjax_lab.algorithms.robust import (
     Aggregator,
     Transform,
@@ -42,6 +45,8 @@ __all__ = [
     "centered_clipping",
     "clip_norm",
     "dp_fedavg",
+    "dp_fedavg_adaptive",
+    "dp_ftrl",
     "fedadagrad",
     "fedadam",
     "fedavg",
@@ -54,6 +59,7 @@ __all__ = [
     "fedyogi",
     "geometric_median",
     "krum",
+    "ldp_fedavg",
     "mean",
     "median",
     "multi_krum",

@@ -1,7 +1,8 @@
 """Registers the algorithms and aggregators with ``fedjax_lab.registry`` (the CLI's choices).
 
 Tags the CLI checks before building: ``plain_sgd`` (no client momentum), ``fixed_local_steps``
-(needs ``--local-steps``), ``noisy_aggregate`` (no aggregator replacement), ``additive``
+(needs ``--local-steps``), ``noisy_aggregate`` (no aggregator replacement), ``raw_uploads``
+(no compressor: clients clip against a per-round bound), ``additive``
 (aggregators that every backend can reduce as partial sums).
 
 Each builder only calls the public constructor with the CLI's values, so ``--algorithm X``
@@ -15,7 +16,9 @@ from typing import Any
 import jax
 import optax
 
+from fedjax_lab.algorithms.dp_adaptive_clip import dp_fedavg_adaptive
 from fedjax_lab.algorithms.dp_fedavg import dp_fedavg
+from fedjax_lab.algorithms.dp_ftrl import dp_ftrl
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.algorithms.fednova import fednova
 from fedjax_lab.algorithms.fedopt import (
@@ -28,6 +31,7 @@ from fedjax_lab.algorithms.fedopt import (
 )
 from fedjax_lab.algorithms.fedpaq import fedpaq
 from fedjax_lab.algorithms.fedprox import fedprox
+from fedjax_lab.algorithms.ldp_fedavg import MECHANISMS, ldp_fedavg
 from fedjax_lab.algorithms.robust import (
     bulyan,
     centered_clipping,
@@ -119,6 +123,37 @@ def _dp_fedavg(ctx: AlgorithmContext, compressor: Any, dp_clip_norm: float,
                      key=jax.random.key(ctx.seed), compressor=compressor, **ctx.local_work())
 
 
+def _dp_fedavg_adaptive(ctx: AlgorithmContext, compressor: Any, dp_clip_norm: float,
+                        noise_multiplier: float, target_quantile: float, clip_lr: float,
+                        clip_count_stddev: float | None) -> Any:
+    # The "raw_uploads" tag makes TrainConfig.validate refuse every --compressor but identity
+    # (and --error-feedback), so this is the identity compressor: the raw float32 upload it
+    # stands for is what the algorithm sends (same bits, 32 per coordinate).
+    del compressor
+    work = ctx.local_work()
+    return dp_fedavg_adaptive(
+        ctx.model, ctx.client_optimizer(), initial_clip_norm=dp_clip_norm,
+        noise_multiplier=noise_multiplier, clients_per_round=ctx.clients_per_round,
+        key=jax.random.key(ctx.seed), target_quantile=target_quantile, clip_lr=clip_lr,
+        clip_count_stddev=clip_count_stddev, **work)
+
+
+def _ldp_fedavg(ctx: AlgorithmContext, compressor: Any, dp_clip_norm: float,
+                noise_multiplier: float, ldp_mechanism: str) -> Any:
+    return ldp_fedavg(ctx.model, ctx.client_optimizer(), clip_norm=dp_clip_norm,
+                      noise_multiplier=noise_multiplier, mechanism=ldp_mechanism,
+                      compressor=compressor, **ctx.local_work())
+
+
+def _dp_ftrl(ctx: AlgorithmContext, compressor: Any, dp_clip_norm: float,
+             noise_multiplier: float, server_lr: float, server_momentum: float) -> Any:
+    # The tree's noise key is the run seed's key, as DP-FedAvg's.
+    return dp_ftrl(ctx.model, ctx.client_optimizer(), clip_norm=dp_clip_norm,
+                   noise_multiplier=noise_multiplier, clients_per_round=ctx.clients_per_round,
+                   key=jax.random.key(ctx.seed), server_lr=server_lr, momentum=server_momentum,
+                   compressor=compressor, **ctx.local_work())
+
+
 register_algorithm("fedavg", _fedavg, description="FedAvg (McMahan et al. 2017)")
 register_algorithm(
     "fedprox", _fedprox, description="FedProx: proximal local objective (Li et al. 2020)",
@@ -152,6 +187,37 @@ register_algorithm(
     params=(Param("dp_clip_norm", float, 1.0, "DP-FedAvg L2 bound S on each client's update"),
             Param("noise_multiplier", float, 1.0,
                   "DP-FedAvg noise multiplier z (noise std z*S on the sum)")))
+DP_CLIP = Param("dp_clip_norm", float, 1.0, "DP-FedAvg L2 bound S on each client's update")
+register_algorithm(
+    "dp_fedavg_adaptive", _dp_fedavg_adaptive, tags=("noisy_aggregate", "raw_uploads"),
+    description="DP-FedAvg with adaptive quantile clipping (Andrew et al. 2021, Alg. 1)",
+    params=(Param("dp_clip_norm", float, 1.0,
+                  "DP-FedAvg L2 bound S on each client's update (adaptive: its initial value)"),
+            Param("noise_multiplier", float, 1.0,
+                  "DP-FedAvg noise multiplier z (adaptive: of sum and count together)"),
+            Param("target_quantile", float, 0.5,
+                  "adaptive clipping: target fraction gamma of unclipped clients"),
+            Param("clip_lr", float, 0.2, "adaptive clipping: geometric step eta_C"),
+            Param("clip_count_stddev", float, None,
+                  "adaptive clipping: noise std sigma_b on the unclipped count (none: "
+                  "clients_per_round / 20); must exceed z / 2")))
+register_algorithm(
+    "ldp_fedavg", _ldp_fedavg, tags=("noisy_aggregate",),
+    description="FedAvg with local DP: each client clips and noises its update (Gaussian "
+                "or Laplace) before upload",
+    params=(Param("dp_clip_norm", float, 1.0,
+                  "L2 (gaussian) or L1 (laplace) bound C on each client's update"),
+            Param("noise_multiplier", float, 1.0,
+                  "noise std / Laplace scale per coordinate over C (local DP)"),
+            Param("ldp_mechanism", str, "gaussian", "local DP noise", MECHANISMS)))
+register_algorithm(
+    "dp_ftrl", _dp_ftrl, tags=("noisy_aggregate",),
+    description="DP-FTRL: tree-aggregation noise on the running sum, no sampling "
+                "amplification (Kairouz et al. 2021, Alg. 1)",
+    params=(DP_CLIP,
+            Param("noise_multiplier", float, 1.0, "DP-FTRL noise multiplier z per tree node"),
+            SERVER_LR,
+            Param("server_momentum", float, 0.0, "DP-FTRLM momentum gamma in [0, 1)")))
 # FedBN trains a model with BatchNorm state (apply(params, state, x, ...)) and is evaluated
 # with each client's own BatchNorm layer, which lives in the client-state store: the CLI's
 # --model choices and its evaluator (the server's parameters on the test set) provide neither,

@@ -12,17 +12,27 @@ a proof (see the "How to DP-fy ML" guide, Sec. 5.6), and the report says so in
 Two accountants compute the same RDP quantity: the ``dp_accounting`` package (Google's
 ``RdpAccountant``, used when it is importable) and our own :mod:`fedjax_lab.privacy.rdp`
 (integer orders), which the tests check against published values and against ``dp_accounting``.
+``accountant="dp_accounting_pld"`` uses ``dp_accounting``'s privacy-loss-distribution
+accountant instead (Koskela et al. 2020; Doroshenko et al. 2022, "Connect the Dots"), which is
+tighter than any RDP conversion. :func:`event_epsilon` runs any ``dp_accounting`` event through
+either, for the other mechanisms (:mod:`fedjax_lab.privacy.ldp`, :mod:`fedjax_lab.privacy.tree`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 from fedjax_lab.privacy import rdp as rdp_lib
 
-AccountantName = Literal["auto", "dp_accounting", "rdp"]
+AccountantName = Literal["auto", "dp_accounting", "dp_accounting_pld", "rdp"]
+ACCOUNTANTS = ("auto", "dp_accounting", "dp_accounting_pld", "rdp")
+RDP_NAME = "dp_accounting.rdp.RdpAccountant"
+PLD_NAME = "dp_accounting.pld.PLDAccountant"
+GAUSSIAN_PLD_NAME = "dp_accounting.gaussian_mechanism"
+OWN_NAME = "fedjax_lab.privacy.rdp"
 
 
 class PrivacyReport(NamedTuple):
@@ -46,14 +56,76 @@ def dp_accounting_available() -> bool:
     return importlib.util.find_spec("dp_accounting") is not None
 
 
-def _dp_accounting_epsilon(q: float, z: float, rounds: int, delta: float) -> tuple[float, float]:
+def resolve_accountant(accountant: str) -> str:
+    """``"dp_accounting"`` (its RDP), ``"dp_accounting_pld"`` or ``"rdp"`` (ours) for a name;
+    ``"auto"`` is ``dp_accounting``'s RDP when importable, else ours.
+
+    Raises:
+      ValueError: an unknown name, or a ``dp_accounting`` one without the package.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be 'auto', 'dp_accounting', 'dp_accounting_pld' or "
+                         f"'rdp', got {accountant!r}")
+    if accountant == "auto":
+        return "dp_accounting" if dp_accounting_available() else "rdp"
+    if accountant != "rdp" and not dp_accounting_available():
+        raise ValueError(
+            f"accountant={accountant!r} but the dp_accounting package is not installed; "
+            "pip install dp-accounting or use accountant='rdp'"
+        )
+    return accountant
+
+
+def event_epsilon(event: object, delta: float, accountant: str, *,
+                  replace_special: bool = False) -> tuple[float, float]:
+    """``(epsilon, optimal order)`` of a ``dp_accounting`` ``DpEvent`` at ``delta``.
+
+    Args:
+      event: e.g. ``SelfComposedDpEvent(GaussianDpEvent(z), rounds)``.
+      delta: target delta in ``(0, 1)``.
+      accountant: ``"dp_accounting"`` (RDP) or ``"dp_accounting_pld"`` (PLD; order is NaN).
+      replace_special: use the ``REPLACE_SPECIAL`` neighbouring relation (replace one record
+        by a special zero record), which tree aggregation requires; else add-or-remove-one.
+    """
     import dp_accounting
 
-    accountant = dp_accounting.rdp.RdpAccountant()
-    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
-    accountant.compose(event, rounds)
-    eps, order = accountant.get_epsilon_and_optimal_order(delta)
+    relation = (dp_accounting.NeighboringRelation.REPLACE_SPECIAL if replace_special
+                else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    if accountant == "dp_accounting_pld":
+        pld = dp_accounting.pld.PLDAccountant(neighboring_relation=relation)
+        pld.compose(event)
+        return float(pld.get_epsilon(delta)), math.nan
+    rdp = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+    rdp.compose(event)
+    eps, order = rdp.get_epsilon_and_optimal_order(delta)
     return float(eps), float(order)
+
+
+def gaussian_event_epsilon(noise_multiplier: float, delta: float, accountant: str
+                           ) -> tuple[float, float]:
+    """``(epsilon, order)`` of ONE Gaussian mechanism with ``noise_multiplier`` (the whole
+    release of local DP with Gaussian noise, or of a DP-FTRL tree).
+
+    ``"dp_accounting_pld"``: its exact privacy-loss curve, ``dp_accounting.gaussian_mechanism.
+    get_epsilon_gaussian`` (what the PLD accountant discretises; the discretised PLD of a
+    noise multiplier far below 1 takes minutes). ``"dp_accounting"``: its RDP accountant.
+    """
+    import dp_accounting
+
+    if accountant == "dp_accounting_pld":
+        from dp_accounting import gaussian_mechanism
+
+        return float(gaussian_mechanism.get_epsilon_gaussian(noise_multiplier, delta)), math.nan
+    return event_epsilon(dp_accounting.GaussianDpEvent(noise_multiplier), delta, accountant)
+
+
+def _dp_accounting_epsilon(q: float, z: float, rounds: int, delta: float,
+                           accountant: str = "dp_accounting") -> tuple[float, float]:
+    import dp_accounting
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+    return event_epsilon(event, delta, accountant)
 
 
 def dp_fedavg_privacy(
@@ -73,13 +145,13 @@ def dp_fedavg_privacy(
       num_clients: population size; ``q = clients_per_round / num_clients``.
       rounds: rounds run so far.
       delta: target delta in (0, 1), e.g. below ``1 / num_clients``.
-      accountant: ``"dp_accounting"``, ``"rdp"`` (ours) or ``"auto"`` (``dp_accounting`` when
-        importable, else ours).
+      accountant: ``"dp_accounting"`` (its RDP), ``"dp_accounting_pld"``, ``"rdp"`` (ours) or
+        ``"auto"`` (``dp_accounting``'s RDP when importable, else ours). The same report serves
+        DP-FedAvg with adaptive clipping (``fedjax_lab.algorithms.dp_fedavg_adaptive``) with
+        its OVERALL noise multiplier (Andrew et al. 2021, Sec. 3.1).
     """
-    if accountant not in ("auto", "dp_accounting", "rdp"):
-        raise ValueError(
-            f"accountant must be 'auto', 'dp_accounting' or 'rdp', got {accountant!r}"
-        )
+    if accountant not in ACCOUNTANTS:
+        resolve_accountant(accountant)  # the error naming the choices
     for name, value in (("clients_per_round", clients_per_round), ("num_clients", num_clients)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -95,22 +167,15 @@ def dp_fedavg_privacy(
     if not isinstance(noise_multiplier, int | float) or noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
     q = clients_per_round / num_clients
-    if accountant == "dp_accounting" and not dp_accounting_available():
-        raise ValueError(
-            "accountant='dp_accounting' but the dp_accounting package is not installed; "
-            "pip install dp-accounting or use accountant='rdp'"
-        )
-    use_google = accountant == "dp_accounting" or (
-        accountant == "auto" and dp_accounting_available()
-    )
-    if use_google and rounds > 0 and noise_multiplier > 0:
-        eps, order = _dp_accounting_epsilon(q, float(noise_multiplier), rounds, delta)
-        name = "dp_accounting.rdp.RdpAccountant"
+    which = resolve_accountant(accountant)
+    if which != "rdp" and rounds > 0 and noise_multiplier > 0:
+        eps, order = _dp_accounting_epsilon(q, float(noise_multiplier), rounds, delta, which)
+        name = RDP_NAME if which == "dp_accounting" else PLD_NAME
     else:
         eps, order = rdp_lib.epsilon_subsampled_gaussian(
             q, float(noise_multiplier), rounds, delta
         )
-        name = "fedjax_lab.privacy.rdp"
+        name = OWN_NAME
     return PrivacyReport(
         epsilon=eps,
         delta=float(delta),
