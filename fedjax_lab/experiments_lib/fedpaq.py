@@ -59,6 +59,8 @@ from fedjax_lab.systems import TimeModel
 from fedjax_lab.systems.time_model import SimulatedClock
 
 SETTINGS = ("lr", "nn")
+# The paper's datasets, read from TFDS when --data-dir is given.
+TFDS_NAMES = {"lr": "mnist", "nn": "cifar10"}
 # The three methods of panel 4, by curve label.
 METHODS = ("fedpaq", "fedavg", "qsgd")
 # The paper's network size: n = 50 nodes; ``r`` values below are for n = 50 and scale with n.
@@ -246,6 +248,17 @@ class FedPAQFigureConfig:
             if not steps or not all(0 < s < math.inf for s in steps):
                 raise ValueError(f"--{setting}-steps must be finite step sizes > 0, got "
                                  f"{steps}")
+        if self.data_dir:
+            # TFDS keeps each dataset in <data_dir>/<name>/<version>: refuse a wrong folder
+            # here (one line, before anything is built) rather than deep in the loader.
+            for setting in self.settings:
+                name = TFDS_NAMES[setting]
+                if not os.path.isdir(os.path.join(self.data_dir, name)):
+                    raise ValueError(
+                        f"--data-dir {self.data_dir!r} holds no TFDS {name!r} (needed by the "
+                        f"{setting!r} setting; prepare it with tfds build {name} "
+                        "--file_format=array_record --data_dir=DIR); without --data-dir the "
+                        "offline stand-in is used")
         try:
             fractions = self.fractions()
         except ValueError:
@@ -283,8 +296,7 @@ def load_setting_data(cfg: FedPAQFigureConfig, setting: str) -> tuple[Dataset, s
     """
     count = cfg.num_clients * cfg.samples_per_node
     if cfg.data_dir:
-        name = "mnist" if setting == "lr" else "cifar10"
-        full = load_dataset(name, data_dir=cfg.data_dir)
+        full = load_dataset(TFDS_NAMES[setting], data_dir=cfg.data_dir)
         full = class_subset(full, (0, 8)) if setting == "lr" else full
         what = "TFDS MNIST digits '0' and '8'" if setting == "lr" else "TFDS CIFAR-10"
         replace = False

@@ -145,7 +145,7 @@ def test_cli_writes_eight_panels_tuned_steps_and_time_to_loss(tiny_run):
     for setting, sres in res["settings"].items():
         assert set(sres["panels"]) == {"1", "2", "3", "4"}
         assert set(sres["panels"]["4"]["curves"]) == set(METHODS)
-        assert sres["num_train_examples"] == 100 and sres["client_sizes"] == [10, 10]
+        assert sres["num_train_examples"] == 200 and sres["client_sizes"] == [20, 20]
         levels = sres["loss_levels"]
         assert len(levels) == 5 and levels == sorted(levels, reverse=True)
         for panel in sres["panels"].values():
@@ -200,8 +200,9 @@ def test_sweep_curve_equals_the_runner(tiny_run):
         (["--lr-steps", "0.1,-1"], "--lr-steps must be finite step sizes > 0"),
         (["--loss-fractions", "0.5,2"], "--loss-fractions must be"),
         (["--samples-per-node", "5"], "must be >= --batch-size"),
+        (["--data-dir", "/nonexistent"], "holds no TFDS 'mnist'"),
     ],
-    ids=["T", "settings", "n", "ratio", "hidden", "steps", "fractions", "m"],
+    ids=["T", "settings", "n", "ratio", "hidden", "steps", "fractions", "m", "data-dir"],
 )
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
     assert main([*TINY, "--out", str(tmp_path), *argv]) == 2
