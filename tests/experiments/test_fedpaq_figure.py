@@ -163,7 +163,7 @@ def test_cli_writes_eight_panels_tuned_steps_and_time_to_loss(tiny_run):
                  for t in ts]
         assert all(t is None or t > 0 for t in times)
     theory = res["theory"]
-    assert theory["T"] == [4, 8, 16, 32] and len(theory["gap"]) == 4
+    assert theory["T"] == [2, 4, 8, 16, 32] and len(theory["gap"]) == 5
     assert theory["f_star_grad_norm"] < 1e-3
     assert theory["slope"] is None or math.isfinite(theory["slope"])
 
