@@ -269,6 +269,8 @@ def sweep(
     evaluate: Callable[[Params], Mapping[str, float]] | None = None,
     keep_params: bool = True,
     points_per_batch: int | None = None,
+    round_eval: Callable[[Params, Any, jax.Array], Mapping[str, jax.Array]] | None = None,
+    round_eval_data: Any = None,
 ) -> SweepResult:
     """Trains one run per (seed, grid point) in a single compiled program.
 
@@ -287,6 +289,14 @@ def sweep(
         the program (``lax.map``); None vmaps all of them. Smaller groups keep the batched
         working set in cache (see ``benchmarks/sweep_speedup.py``); every choice computes the
         same numbers.
+      round_eval: optional ``(params, round_eval_data, round) -> {metric: scalar}``, traced
+        inside the compiled round after the server update (``round`` is the 0-based round
+        just done); its metrics join ``history`` (e.g. the global training loss of every round
+        of every grid point, FedPAQ's Figure 1). It may skip rounds with ``lax.cond`` on
+        ``round`` (unbatched).
+      round_eval_data: a pytree of arrays for ``round_eval``, passed to the program as an
+        argument (closed-over arrays would be embedded in the program as constants: slow to
+        compile for a dataset).
 
     Returns:
       A :class:`SweepResult` with per-round metrics ``[seeds, points, rounds]``.
@@ -322,7 +332,7 @@ def sweep(
     num_clients = data.num_clients
     slots = clients_per_round
 
-    def one_run(h, params, root, index, mask, weight, client_ids, table):
+    def one_run(h, params, root, index, mask, weight, client_ids, table, eval_data):
         algorithm = _build_algorithm(make_algorithm, h)
         if algorithm.data_spec != spec:
             raise ValueError(
@@ -349,6 +359,8 @@ def sweep(
             server_state, metrics = algorithm.server_update(
                 server_state, algorithm.aggregate(outputs)
             )
+            if round_eval is not None:
+                metrics = {**metrics, **round_eval(server_state.params, eval_data, r)}
             if stateful:  # padded slots (id -1) point past the table and are dropped
                 target = jnp.where(ids >= 0, ids, num_clients)
                 population = jax.tree.map(
@@ -368,11 +380,12 @@ def sweep(
         # Groups of points vmapped, groups one after another: bounds the working set.
         return jax.lax.map(lambda hp: one_run(hp, *shared), h, batch_size=points_per_batch)
 
-    over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None))
+    over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None))
     args = (
         hvals, params0, roots,
         jnp.asarray(cohorts["index"], jnp.int32), jnp.asarray(cohorts["mask"]),
         jnp.asarray(cohorts["weight"]), jnp.asarray(cohorts["client_ids"]), table,
+        jax.tree.map(jnp.asarray, round_eval_data),
     )
     t0 = time.perf_counter()
     try:
