@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from fedjax_lab import algorithms as A
 from fedjax_lab import compressors as Z
@@ -29,6 +28,7 @@ from fedjax_lab.registry import AGGREGATORS, ALGORITHMS, COMPRESSORS
 from fedjax_lab.runner import run
 from fedjax_lab.systems import Availability
 from fedjax_lab.train import TrainConfig
+from tests.helpers import persistent_compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED, NUM_CLIENTS, PER_ROUND, LR, BATCH = 3, 10, 5, 0.1, 20
@@ -122,21 +122,12 @@ def test_every_public_algorithm_is_registered_or_refused_with_a_reason():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
+def xla_cache(tmp_path_factory):
     """A persistent XLA cache for this module: the Python run of a case loads the CLI run's
     executables when their programs are identical, instead of compiling them again (speed only;
     the numbers are compared below either way). Restored afterwards."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()  # the cache reads its settings once
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 @pytest.fixture(scope="module")
