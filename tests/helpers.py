@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
@@ -134,3 +135,28 @@ def experiment_server_state(out, flags):
     _, _, model, _, params = build_problem(cfg)
     return checkpointed_server_state(out / "checkpoints", cfg.make_algorithm(model), params,
                                      cfg.rounds)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory):
+    """Within the block, XLA executables are cached on disk in ``directory`` (a fresh folder):
+    a program compiled again with identical HLO (another backend instance or run building the
+    same round program, a reference run next to the run under test) is loaded instead of
+    compiled. Speed only: tracing is unchanged, and so are the backends' compile counters (they
+    count traces) and chex.assert_max_traces. ``directory=None`` turns the cache off within the
+    block. The previous settings are restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], None if directory is None else str(directory))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    compilation_cache.reset_cache()  # the cache reads its settings once
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

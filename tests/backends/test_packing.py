@@ -46,7 +46,7 @@ from fedjax_lab.data.packing import (
 )
 from fedjax_lab.runner import ClientStateStore, run
 from fedjax_lab.systems.availability import Availability
-from tests.helpers import LinearModel, make_population
+from tests.helpers import LinearModel, make_population, persistent_compilation_cache
 
 MODEL = LinearModel(dim=5, classes=3)
 # One example next to a thousand (batch 8: 1 step next to 125), several clients per slot.
@@ -102,6 +102,15 @@ def _assert_same_run(ref, got):
     assert set(got_store.states) == set(ref_store.states)
     for cid, state in ref_store.states.items():
         chex.assert_trees_all_close(got_store.states[cid], state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+    """Identical programs compiled again in this module (the padded reference rounds rebuilt by
+    new backends, the same packed layouts under both cost models) load from a persistent XLA
+    cache instead of compiling: speed only, every comparison and trace count is unchanged."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -175,21 +184,29 @@ def test_auto_keeps_the_padded_program_for_equal_clients():
     assert dict(backend.compiles) == {"padded_round": 1}
 
 
-@pytest.mark.parametrize("cost", [None, COMPUTE_BOUND], ids=["platform-cost", "compute-bound"])
-def test_heavy_tailed_100_round_run_compiles_a_bounded_number_of_programs(cost):
+@pytest.fixture(scope="module")
+def heavy_tailed():
+    """A heavy-tailed population and its padded 100-round run, the reference for both cost
+    models below (the same run either way: computed once)."""
     sizes = np.random.default_rng(3).lognormal(3.0, 1.8, 300).astype(int) + 1
     data = make_population(list(sizes), seed=4)
     assert sizes.max() > 100 * np.median(sizes)  # heavy-tailed
     params = MODEL.init(jax.random.key(0))
     alg = fedavg(MODEL, optax.sgd(0.05), batch_size=8)
+    padded = run(alg, VmapBackend("vmap", packing="off"), data, params, rounds=100,
+                 clients_per_round=10, seed=0)
+    return data, params, alg, padded
+
+
+@pytest.mark.parametrize("cost", [None, COMPUTE_BOUND], ids=["platform-cost", "compute-bound"])
+def test_heavy_tailed_100_round_run_compiles_a_bounded_number_of_programs(cost, heavy_tailed):
+    data, params, alg, padded = heavy_tailed
     traced = alg._replace(client_update=LocalUpdate(
         alg.client_update.start, chex.assert_max_traces(alg.client_update.step, n=8),
         alg.client_update.finish))
     backend = VmapBackend("vmap", packing=PackingPolicy(cost=cost))
     result = run(traced, backend, data, params, rounds=100, clients_per_round=10, seed=0)
     assert sum(result.compiles.values()) <= 8
-    padded = run(alg, VmapBackend("vmap", packing="off"), data, params, rounds=100,
-                 clients_per_round=10, seed=0)
     assert result.computed_steps < 0.7 * padded.computed_steps  # the ladder alone wastes more
     if cost is COMPUTE_BOUND:
         assert result.padding_efficiency >= 0.85
@@ -228,9 +245,11 @@ def test_memory_is_bounded_by_slots_not_by_the_largest_client():
 
         return total(init, False) + total(seg, True), total(padded, True)
 
-    # The same 4,018 examples: four similar clients, or one of 4,000 among tiny ones.
-    small_packed, small_padded = programs([1000, 1006, 1006, 1006])
-    large_packed, large_padded = programs([4, 4000, 5, 9])
+    # The same 4,018 examples: four similar clients, or one of 4,000 among tiny ones. Compiled
+    # here, not loaded from the module's XLA cache: the memory analysis of fresh compilations.
+    with persistent_compilation_cache(None):
+        small_packed, small_padded = programs([1000, 1006, 1006, 1006])
+        large_packed, large_padded = programs([4, 4000, 5, 9])
     assert large_packed == small_packed
     assert large_padded > 3 * small_padded
 
@@ -356,13 +375,13 @@ def test_step_is_a_no_op_on_a_fully_masked_batch():
         chex.assert_trees_all_equal(after, carry, custom_message=name)
 
 
-def test_a_wrapped_client_update_falls_back_to_the_padded_program():
+def test_a_wrapped_client_update_falls_back_to_the_padded_program(padded_runs):
     alg = ALGORITHMS["fedavg"]
     opaque = alg._replace(client_update=lambda *a, **k: alg.client_update(*a, **k))
     backend = VmapBackend("vmap", packing="on")
     result, _ = _run(opaque, backend)
     assert {h["packed_slots"] for h in result.history} == {0.0}
-    ref, _ = _run(alg, VmapBackend("vmap", packing="off"))
+    ref, _ = padded_runs["fedavg"]  # the same padded fedavg run (_run's defaults)
     chex.assert_trees_all_close(result.server_state, ref.server_state, rtol=1e-6)
 
 
