@@ -9,6 +9,13 @@ from fedjax_lab.data.datasets._registry import (
     TARGET_KIND_OF,
     load_dataset,
 )
+from fedjax_lab.data.datasets.cinic10 import (
+    CINIC10_CLASSES,
+    CINIC10_MEAN,
+    CINIC10_STD,
+    ImageFolderSplit,
+    cinic10,
+)
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import LEAF_TASKS, SHAKESPEARE_VOCAB, leaf
 from fedjax_lab.data.datasets.stackoverflow import (
@@ -40,6 +47,9 @@ from fedjax_lab.data.datasets.tff_h5 import (
 )
 
 __all__ = [
+    "CINIC10_CLASSES",
+    "CINIC10_MEAN",
+    "CINIC10_STD",
     "DATASET_NAMES",
     "H5_DATASETS",
     "LAZY_DATASETS",
@@ -49,12 +59,14 @@ __all__ = [
     "TARGET_KIND_OF",
     "Dataset",
     "H5ClientSource",
+    "ImageFolderSplit",
     "LazyImageSplit",
     "UserSource",
     "WordIds",
     "bag_of_words",
     "cifar10",
     "cifar100",
+    "cinic10",
     "digits",
     "emnist",
     "fashion_mnist",
