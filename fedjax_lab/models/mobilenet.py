@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.models._base import Model, check_positive_int, check_shape, from_flax
-from fedjax_lab.models._torch_init import torch_default_bias, torch_default_kernel
+from fedjax_lab.models.torch_init import torch_default_bias, torch_default_kernel
 
 STEM = 32
 # (output channels, stride) of the 13 depthwise-separable layers: FedML's stem DS layer and

@@ -1,9 +1,10 @@
 """FedML's cross-silo presets (experiments/configs/fedml_crosssilo_*.yaml) and their flags.
 
 Every preset parses and carries FedML's settings; the CINIC-10 ResNet-56 preset runs one round
-through train.py's entry on a tiny CINIC-10 tree of PNGs (the real loader), with the model
-swapped for the small CNN (compiling ResNet-56's training round takes minutes on CPU; its
-forward/backward is tested in tests/models/test_crosssilo_models.py).
+through train.py's entry on a tiny CINIC-10 tree of PNGs (the real loader) with FedML's
+client optimizer, the model swapped for logistic regression (compiling ResNet-56's training
+round takes minutes on CPU; its forward/backward is tested in
+tests/models/test_crosssilo_models.py).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def test_cinic_preset_runs_one_round_on_a_tiny_png_tree(cinic_dir, tmp_path):
     out = tmp_path / "run"
     code = main(TrainConfig, run_fedavg_experiment,
                 ["--config", _preset("cinic10", "resnet56"), "--data-dir", str(cinic_dir),
-                 "--model", "cnn", "--num-clients", "2", "--clients-per-round", "2",
+                 "--model", "logreg", "--num-clients", "2", "--clients-per-round", "2",
                  "--rounds", "1", "--local-epochs", "1", "--eval-every", "1", "--no-progress",
                  "--out", str(out)])
     assert code == 0
