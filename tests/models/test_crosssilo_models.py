@@ -81,9 +81,10 @@ def test_cifar_forward_shape_and_registry(name):
     assert logits.shape == (2, 100) and logits.dtype == jnp.float32
 
 
-def test_stage_resolutions_follow_pytorch_padding():
-    # Kernels of the stride-2 convs see PyTorch's padding=1; the head input is 64*4 wide
-    # (ResNet-56) and 1024 wide (MobileNet), and GroupNorm is the only norm.
+def test_parameter_layout_matches_fedml():
+    # The stride sits on the bottleneck's 3x3 conv, projection shortcuts only on each stage's
+    # first block, a 64*4-wide head; MobileNet's depthwise kernels are [3, 3, 1, C] without
+    # bias and its pointwise convs carry one.
     r = _abstract("resnet56")[1]
     assert r["head"]["kernel"].shape == (256, 10)
     assert r["stage1_block0"]["conv_1"]["kernel"].shape == (3, 3, 32, 32)
