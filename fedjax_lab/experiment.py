@@ -230,13 +230,12 @@ def check_data_dir(dataset: str, data_dir: str | None) -> None:
     from fedjax_lab.data.datasets.stackoverflow import EXPECTED_FILES
     from fedjax_lab.data.datasets.tff_h5 import H5_FILES
 
-    if dataset == "cinic10":  # an image-folder tree: its layout is checked now, before loading
-        from fedjax_lab.data.datasets.cinic10 import check_cinic10_dir
+    if dataset == "cinic10":  # the tree's layout is checked when it is opened (before compiling)
+        if not data_dir:
+            from fedjax_lab.data.datasets.cinic10 import LAYOUT
 
-        try:
-            check_cinic10_dir(data_dir)
-        except FileNotFoundError as e:
-            raise ValueError(str(e)) from None
+            raise ValueError(f"--dataset cinic10 reads CINIC-10's image folders: pass --data-dir "
+                             f"DIR with {LAYOUT}")
         return
     if dataset in H5_DATASETS:
         if not data_dir:

@@ -58,7 +58,8 @@ def test_default_client_optimizer_leaves_config_hashes_alone():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    ([], "pass --data-dir DIR with DIR/train/<class>/*.png"),
+    ([], "--dataset cinic10 reads CINIC-10's image folders: pass --data-dir DIR with "
+         "DIR/train/<class>/*.png"),
     (["--data-dir", "/nonexistent/cinic"], "lacks the class folder(s)"),
     (["--data-dir", "{cinic}", "--algorithm", "scaffold"],
      "--algorithm scaffold runs its own local SGD"),
