@@ -230,6 +230,13 @@ def check_data_dir(dataset: str, data_dir: str | None) -> None:
     from fedjax_lab.data.datasets.stackoverflow import EXPECTED_FILES
     from fedjax_lab.data.datasets.tff_h5 import H5_FILES
 
+    if dataset == "cinic10":  # the tree's layout is checked when it is opened (before compiling)
+        if not data_dir:
+            from fedjax_lab.data.datasets.cinic10 import LAYOUT
+
+            raise ValueError(f"--dataset cinic10 reads CINIC-10's image folders: pass --data-dir "
+                             f"DIR with {LAYOUT}")
+        return
     if dataset in H5_DATASETS:
         if not data_dir:
             files, archive = H5_FILES.get(dataset) or (EXPECTED_FILES[dataset],
@@ -359,7 +366,8 @@ def dataset_kwargs(cfg: Any) -> dict[str, Any]:
         return {"root_dir": getattr(cfg, "leaf_root", None),
                 "task": getattr(cfg, "leaf_task", None)}
     kwargs: dict[str, Any] = {}
-    if cfg.dataset in H5_DATASETS:  # always lazy: the train split is read client by client
+    if cfg.dataset in H5_DATASETS or cfg.dataset == "cinic10":
+        # Always lazy: the train split is read client by client (CINIC-10: decoded once).
         return {"data_dir": cfg.data_dir}
     if cfg.dataset in LAZY_DATASETS:
         kwargs["download"] = getattr(cfg, "download", False)
@@ -374,9 +382,11 @@ def dataset_kwargs(cfg: Any) -> dict[str, Any]:
 # One line of --help per run setting (the default and the valid choices are added to it).
 FIELD_HELP = {
     "dataset": "dataset: digits (embedded), synthetic, synthetic_iid, leaf, a TFDS dataset "
-               "(mnist, fashion_mnist, emnist, cifar10, cifar100) or TFF's h5 files "
+               "(mnist, fashion_mnist, emnist, cifar10, cifar100), CINIC-10's image folders "
+               "(cinic10) or TFF's h5 files "
                "(fed_emnist, fed_shakespeare, fed_cifar100, stackoverflow_nwp, stackoverflow_lr)",
-    "data_dir": "TFDS data directory (TFDS datasets), or the folder of TFF's h5 files "
+    "data_dir": "TFDS data directory (TFDS datasets), CINIC-10's folder with train/ and test/ "
+                "(cinic10: required), or the folder of TFF's h5 files "
                 "(fed_emnist, fed_shakespeare, fed_cifar100, stackoverflow_*: required)",
     "download": "download and prepare a TFDS dataset missing from --data-dir (needs network)",
     "synthetic_alpha": "FedProx Synthetic(alpha, beta): model heterogeneity (none: 1)",

@@ -62,6 +62,10 @@ class Component:
         return next((p for p in self.params if p.name == name), None)
 
 
+# Local optimizers of AlgorithmContext.client_optimizer (the CLI's --client-optimizer).
+CLIENT_OPTIMIZERS = ("sgd", "adam", "amsgrad")
+
+
 @dataclass(frozen=True)
 class AlgorithmContext:
     """What every algorithm builder receives besides its own hyperparameters.
@@ -79,6 +83,11 @@ class AlgorithmContext:
       per_example_loss: the training loss of the dataset's targets when it is not softmax
         cross-entropy (e.g. sigmoid cross-entropy of multi-hot tags,
         ``fedjax_lab.metrics.tasks``), passed to the constructors; None: their default.
+      client_optimizer_name: one of `CLIENT_OPTIMIZERS`: ``"sgd"``, ``"adam"`` or
+        ``"amsgrad"`` (PyTorch's Adam / Adam with ``amsgrad=True``,
+        ``fedjax_lab.algorithms.torch_adam``: FedML's ``--client_optimizer adam``).
+      client_weight_decay: L2 coefficient added to the local gradient (PyTorch's
+        ``weight_decay``) by every client optimizer; 0: none.
     """
 
     model: Any
@@ -91,12 +100,27 @@ class AlgorithmContext:
     clients_per_round: int
     seed: int
     per_example_loss: Callable[[Any, Any], Any] | None = None
+    client_optimizer_name: str = "sgd"
+    client_weight_decay: float = 0.0
 
     def client_optimizer(self) -> Any:
-        """Local SGD (with momentum when ``client_momentum > 0``), an optax transformation."""
+        """The local optimizer, an optax transformation: SGD (with momentum when
+        ``client_momentum > 0``), or PyTorch's Adam / AMSGrad; with ``client_weight_decay``
+        the L2 term ``wd * p`` joins the gradient first, as PyTorch's ``weight_decay``."""
         import optax
 
-        return optax.sgd(self.client_lr, momentum=self.client_momentum or None)
+        if self.client_optimizer_name not in CLIENT_OPTIMIZERS:
+            raise ValueError(f"client optimizer must be one of {CLIENT_OPTIMIZERS}, got "
+                             f"{self.client_optimizer_name!r}")
+        if self.client_optimizer_name == "sgd":
+            sgd = optax.sgd(self.client_lr, momentum=self.client_momentum or None)
+            if not self.client_weight_decay:
+                return sgd
+            return optax.chain(optax.add_decayed_weights(self.client_weight_decay), sgd)
+        from fedjax_lab.algorithms.torch_adam import torch_adam
+
+        return torch_adam(self.client_lr, weight_decay=self.client_weight_decay,
+                          amsgrad=self.client_optimizer_name == "amsgrad")
 
     def local_work(self) -> dict[str, Any]:
         """``batch_size``, ``local_epochs``/``num_steps`` (and ``per_example_loss`` when set)

@@ -26,6 +26,7 @@ from fedjax_lab.experiment import (
     problem_config,
     settings_argv,
 )
+from fedjax_lab.registry import CLIENT_OPTIMIZERS
 
 STRAGGLER_POLICIES = ("partial", "drop")
 STRAGGLER_SAMPLINGS = ("bernoulli", "exact")
@@ -84,6 +85,12 @@ SYSTEM_HELP = {
     "comp_scale": "FedPAQ time model: rate of the exponential computation time",
 }
 TRAINING_HELP = {
+    "client_optimizer": "local optimizer: sgd (with --client-momentum), adam (PyTorch's Adam) "
+                        "or amsgrad (PyTorch's Adam with amsgrad=True: what FedML's "
+                        "--client_optimizer adam runs); its state is fresh every round",
+    "client_weight_decay": "L2 coefficient wd >= 0 added to every local gradient as wd * "
+                           "params (PyTorch's weight_decay), for each --client-optimizer "
+                           "(0: none)",
     "local_steps": "a fixed number of local steps per round instead of --local-epochs",
     "error_feedback": "add error feedback to the compressor (Seide et al. 2014; Stich et al. "
                       "2018): clients keep what compression lost",
@@ -191,6 +198,8 @@ class TrainConfig(RunConfig):
     clip_norm: float | None = None
     weak_dp_std: float | None = None
     local_steps: int | None = None
+    client_optimizer: str = "sgd"
+    client_weight_decay: float = 0.0
     dropout: float = 0.0
     straggler_fraction: float = 0.0
     straggler_policy: str = "partial"
@@ -224,6 +233,10 @@ class TrainConfig(RunConfig):
         parser = StrictParser(prog=prog, description=cls.__doc__)
         add_config_fields(parser, RunConfig)
         parser.add_flag("local_steps", int, None, TRAINING_HELP["local_steps"], optional=True)
+        parser.add_flag("client_optimizer", str, cls.client_optimizer,
+                        TRAINING_HELP["client_optimizer"], choices=CLIENT_OPTIMIZERS)
+        parser.add_flag("client_weight_decay", float, cls.client_weight_decay,
+                        TRAINING_HELP["client_weight_decay"])
         add_component_flags(parser, registries,
                             {r.kind: getattr(cls, r.kind) for r in registries},
                             extra_flags=_component_extras)
@@ -305,6 +318,7 @@ class TrainConfig(RunConfig):
         if "plain_sgd" in algorithm.tags and self.client_momentum:
             raise ValueError(f"--algorithm {self.algorithm} runs plain local SGD: "
                              f"--client-momentum must be 0, got {self.client_momentum}")
+        self.validate_client_optimizer(algorithm)
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"--clip-norm must be > 0 (or none), got {self.clip_norm}")
         if self.weak_dp_std is not None and not (math.isfinite(self.weak_dp_std)
@@ -399,6 +413,23 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"--clip-count-stddev (default --clients-per-round / 20 = "
                                  f"{self.clients_per_round / 20.0:g}) with --noise-multiplier "
                                  f"{params['noise_multiplier']}: {e}") from None
+
+    def validate_client_optimizer(self, algorithm: Any) -> None:
+        """``--client-optimizer``/``--client-weight-decay``; ValueError naming the flags."""
+        if self.client_optimizer not in CLIENT_OPTIMIZERS:
+            raise ValueError(f"--client-optimizer must be one of {CLIENT_OPTIMIZERS}, got "
+                             f"{self.client_optimizer!r}")
+        wd = self.client_weight_decay
+        if not (math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"--client-weight-decay must be a finite number >= 0, got {wd}")
+        if self.client_optimizer != "sgd" and self.client_momentum:
+            raise ValueError(f"--client-momentum is SGD's heavy ball; --client-optimizer "
+                             f"{self.client_optimizer} keeps its own moments: drop "
+                             "--client-momentum")
+        if "own_local_sgd" in algorithm.tags and (self.client_optimizer != "sgd" or wd):
+            raise ValueError(f"--algorithm {self.algorithm} runs its own local SGD from "
+                             "--client-lr: --client-optimizer must be sgd and "
+                             "--client-weight-decay 0")
 
     def model_attack(self) -> bool:
         """Whether the attack changes uploads inside the round (backdoor with a boost too)."""
@@ -604,7 +635,9 @@ class TrainConfig(RunConfig):
             local_steps=self.local_steps, num_clients=self.num_clients,
             clients_per_round=self.clients_per_round, seed=self.seed,
             # The dataset's targets pick the loss (sigmoid cross-entropy for multi-hot tags).
-            per_example_loss=training_loss(TARGET_KIND_OF.get(self.dataset, "class")))
+            per_example_loss=training_loss(TARGET_KIND_OF.get(self.dataset, "class")),
+            client_optimizer_name=self.client_optimizer,
+            client_weight_decay=self.client_weight_decay)
         try:
             algorithm = component.build(context, compressor=self.build_compressor(),
                                         **self._params(component))
@@ -651,6 +684,9 @@ class TrainConfig(RunConfig):
             {"attack", "malicious_fraction", *ATTACK_PARAMS} if self.attack == "none" else set())
         if self.max_clients is None:  # likewise for the natural-subset option
             skip.add("max_clients")
+        # Likewise the client optimizer at its default (plain SGD without weight decay).
+        if self.client_optimizer == "sgd" and not self.client_weight_decay:
+            skip |= {"client_optimizer", "client_weight_decay"}
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in skip}
         for component in self._selected():

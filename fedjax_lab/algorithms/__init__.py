@@ -36,10 +36,12 @@ from fedjax_lab.algorithms.robust import (
     with_weak_dp,
 )
 from fedjax_lab.algorithms.scaffold import ScaffoldClientState, scaffold
+from fedjax_lab.algorithms.torch_adam import TorchAdamState, torch_adam
 
 __all__ = [
     "Aggregator",
     "ScaffoldClientState",
+    "TorchAdamState",
     "Transform",
     "bulyan",
     "centered_clipping",
@@ -66,6 +68,7 @@ __all__ = [
     "qsgd_baseline",
     "reddi_adaptive",
     "scaffold",
+    "torch_adam",
     "trimmed_mean",
     "with_aggregator",
     "with_foolsgold",

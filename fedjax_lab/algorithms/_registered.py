@@ -1,6 +1,8 @@
 """Registers the algorithms and aggregators with ``fedjax_lab.registry`` (the CLI's choices).
 
-Tags the CLI checks before building: ``plain_sgd`` (no client momentum), ``fixed_local_steps``
+Tags the CLI checks before building: ``plain_sgd`` (no client momentum), ``own_local_sgd``
+(local SGD from ``client_lr`` inside the algorithm: no other client optimizer or weight
+decay), ``fixed_local_steps``
 (needs ``--local-steps``), ``noisy_aggregate`` (no aggregator replacement), ``raw_uploads``
 (no compressor: clients clip against a per-round bound), ``additive``
 (aggregators that every backend can reduce as partial sums).
@@ -173,10 +175,10 @@ register_algorithm(
     "fedavgm", _fedavgm, description="FedAvgM: server momentum (Hsu et al. 2019)",
     params=(SERVER_LR, Param("server_momentum", float, 0.9, "FedAvgM server momentum")))
 register_algorithm(
-    "scaffold", _scaffold, params=(SERVER_LR,), tags=("plain_sgd",),
+    "scaffold", _scaffold, params=(SERVER_LR,), tags=("plain_sgd", "own_local_sgd"),
     description="SCAFFOLD: control variates, plain local SGD (Karimireddy et al. 2020)")
 register_algorithm(
-    "fednova", _fednova,
+    "fednova", _fednova, tags=("own_local_sgd",),
     description="FedNova: normalized averaging of local SGD (Wang et al. 2020)")
 register_algorithm(
     "fedpaq", _fedpaq, tags=("fixed_local_steps",),

@@ -7,8 +7,10 @@ from fedjax_lab.models.char_lstm import char_lstm
 from fedjax_lab.models.cnn import cnn_dropout, femnist_cnn
 from fedjax_lab.models.logistic_regression import logistic_regression
 from fedjax_lab.models.mlp import mlp
+from fedjax_lab.models.mobilenet import mobilenet
 from fedjax_lab.models.nwp_lstm import nwp_lstm
 from fedjax_lab.models.resnet import resnet18_gn
+from fedjax_lab.models.resnet56 import resnet56
 
 __all__ = [
     "BatchNormMLP",
@@ -20,6 +22,8 @@ __all__ = [
     "get_model",
     "logistic_regression",
     "mlp",
+    "mobilenet",
     "nwp_lstm",
     "resnet18_gn",
+    "resnet56",
 ]

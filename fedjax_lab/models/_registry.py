@@ -10,8 +10,10 @@ from fedjax_lab.models.char_lstm import char_lstm
 from fedjax_lab.models.cnn import cnn_dropout, femnist_cnn
 from fedjax_lab.models.logistic_regression import logistic_regression
 from fedjax_lab.models.mlp import mlp
+from fedjax_lab.models.mobilenet import mobilenet
 from fedjax_lab.models.nwp_lstm import nwp_lstm
 from fedjax_lab.models.resnet import resnet18_gn
+from fedjax_lab.models.resnet56 import resnet56
 
 
 def _char_lstm(input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> Model:
@@ -40,6 +42,8 @@ _FACTORIES: dict[str, Callable[..., Model]] = {
     "cnn": femnist_cnn,
     "cnn_dropout": cnn_dropout,
     "resnet18": resnet18_gn,
+    "resnet56": resnet56,
+    "mobilenet": mobilenet,
     "char_lstm": _char_lstm,
     "nwp_lstm": _nwp_lstm,
 }
@@ -51,7 +55,8 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs:
     Args:
       name: One of ``'logreg'``, ``'mlp'``, ``'cnn'`` (`femnist_cnn`), ``'cnn_dropout'``
         (`cnn_dropout`, FedML's CNN_DropOut), ``'resnet18'``
-        (`resnet18_gn`), ``'char_lstm'``, ``'nwp_lstm'`` (`nwp_lstm`, StackOverflow next-word
+        (`resnet18_gn`), ``'resnet56'`` (`resnet56`, FedML's), ``'mobilenet'`` (`mobilenet`,
+        FedML's MobileNet v1), ``'char_lstm'``, ``'nwp_lstm'`` (`nwp_lstm`, StackOverflow next-word
         prediction: per-position logits).
       input_shape: Per-example input shape; ``(seq_len,)`` for ``'char_lstm'`` and
         ``'nwp_lstm'``.

@@ -9,6 +9,13 @@ from fedjax_lab.data.datasets._registry import (
     TARGET_KIND_OF,
     load_dataset,
 )
+from fedjax_lab.data.datasets.cinic10 import (
+    CINIC10_CLASSES,
+    CINIC10_MEAN,
+    CINIC10_STD,
+    ImageFolderSplit,
+    cinic10,
+)
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import LEAF_TASKS, SHAKESPEARE_VOCAB, leaf
 from fedjax_lab.data.datasets.stackoverflow import (
@@ -41,6 +48,9 @@ from fedjax_lab.data.datasets.tff_h5 import (
 )
 
 __all__ = [
+    "CINIC10_CLASSES",
+    "CINIC10_MEAN",
+    "CINIC10_STD",
     "DATASET_NAMES",
     "H5_DATASETS",
     "LAZY_DATASETS",
@@ -51,12 +61,14 @@ __all__ = [
     "TARGET_KIND_OF",
     "Dataset",
     "H5ClientSource",
+    "ImageFolderSplit",
     "LazyImageSplit",
     "UserSource",
     "WordIds",
     "bag_of_words",
     "cifar10",
     "cifar100",
+    "cinic10",
     "digits",
     "emnist",
     "fashion_mnist",

@@ -8,6 +8,7 @@ from typing import Any
 
 from fedjax_lab.data.datasets import tfds_images
 from fedjax_lab.data.datasets._base import Dataset
+from fedjax_lab.data.datasets.cinic10 import cinic10
 from fedjax_lab.data.datasets.digits import digits
 from fedjax_lab.data.datasets.leaf import leaf
 from fedjax_lab.data.datasets.stackoverflow import stackoverflow_lr, stackoverflow_nwp
@@ -23,6 +24,7 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "emnist": tfds_images.emnist,
     "cifar10": tfds_images.cifar10,
     "cifar100": tfds_images.cifar100,
+    "cinic10": cinic10,
     "leaf": leaf,
     "fed_emnist": fed_emnist,
     "fed_shakespeare": fed_shakespeare,
@@ -53,6 +55,7 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
       name: one of `DATASET_NAMES`: ``digits``, ``synthetic`` (``alpha=, beta=``),
         ``synthetic_iid``, ``mnist``, ``fashion_mnist``, ``emnist``, ``cifar10``, ``cifar100``
         (``data_dir=, download=, lazy=``; see `LAZY_DATASETS`), ``leaf`` (``root_dir=, task=``),
+        ``cinic10`` (``data_dir=``: CINIC-10's image folders, ``lazy=``),
         ``fed_emnist``, ``fed_shakespeare``, ``fed_cifar100`` (``data_dir=``: TFF's h5 files),
         ``stackoverflow_nwp``, ``stackoverflow_lr`` (``data_dir=``, ``vocab_size=``, ...).
       **kwargs: the loader's arguments.
