@@ -621,10 +621,16 @@ def build_edge_backend(cfg: RunConfig):
         cfg.EDGE_PROBLEM, cfg.to_argv(),
         log_dir=os.path.join(cfg.out, "edge_logs"),
     )
+    secure = None
+    if getattr(cfg, "secure_aggregation", False):  # train.py's --secure-aggregation
+        from fedjax_lab.backends.edge import SecureAggregation
+
+        secure = SecureAggregation(cfg.secagg_fixed_point(),
+                                   neighbours=cfg.secagg_neighbours).validate()
     return EdgeBackend(
         num_workers=cfg.edge_clients, token=secrets.token_hex(32).encode(),
         round_timeout=cfg.edge_round_timeout, launcher=launcher,
-        problem_config=problem_config(cfg),
+        problem_config=problem_config(cfg), secure_aggregation=secure,
     )
 
 

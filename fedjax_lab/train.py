@@ -97,7 +97,19 @@ TRAINING_HELP = {
     "clip_norm": "clip each client's update to this L2 norm before the aggregator (none: off)",
     "weak_dp_std": "weak DP (Sun et al. 2019): std of the Gaussian noise the server adds to "
                    "every model parameter each round, key from --seed (none: off)",
+    "secure_aggregation": "sum the cohort's weighted updates through a real SecAgg round "
+                          "(Bonawitz et al. 2017; fedjax_lab.secagg): vmap runs it on the host "
+                          "each round, --backend edge over the wire; needs --compressor "
+                          "identity and --aggregator mean",
+    "secagg_neighbours": "SecAgg+ (Bell et al. 2020): each client masks with this many "
+                         "neighbours (even; none: every other client, plain SecAgg)",
+    "secagg_bits": "bits of the fixed-point ring Z_(2^bits) the masked sums live in",
+    "secagg_frac_bits": "fractional bits of the fixed-point code (resolution 2^-frac_bits)",
+    "secagg_bound": "largest |w_i u_i| and w_i a client may send; beyond it coordinates are "
+                    "clipped and counted in the round metric secagg_clipped",
 }
+SECAGG_DEFAULTS = {"secagg_neighbours": None, "secagg_bits": 48, "secagg_frac_bits": 24,
+                   "secagg_bound": 1024.0}
 
 
 def _registries() -> tuple[Any, Any, Any]:
@@ -181,6 +193,13 @@ def _component_extras(parser: Any, kind: str, group: Any) -> None:
                         group=group)
         parser.add_flag("weak_dp_std", float, None, TRAINING_HELP["weak_dp_std"],
                         optional=True, group=group)
+        parser.add_flag("secure_aggregation", bool, False, TRAINING_HELP["secure_aggregation"],
+                        group=group)
+        parser.add_flag("secagg_neighbours", int, None, TRAINING_HELP["secagg_neighbours"],
+                        optional=True, group=group)
+        for name in ("secagg_bits", "secagg_frac_bits", "secagg_bound"):
+            default = SECAGG_DEFAULTS[name]
+            parser.add_flag(name, type(default), default, TRAINING_HELP[name], group=group)
 
 
 @dataclass
@@ -197,6 +216,11 @@ class TrainConfig(RunConfig):
     aggregator: str = "mean"
     clip_norm: float | None = None
     weak_dp_std: float | None = None
+    secure_aggregation: bool = False
+    secagg_neighbours: int | None = None
+    secagg_bits: int = 48
+    secagg_frac_bits: int = 24
+    secagg_bound: float = 1024.0
     local_steps: int | None = None
     client_optimizer: str = "sgd"
     client_weight_decay: float = 0.0
@@ -325,6 +349,7 @@ class TrainConfig(RunConfig):
                                                  and self.weak_dp_std > 0):
             raise ValueError(f"--weak-dp-std must be a finite number > 0 (or none), got "
                              f"{self.weak_dp_std}")
+        self.validate_secure_aggregation()
         robust = "additive" not in aggregator.tags
         if robust and self.backend in NON_ROBUST_BACKENDS:
             raise ValueError(
@@ -413,6 +438,50 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"--clip-count-stddev (default --clients-per-round / 20 = "
                                  f"{self.clients_per_round / 20.0:g}) with --noise-multiplier "
                                  f"{params['noise_multiplier']}: {e}") from None
+
+    def secagg_fixed_point(self) -> Any:
+        """The ``FixedPoint`` code of the ``--secagg-*`` flags (validated)."""
+        from fedjax_lab.secagg import FixedPoint
+
+        try:
+            return FixedPoint(self.secagg_bits, self.secagg_frac_bits,
+                              self.secagg_bound).validate()
+        except ValueError as e:
+            raise ValueError(f"--secagg-bits/--secagg-frac-bits/--secagg-bound: {e}") from None
+
+    def validate_secure_aggregation(self) -> None:
+        """``--secure-aggregation`` and its flags; ValueError naming the flag and the fix."""
+        if not self.secure_aggregation:
+            changed = [n for n, d in SECAGG_DEFAULTS.items() if getattr(self, n) != d]
+            if changed:
+                raise ValueError(f"--{changed[0].replace('_', '-')} needs --secure-aggregation")
+            return
+        if self.compressor != "identity" or self.error_feedback:
+            raise ValueError("--secure-aggregation sums dense weighted updates (the server "
+                             "decodes only the sum): use --compressor identity without "
+                             "--error-feedback")
+        if self.aggregator != "mean" or self.clip_norm is not None or self.weak_dp_std:
+            raise ValueError("--secure-aggregation gives the server only the cohort's sum: "
+                             "robust aggregators, --clip-norm and --weak-dp-std need every "
+                             "update; use --aggregator mean without them")
+        if self.backend in ("sharded", "mpi") or self.chunk_size is not None:
+            raise ValueError(f"--secure-aggregation runs one protocol over the whole cohort "
+                             f"(per-shard or per-chunk sums would reveal partial sums): use "
+                             f"--backend vmap without --chunk-size, or --backend edge (got "
+                             f"--backend {self.backend})")
+        if self.clients_per_round < 2:
+            raise ValueError("--secure-aggregation needs --clients-per-round >= 2 (one client's "
+                             "sum is its update)")
+        n = self.secagg_neighbours
+        if n is not None and (n < 2 or n % 2):
+            raise ValueError(f"--secagg-neighbours must be an even number >= 2 (or none: "
+                             f"plain SecAgg), got {n}")
+        fixed_point = self.secagg_fixed_point()
+        try:
+            fixed_point.check_capacity(self.clients_per_round)
+        except ValueError as e:
+            raise ValueError(f"--secagg-bits with --clients-per-round "
+                             f"{self.clients_per_round}: {e}") from None
 
     def validate_client_optimizer(self, algorithm: Any) -> None:
         """``--client-optimizer``/``--client-weight-decay``; ValueError naming the flags."""
@@ -649,6 +718,15 @@ class TrainConfig(RunConfig):
         if self.weak_dp_std is not None:
             # The server's noise key is the run seed's key, as for DP-FedAvg's noise.
             algorithm = with_weak_dp(algorithm, self.weak_dp_std, jax.random.key(self.seed))
+        if self.secure_aggregation and self.backend != "edge":  # edge: its own protocol
+            from fedjax_lab.secagg import with_secure_aggregation
+
+            try:
+                algorithm = with_secure_aggregation(algorithm, self.secagg_fixed_point(),
+                                                    neighbours=self.secagg_neighbours)
+            except ValueError as e:
+                raise ValueError(f"--secure-aggregation with --algorithm {self.algorithm}: "
+                                 f"{e}") from None
         attack = self.build_attack()
         if attack is None:
             if self.scores_detection():
@@ -687,6 +765,8 @@ class TrainConfig(RunConfig):
         # Likewise the client optimizer at its default (plain SGD without weight decay).
         if self.client_optimizer == "sgd" and not self.client_weight_decay:
             skip |= {"client_optimizer", "client_weight_decay"}
+        if not self.secure_aggregation:  # and secure aggregation when off
+            skip |= {"secure_aggregation", *SECAGG_DEFAULTS}
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in skip}
         for component in self._selected():

@@ -5,7 +5,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from fedjax_lab import algorithms as A
 from fedjax_lab.backends import VmapBackend
@@ -17,6 +16,7 @@ from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import get_model
 from fedjax_lab.runner import run
 from fedjax_lab.train import TrainConfig
+from tests.helpers import persistent_compilation_cache
 
 SEED, NUM_CLIENTS, PER_ROUND, LR, BATCH = 3, 10, 5, 0.1, 20
 TINY = ["--rounds", "2", "--num-clients", str(NUM_CLIENTS), "--clients-per-round",
@@ -55,20 +55,11 @@ def problem():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module: the Python run loads the CLI run's executables
-    when the programs are identical (speed only; the numbers are compared either way)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+def xla_cache(tmp_path_factory):
+    """The Python run loads the CLI run's executables when the programs are identical (speed
+    only; the numbers are compared either way)."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 @pytest.mark.parametrize("algorithm", list(CASES))
