@@ -4,6 +4,7 @@ files written, and the properties that hold by construction, not by chance."""
 import csv
 import json
 import math
+import os
 
 import pytest
 
@@ -91,3 +92,14 @@ def test_bad_input_exits_2_before_compiling(flags, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_preset_parses_to_the_documented_grid():
+    # The shipped preset (the README's full run) is a valid robustness.py command line.
+    from fedjax_lab.experiments_lib.robustness import parse
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "experiments", "configs", "robustness_grid.yaml")
+    cfg, json_out = parse(["--config", path])
+    cfg.validate()
+    assert json_out is None and cfg.rounds == 20 and cfg.fractions == "0.1,0.3,0.6"

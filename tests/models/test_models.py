@@ -92,8 +92,10 @@ def test_public_api():
             "get_model",
             "logistic_regression",
             "mlp",
+            "mobilenet",
             "nwp_lstm",
             "resnet18_gn",
+            "resnet56",
         ]
     )
     for name in models.__all__:
@@ -470,7 +472,7 @@ def test_get_model_char_lstm_fields():
             lambda: get_model("lenet", (8,), 2),
             ValueError,
             r"Unknown model name 'lenet'; valid names are \['char_lstm', 'cnn', "
-            r"'cnn_dropout', 'logreg', 'mlp', 'nwp_lstm', 'resnet18'\]",
+            r"'cnn_dropout', 'logreg', 'mlp', 'mobilenet', 'nwp_lstm', 'resnet18', 'resnet56'\]",
             id="unknown-name",
         ),
         pytest.param(
