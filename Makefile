@@ -13,13 +13,17 @@ export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
 export OMPI_MCA_pml := ob1
 export OMPI_MCA_btl := self,sm
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-slow lint bench clean
 
 run: $(VENV)/.core
 	$(BIN)/python experiments/fedavg.py --overwrite true
 
 test: $(VENV)/.test
 	bash scripts/run_tests.sh
+
+# The few end-to-end runs marked `slow` (kept out of `make test` to hold it under 25 minutes).
+test-slow: $(VENV)/.test
+	bash scripts/run_tests.sh -m slow
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check fedjax_lab experiments benchmarks tests examples

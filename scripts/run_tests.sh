@@ -3,7 +3,9 @@
 # workers (one per core here; a file's tests stay on one worker, so module fixtures compile
 # once), then the `serial` tests (MPI jobs, edge servers, multi-process runs: their timeouts
 # assume the machine is not also running another worker) alone. Arguments go to one plain
-# pytest run. pytest exits 5 when it collects no test: that is a broken suite, not a pass.
+# pytest run. Tests marked `slow` (a few end-to-end runs of a minute or more) are left out:
+# `make test-slow` runs them. pytest exits 5 when it collects no test: that is a broken suite,
+# not a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,9 +22,9 @@ if [ "$#" -gt 0 ]; then
   run "$@"
   exit $?
 fi
-run -n "${TEST_WORKERS:-2}" --dist loadfile -m "not serial"
+run -n "${TEST_WORKERS:-2}" --dist loadfile -m "not serial and not slow"
 parallel=$?
-run -m serial
+run -m "serial and not slow"
 serial=$?
 if [ "$parallel" -ne 0 ]; then
   exit "$parallel"

@@ -201,6 +201,7 @@ def test_deterministic_models_are_unchanged():
     assert not fedavg(MODEL.apply, optax.sgd(0.1), batch_size=4).client_update.keyed
 
 
+@pytest.mark.slow
 def test_check_algorithm_passes_for_fedavg_with_dropout():
     data = make_population([3, 9, 5, 12, 7, 4, 6, 10], seed=3)
     check_algorithm(_fedavg(), MODEL.init(jax.random.key(0)), data)

@@ -302,6 +302,7 @@ def test_cli_job_killed_on_rank0_resumes_bit_identically_and_on_vmap(tmp_path):
             assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (a["round"], k)
 
 
+@pytest.mark.slow
 def test_stateful_job_killed_on_rank1_resumes_bit_identically(tmp_path):
     """EF residuals and SCAFFOLD controls live on two ranks; both come back from one save."""
     job = os.path.join(ROOT, "tests", "backends", "mpi_job.py")

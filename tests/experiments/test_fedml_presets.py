@@ -47,7 +47,13 @@ def test_every_fedml_row_has_a_preset():
 BUILD_ONLY = ("fedml_fed_cifar100_resnet18.yaml",)
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in BUILD_ONLY])
+# fed_shakespeare's quick run (char LSTM over 80 steps, batch 4) takes minutes: `make test-slow`.
+SLOW = ("fedml_fed_shakespeare_rnn.yaml",)
+
+
+@pytest.mark.parametrize("preset", [
+    pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p
+    for p in PRESETS if p not in BUILD_ONLY])
 def test_preset_quick_run(preset, tmp_path, capsys):
     with open(_preset(preset), encoding="utf-8") as f:
         full = yaml.safe_load(f)

@@ -133,6 +133,7 @@ def tiny_run(tmp_path_factory):
     return out, json.loads((tmp / "r.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_writes_eight_panels_tuned_steps_and_time_to_loss(tiny_run):
     out, res = tiny_run
     assert (out / "figure1.png").stat().st_size > 10_000
@@ -168,6 +169,7 @@ def test_cli_writes_eight_panels_tuned_steps_and_time_to_loss(tiny_run):
     assert theory["slope"] is None or math.isfinite(theory["slope"])
 
 
+@pytest.mark.slow
 def test_sweep_curve_equals_the_runner(tiny_run):
     """The curve from the sweep (loss in the compiled round, host-side clock) is the run
     ``runner.run`` gives with the time model, to 1e-5."""

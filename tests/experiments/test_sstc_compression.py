@@ -30,6 +30,7 @@ KEYS = ("stc_conv_factor", "sstc_conv_factor", "stc_total_factor", "sstc_total_f
         "stc_test_accuracy", "sstc_test_accuracy")
 
 
+@pytest.mark.slow
 def test_quick_cli_writes_factors_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["--quick", "--out", str(out), "--json", str(tmp_path / "r.json")])
