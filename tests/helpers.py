@@ -160,3 +160,23 @@ def persistent_compilation_cache(directory):
         for name, value in before.items():
             jax.config.update(name, value)
         compilation_cache.reset_cache()
+
+
+def exit_code(main_fn, *args) -> int | str | None:
+    """``main_fn(*args)``'s return value, or the code of the ``SystemExit`` it raised.
+
+    The experiment CLIs refuse bad values by returning 2 after one ``error:`` line; argparse
+    refuses unparsable ones (types, choices) by raising ``SystemExit(2)`` itself. Tests of
+    refusals treat both the same.
+    """
+    try:
+        return main_fn(*args)
+    except SystemExit as e:
+        return e.code
+
+
+def assert_refused(main_fn, args, message: str, capsys, out_dir) -> None:
+    """Asserts that ``main_fn(*args)`` exits 2 with `message` on stderr and writes no metrics."""
+    assert exit_code(main_fn, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (out_dir / "metrics.jsonl").exists()

@@ -11,6 +11,7 @@ from fedjax_lab.experiment import main, run_fedavg_experiment
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.models import get_model
 from fedjax_lab.train import FedAvgConfig, TrainConfig
+from tests.helpers import assert_refused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--rounds", "3", "--num-clients", "8", "--clients-per-round", "3", "--eval-every", "2",
@@ -110,9 +111,5 @@ def test_fedavg_py_is_a_preset_of_train_py(flags, name):
     ids=["negative-lr", "unknown-optimizer", "lr-without-server-optimizer"],
 )
 def test_bad_server_flags_exit_2(flags, message, capsys, tmp_path):
-    try:
-        code = main(FedAvgConfig, run_fedavg_experiment, [*TINY, "--out", str(tmp_path), *flags])
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    assert code == 2
-    assert message in capsys.readouterr().err
+    assert_refused(main, (FedAvgConfig, run_fedavg_experiment,
+                          [*TINY, "--out", str(tmp_path), *flags]), message, capsys, tmp_path)

@@ -28,7 +28,7 @@ from fedjax_lab.registry import AGGREGATORS, ALGORITHMS, COMPRESSORS
 from fedjax_lab.runner import run
 from fedjax_lab.systems import Availability
 from fedjax_lab.train import TrainConfig
-from tests.helpers import persistent_compilation_cache
+from tests.helpers import assert_refused, persistent_compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED, NUM_CLIENTS, PER_ROUND, LR, BATCH = 3, 10, 5, 0.1, 20
@@ -291,13 +291,8 @@ def test_error_feedback_wraps_the_compressor(problem, tmp_path):
          "bulyan-cohort", "geomed-nu", "geomed-iterations", "weak-dp-std", "cclip-tau"],
 )
 def test_bad_input_exits_2_naming_the_flags(flags, message, capsys, tmp_path):
-    try:
-        code = main(TrainConfig, run_fedavg_experiment, [*TINY, "--out", str(tmp_path), *flags])
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert_refused(main, (TrainConfig, run_fedavg_experiment,
+                          [*TINY, "--out", str(tmp_path), *flags]), message, capsys, tmp_path)
 
 
 def test_straggler_flags_build_the_fedprox_code_availability():
@@ -351,13 +346,9 @@ def test_config_file_overrides_and_written_config_reproduces_the_run(tmp_path):
 )
 def test_bad_config_file_exits_2(text, message, tmp_path, capsys):
     config = _write(tmp_path / "c.yaml", text)
-    try:
-        code = main(TrainConfig, run_fedavg_experiment,
-                    ["--config", config, "--out", str(tmp_path / "o")])
-    except SystemExit as e:
-        code = e.code
-    assert code == 2
-    assert message in capsys.readouterr().err
+    assert_refused(main, (TrainConfig, run_fedavg_experiment,
+                          ["--config", config, "--out", str(tmp_path / "o")]),
+                   message, capsys, tmp_path / "o")
 
 
 def test_help_groups_every_component_with_choices_and_defaults():

@@ -16,7 +16,7 @@ from fedjax_lab.metrics.evaluation import make_evaluator
 from fedjax_lab.models import get_model
 from fedjax_lab.runner import run
 from fedjax_lab.train import TrainConfig
-from tests.helpers import persistent_compilation_cache
+from tests.helpers import assert_refused, persistent_compilation_cache
 
 SEED, NUM_CLIENTS, PER_ROUND, LR, BATCH = 3, 10, 5, 0.1, 20
 TINY = ["--rounds", "2", "--num-clients", str(NUM_CLIENTS), "--clients-per-round",
@@ -143,10 +143,5 @@ def test_adaptive_flags_equal_python(problem, tmp_path):
          "ftrl-aggregator", "mechanism", "ldp-z", "clip", "quantile-unselected"],
 )
 def test_bad_input_exits_2(flags, message, capsys, tmp_path):
-    try:
-        code = main(TrainConfig, run_fedavg_experiment, [*TINY, "--out", str(tmp_path), *flags])
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert_refused(main, (TrainConfig, run_fedavg_experiment,
+                          [*TINY, "--out", str(tmp_path), *flags]), message, capsys, tmp_path)

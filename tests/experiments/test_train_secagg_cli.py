@@ -8,7 +8,7 @@ import pytest
 from fedjax_lab.experiment import main, run_fedavg_experiment
 from fedjax_lab.io.writers import read_jsonl
 from fedjax_lab.train import TrainConfig
-from tests.helpers import persistent_compilation_cache
+from tests.helpers import assert_refused, persistent_compilation_cache
 
 TINY = ["--rounds", "2", "--num-clients", "8", "--clients-per-round", "4", "--eval-every", "2",
         "--model", "logreg", "--no-progress", "--packing", "off", "--local-epochs", "1",
@@ -66,13 +66,8 @@ def test_secure_rounds_equal_plain_rounds_to_the_fixed_point_resolution(tmp_path
          "bits", "capacity", "no-flag"],
 )
 def test_bad_input_exits_2(flags, message, capsys, tmp_path):
-    try:
-        code = main(TrainConfig, run_fedavg_experiment, [*TINY, "--out", str(tmp_path), *flags])
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert_refused(main, (TrainConfig, run_fedavg_experiment,
+                          [*TINY, "--out", str(tmp_path), *flags]), message, capsys, tmp_path)
 
 
 def test_edge_backend_gets_the_protocol_settings(monkeypatch, tmp_path):
