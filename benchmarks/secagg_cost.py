@@ -54,22 +54,33 @@ def measure(clients: int, dim: int, bits: int, neighbours: int | None, drop: int
             "upload_overhead_bytes": up - 4 * dim, "seconds": round(seconds, 4)}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str) -> argparse.ArgumentParser:
+    """The flags both SecAgg cost benchmarks take (this one adds ``--drop``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", required=True)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--dim", type=int, default=10_000)
     p.add_argument("--bits", type=int, default=32)
     p.add_argument("--neighbours", type=int, default=4)
+    return p
+
+
+def write_rows(path: str, rows: list[dict], skip: tuple[str, ...] = ()) -> None:
+    """Writes `rows` and the load average as JSON to `path`; prints each row without `skip`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"rows": rows, "load_average": os.getloadavg()}, f, indent=1)
+    for r in rows:
+        print(json.dumps({k: v for k, v in r.items() if k not in skip}))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--drop", type=int, default=2)
     a = p.parse_args(argv)
     rows = [measure(a.clients, a.dim, a.bits, k, d)
             for k in (None, a.neighbours) for d in (0, a.drop)]
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump({"rows": rows, "load_average": os.getloadavg()}, f, indent=1)
-    for r in rows:
-        print(json.dumps({k: v for k, v in r.items() if k != "bytes_per_client"}))
+    write_rows(a.json, rows, skip=("bytes_per_client",))
     return rows
 
 

@@ -16,14 +16,16 @@ and the wall time of the round.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import secrets
+import sys
 import threading
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from secagg_cost import parser, write_rows
 
 from fedjax_lab.backends.edge import protocol
 from fedjax_lab.backends.edge.client import Connection
@@ -76,13 +78,7 @@ def measure(server: EdgeServer, token: bytes, clients: int, dim: int, bits: int,
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True)
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--dim", type=int, default=10_000)
-    p.add_argument("--bits", type=int, default=32)
-    p.add_argument("--neighbours", type=int, default=4)
-    a = p.parse_args(argv)
+    a = parser(__doc__.splitlines()[0]).parse_args(argv)
     token = secrets.token_bytes(32)
     server = EdgeServer(num_workers=a.clients, token=token, poll_seconds=0.5)
     try:
@@ -90,11 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for k in (None, a.neighbours)]
     finally:
         server.stop(0.0)
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump({"rows": rows, "load_average": os.getloadavg()}, f, indent=1)
-    for r in rows:
-        print(json.dumps(r))
+    write_rows(a.json, rows)
     return rows
 
 
