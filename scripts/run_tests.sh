@@ -4,8 +4,9 @@
 # once), then the `serial` tests (MPI jobs, edge servers, multi-process runs: their timeouts
 # assume the machine is not also running another worker) alone. Arguments go to one plain
 # pytest run. Tests marked `slow` (a few end-to-end runs of a minute or more) are left out:
-# `make test-slow` runs them. pytest exits 5 when it collects no test: that is a broken suite,
-# not a pass.
+# `make test-slow` runs them. The slowest tests of each run are listed (--durations) to keep
+# `make test` within its 25-minute budget. pytest exits 5 when it collects no test: that is a
+# broken suite, not a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +23,9 @@ if [ "$#" -gt 0 ]; then
   run "$@"
   exit $?
 fi
-run -n "${TEST_WORKERS:-2}" --dist loadfile -m "not serial and not slow"
+run -n "${TEST_WORKERS:-2}" --dist loadfile --durations=30 -m "not serial and not slow"
 parallel=$?
-run -m "serial and not slow"
+run --durations=15 -m "serial and not slow"
 serial=$?
 if [ "$parallel" -ne 0 ]; then
   exit "$parallel"
