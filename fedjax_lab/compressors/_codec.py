@@ -695,11 +695,13 @@ class BitReader:
         index = np.right_shift(starts, 3, dtype=np.intp)
         index -= lo
         windows = np.take(windows, index)
-        # shift = 8 nbytes - exponent - bit offset, computed in the window's own dtype.
-        shift = np.bitwise_and(starts, 7, dtype=word, casting="unsafe")
-        np.add(shift, exps, out=shift, casting="unsafe")
-        np.subtract(word.type(8 * nbytes), shift, out=shift)
-        top = np.left_shift(word.type(1), exps, dtype=word, casting="unsafe")
+        # shift = 8 nbytes - exponent - bit offset, in the window's own dtype: the int32
+        # arrays are >= 0, so their uint32 views are exact (no casting loop).
+        shift = (starts & 7).view(np.uint32)
+        shift += exps.view(np.uint32)
+        np.subtract(np.uint32(8 * nbytes), shift, out=shift)
+        shift = shift.astype(word, copy=False)
+        top = np.left_shift(word.type(1), exps.view(np.uint32).astype(word, copy=False))
         values = top | ((windows >> shift) & (top - word.type(1)))
         if int(values.max()) > max_value:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
