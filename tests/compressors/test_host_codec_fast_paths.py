@@ -1,10 +1,11 @@
-"""QSGD's host wire codec at sizes that take the vectorised fast paths, against a bit string.
+"""Host wire codecs at sizes that take the vectorised fast paths, against bit strings.
 
 ``to_bytes`` picks its coding from exponent sums (``_stream_lengths``) and ``from_bytes``
 checks that choice from its field lengths; both must agree with the histogram reference
 (``_host_streams``) and the bytes with a plain-Python bit-string encoder of the wire format
 (QSGD, Alistarh et al. 2017, §3.2: a mode flag, then the shorter Elias-γ coding). The vectors
 are large enough (> 4096 codes, gaps >= 2**16) to reach the uint8/int8/int64 exponent paths.
+TernGrad's word-parallel trit packing is pinned against its two-bits-per-trit string.
 """
 
 import numpy as np
@@ -201,3 +202,12 @@ def test_gamma_with_given_exponents_matches_the_reference(values):
     given.gamma(values, exps)
     computed.gamma(values)
     assert given.to_bytes() == computed.to_bytes() == _to_bytes("101" + _gamma_bits(values))
+
+
+@pytest.mark.parametrize("d", [0, 1, 3, 4, 5, 4099])
+def test_terngrad_trit_packing_matches_the_bit_string(d):
+    from fedjax_lab.compressors.terngrad import _pack_trits
+
+    trits = np.random.default_rng(d).integers(-1, 2, d).astype(np.int8)
+    bits = "".join(("1" + ("1" if t < 0 else "0")) if t else "00" for t in trits.tolist())
+    assert _pack_trits(trits) == _to_bytes(bits)
