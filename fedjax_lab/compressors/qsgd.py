@@ -374,7 +374,8 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             levels = (reader.gamma(d, s + 1, dtype=narrow) - narrow(1)).astype(level_dtype)
             positions = _codec.flatnonzero(levels)
             magnitudes = None
-        negative = reader.bits(positions.size).astype(bool)
+        # The reader's bits are 0/1 bytes: their bool view is exact (no copy).
+        negative = reader.bits(positions.size).view(np.bool_)
         if magnitudes is None:  # dense: levels hold the magnitudes; negate the negative ones
             magnitudes = _unsigned(levels[positions])
             flip = positions[negative]
@@ -382,7 +383,10 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             gap_exp_sum = _exp_sum(_codec.gamma_exponents(np.diff(positions, prepend=-1)))
             magnitude_exp_sum = _exp_sum(_codec.gamma_exponents(magnitudes))
         else:
-            levels[positions] = np.where(negative, -magnitudes, magnitudes)
+            # Magnitudes are <= s, so they fit the (signed) level dtype: negate in place.
+            signed = magnitudes.astype(level_dtype)
+            np.negative(signed, out=signed, where=negative)
+            levels[positions] = signed
     else:
         positions = np.zeros(0, dtype=np.int64)
     reader.finish()
