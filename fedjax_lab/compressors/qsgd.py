@@ -287,6 +287,22 @@ def _exp_sum(exps: np.ndarray) -> int:
     return int(np.sum(exps, dtype=np.int64))
 
 
+def _gaps(positions: np.ndarray) -> np.ndarray:
+    """``positions[i] - positions[i - 1]`` (``positions[0] + 1`` first): runs of zeros + 1.
+
+    Written into one array (``np.diff(prepend=)`` copies the positions first), and uint8 when
+    every gap is below 256 (dense non-zeros), so the γ writer's exponent and mantissa passes
+    read one byte per gap and convert nothing.
+    """
+    gaps = np.empty_like(positions)
+    if positions.size:
+        gaps[0] = positions[0] + 1
+        np.subtract(positions[1:], positions[:-1], out=gaps[1:])
+        if int(gaps.max()) < 256:
+            return gaps.astype(np.uint8)
+    return gaps
+
+
 def _unsigned(values: np.ndarray) -> np.ndarray:
     """``|values|`` of int8/int16 levels in [-s, s] (never the minimum) as uint8/uint16."""
     return np.abs(values).view(f"u{values.dtype.itemsize}")
@@ -317,7 +333,7 @@ def _to_bytes(payload: QSGDPayload) -> bytes:
         nonzero = levels[nonzero_pos]
         magnitudes = _unsigned(nonzero)
         magnitude_exps = _codec.gamma_exponents(magnitudes)
-        gaps = np.diff(nonzero_pos, prepend=-1)  # run of zeros + 1, >= 1
+        gaps = _gaps(nonzero_pos)
         gap_exps = _codec.gamma_exponents(gaps)
         dense, sparse = _stream_lengths(
             d,
@@ -359,14 +375,15 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             if n > d:
                 raise ValueError(f"from_bytes: qsgd payload: {n} non-zeros for d={d}; corrupt.")
             start = reader.position
-            positions = np.cumsum(reader.gamma(n, d), dtype=np.int64)
+            # Gaps as uint32 (d < 2**31): the prefix sum widens them, no int64 copy first.
+            positions = np.cumsum(reader.gamma(n, d, dtype=np.uint32), dtype=np.int64)
             positions -= 1
             if n and positions[-1] >= d:
                 raise ValueError("from_bytes: qsgd payload: a position is out of range; corrupt.")
             # A γ field of n codes is n + 2 Σ e bits: the exponent sums without a pass.
             gap_exp_sum = (reader.position - start - n) // 2
             start = reader.position
-            magnitudes = reader.gamma(n, s)
+            magnitudes = reader.gamma(n, s, dtype=np.dtype(f"u{level_dtype.itemsize}"))
             magnitude_exp_sum = (reader.position - start - n) // 2
         else:
             # uint8 codes when s + 1 < 256 (l + 1 - 1 <= 254 cannot wrap), int64 otherwise.
@@ -380,7 +397,7 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             magnitudes = _unsigned(levels[positions])
             flip = positions[negative]
             levels[flip] = -levels[flip]
-            gap_exp_sum = _exp_sum(_codec.gamma_exponents(np.diff(positions, prepend=-1)))
+            gap_exp_sum = _exp_sum(_codec.gamma_exponents(_gaps(positions)))
             magnitude_exp_sum = _exp_sum(_codec.gamma_exponents(magnitudes))
         else:
             # Magnitudes are <= s, so they fit the (signed) level dtype: negate in place.
