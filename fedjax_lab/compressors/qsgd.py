@@ -238,6 +238,9 @@ def _host_streams(
 ) -> tuple[int, int, np.ndarray, np.ndarray]:
     """Dense/sparse stream lengths (exactly as ``bits``), non-zero positions and run lengths.
 
+    The histogram form, kept as the reference that tests hold :func:`_stream_lengths` (what the
+    codec uses) to.
+
     Work over all ``d`` levels is one ``flatnonzero`` (skipped when the caller already has the
     ascending non-zero positions); the rest is per non-zero (zero levels cost ``γ(1) = 1`` bit
     each in the dense coding and nothing in the sparse one).
