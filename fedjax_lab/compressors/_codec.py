@@ -379,30 +379,30 @@ class BitWriter:
             out[starts + t] = (values >> shift) & np.uint64(1)
         self._add_unpacked(out)
 
-    def gamma(self, values: np.ndarray) -> None:
-        """Elias-γ codes of ``values >= 1`` in separated order (all prefixes, then mantissas)."""
+    def gamma(self, values: np.ndarray, exps: np.ndarray | None = None) -> None:
+        """Elias-γ codes of ``values >= 1`` in separated order (all prefixes, then mantissas).
+
+        ``exps``, if given, must be :func:`gamma_exponents` of the same ``values`` (a caller
+        that already needed the code lengths passes them instead of having them recomputed).
+        """
         values = np.asarray(values).ravel()
         if values.size == 0:
             return
-        top = int(values.max())
-        if top < 256 and values.size > 4096:
-            # Small values (dense QSGD levels): the exponent is a sum of comparisons, all in
-            # uint8 SIMD passes (a table lookup is a gather per value, several times slower).
+        if exps is None:
+            exps = gamma_exponents(values)
+        n = exps
+        if n.dtype == np.uint8:
+            # Small values: mantissas in uint8 SIMD passes (see gamma_exponents).
             small = values.astype(np.uint8, copy=False)
-            n = np.zeros(small.shape, np.uint8)
-            for t in range(1, top.bit_length()):
-                n += small >= (1 << t)
             self.unary(n)
             self.varwidth(small - np.left_shift(np.uint8(1), n), n)
             return
-        if top < _SMALL.size:
-            # Small values (QSGD levels): table exponents and int32 arithmetic, no uint64 copy.
-            n = _SMALL[values]
+        if n.dtype == np.int8:
+            # Table exponents (values < 2**16) and int32 arithmetic, no uint64 copy.
             self.unary(n)
             self.varwidth(values.astype(np.int32) - (np.int32(1) << n.astype(np.int32)), n)
             return
         values = values.astype(np.uint64)
-        n = floor_log2_np(values)
         self.unary(n)
         mask = (np.uint64(1) << n.astype(np.uint64)) - np.uint64(1)
         self.varwidth(values & mask, n)
@@ -419,6 +419,29 @@ class BitWriter:
         if not self._parts:
             return b""
         return b"".join(part.tobytes() for part in self._parts)
+
+
+def gamma_exponents(values: np.ndarray) -> np.ndarray:
+    """``floor(log2 v)`` of integer ``values >= 1``: the Elias-γ exponents, in a narrow dtype.
+
+    The dtype says which path computed them (and :meth:`BitWriter.gamma` follows it): uint8
+    for many values below 256 (QSGD levels and the gaps between dense non-zeros: a sum of
+    comparisons, all uint8 SIMD passes; a table lookup is a gather per value, several times
+    slower), int8 from a table for values below ``2**16``, int64 otherwise.
+    """
+    values = np.asarray(values).ravel()
+    if values.size == 0:
+        return np.zeros(0, np.uint8)
+    top = int(values.max())
+    if top < 256 and values.size > 4096:
+        small = values.astype(np.uint8, copy=False)
+        n = np.zeros(small.shape, np.uint8)
+        for t in range(1, top.bit_length()):
+            n += small >= (1 << t)
+        return n
+    if top < _SMALL.size:
+        return _SMALL[values]
+    return floor_log2_np(values.astype(np.uint64))
 
 
 def floor_log2_np(values: np.ndarray) -> np.ndarray:
@@ -454,18 +477,30 @@ def flatnonzero(values: np.ndarray, expected_nonzeros: int | None = None) -> np.
     values = np.ascontiguousarray(values).ravel()
     per_word = 8 // values.itemsize
     if values.itemsize > 8 or per_word == 1 or values.size < 1024:
-        return np.flatnonzero(values)
+        return _dense_flatnonzero(values)
     if expected_nonzeros is not None and 16 * expected_nonzeros > values.size:
-        return np.flatnonzero(values)
+        return _dense_flatnonzero(values)
     head = values.size - values.size % per_word
-    words = np.flatnonzero(values[:head].view(np.uint64))
+    words = _dense_flatnonzero(values[:head].view(np.uint64))
     if 2 * words.size > head // per_word:  # mostly non-zero: expanding would not pay
-        return np.flatnonzero(values)
-    local = np.flatnonzero(values[:head].reshape(-1, per_word)[words])
+        return _dense_flatnonzero(values)
+    local = _dense_flatnonzero(values[:head].reshape(-1, per_word)[words])
     out = words[local // per_word] * per_word + local % per_word
     if head < values.size:
         out = np.concatenate([out, head + np.flatnonzero(values[head:])])
     return out
+
+
+def _dense_flatnonzero(values: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` through a boolean mask.
+
+    numpy finds the non-zeros of a bool array without a branch per element, but of an integer
+    array with one: on 10M int8 levels half non-zero (QSGD, s=16) the mispredicted branches
+    make the direct call ~5x slower than the ``!= 0`` pass plus the bool scan together.
+    """
+    if values.dtype != np.bool_:
+        values = values != 0
+    return np.flatnonzero(values)
 
 
 def gamma_total(values: np.ndarray) -> int:
@@ -494,6 +529,11 @@ class BitReader:
         self._bytes = np.concatenate([raw, np.zeros(8, np.uint8)])
         self._pos = 0
         self._what = what
+
+    @property
+    def position(self) -> int:
+        """Bits consumed so far (a field's length is the difference around its read)."""
+        return self._pos
 
     def _fail(self, message: str) -> ValueError:
         return ValueError(f"from_bytes: {self._what}: {message}")
@@ -535,7 +575,9 @@ class BitReader:
         start, stop, found, parts = 0, min(limit, 2 * n + 64), 0, []
         while True:
             # The field holds n ones: dense fields (QSGD γ prefixes) skip the word scan.
-            part = flatnonzero(self._bits[self._pos + start : self._pos + stop], n - found)
+            # The unpacked bits are 0/1 bytes, so their bool view is exact (no `!= 0` pass).
+            window = self._bits[self._pos + start : self._pos + stop].view(np.bool_)
+            part = flatnonzero(window, n - found)
             parts.append(part + start if start else part)
             found += part.size
             if found >= n or stop == limit:
@@ -649,10 +691,17 @@ class BitReader:
         windows = field[:span] << word.type(8 * (nbytes - 1))
         for k in range(1, nbytes):
             windows |= field[k : k + span] << word.type(8 * (nbytes - 1 - k))
-        windows = np.take(windows, (starts >> 3) - lo)
-        small = exps.astype(np.uint8)
-        shift = (8 * nbytes - small - (starts & 7).astype(np.uint8)).astype(word)
-        top = np.left_shift(word.type(1), small.astype(word))
+        # Byte indices straight into intp (np.take would copy int32 indices to intp first).
+        index = np.right_shift(starts, 3, dtype=np.intp)
+        index -= lo
+        windows = np.take(windows, index)
+        # shift = 8 nbytes - exponent - bit offset, in the window's own dtype: the int32
+        # arrays are >= 0, so their uint32 views are exact (no casting loop).
+        shift = (starts & 7).view(np.uint32)
+        shift += exps.view(np.uint32)
+        np.subtract(np.uint32(8 * nbytes), shift, out=shift)
+        shift = shift.astype(word, copy=False)
+        top = np.left_shift(word.type(1), exps.view(np.uint32).astype(word, copy=False))
         values = top | ((windows >> shift) & (top - word.type(1)))
         if int(values.max()) > max_value:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")

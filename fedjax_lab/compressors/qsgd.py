@@ -238,6 +238,9 @@ def _host_streams(
 ) -> tuple[int, int, np.ndarray, np.ndarray]:
     """Dense/sparse stream lengths (exactly as ``bits``), non-zero positions and run lengths.
 
+    The histogram form, kept as the reference that tests hold :func:`_stream_lengths` (what the
+    codec uses) to.
+
     Work over all ``d`` levels is one ``flatnonzero`` (skipped when the caller already has the
     ascending non-zero positions); the rest is per non-zero (zero levels cost ``γ(1) = 1`` bit
     each in the dense coding and nothing in the sparse one).
@@ -257,6 +260,57 @@ def _host_streams(
     return dense, sparse, nonzero_pos, runs
 
 
+def _one_below_powers_of_two(magnitudes: np.ndarray) -> int:
+    """How many magnitudes ``m >= 1`` have ``m + 1`` a power of two (``m & (m + 1) == 0``)."""
+    return int(np.count_nonzero((magnitudes & (magnitudes + magnitudes.dtype.type(1))) == 0))
+
+
+def _stream_lengths(
+    d: int, n: int, gap_exp_sum: int, magnitude_exp_sum: int, one_below_pow2: int
+) -> tuple[int, int]:
+    """Dense and sparse stream lengths (exactly ``_host_streams``'s) from exponent sums.
+
+    With ``n`` non-zeros, ``e(v) = floor(log2 v)`` and the identity
+    ``e(m + 1) = e(m) + [m + 1 is a power of two]`` (``one_below_pow2`` counts those ``m``):
+
+    * dense ``= (d - n) + Σ γ(m + 1) + n = d + n + 2 (Σ e(m) + one_below_pow2)``;
+    * sparse ``= count + Σ (γ(gap) + 1 + γ(m)) = count + 3 n + 2 (Σ e(gap) + Σ e(m))``.
+
+    The writer computes the exponents anyway and the reader gets the sums from its field
+    lengths (a γ field of ``n`` codes is ``n + 2 Σ e`` bits), so choosing (or checking) the
+    coding costs one pass over the magnitudes instead of a histogram (a gather and a scatter
+    per non-zero).
+    """
+    dense = d + n + 2 * (magnitude_exp_sum + one_below_pow2)
+    sparse = _codec.count_width(d) + 3 * n + 2 * (gap_exp_sum + magnitude_exp_sum)
+    return dense, sparse
+
+
+def _exp_sum(exps: np.ndarray) -> int:
+    return int(np.sum(exps, dtype=np.int64))
+
+
+def _gaps(positions: np.ndarray) -> np.ndarray:
+    """``positions[i] - positions[i - 1]`` (``positions[0] + 1`` first): runs of zeros + 1.
+
+    Written into one array (``np.diff(prepend=)`` copies the positions first), and uint8 when
+    every gap is below 256 (dense non-zeros), so the γ writer's exponent and mantissa passes
+    read one byte per gap and convert nothing.
+    """
+    gaps = np.empty_like(positions)
+    if positions.size:
+        gaps[0] = positions[0] + 1
+        np.subtract(positions[1:], positions[:-1], out=gaps[1:])
+        if int(gaps.max()) < 256:
+            return gaps.astype(np.uint8)
+    return gaps
+
+
+def _unsigned(values: np.ndarray) -> np.ndarray:
+    """``|values|`` of int8/int16 levels in [-s, s] (never the minimum) as uint8/uint16."""
+    return np.abs(values).view(f"u{values.dtype.itemsize}")
+
+
 def _check_canonical(
     norms: np.ndarray, levels: np.ndarray, payload: QSGDPayload, who: str, nonzero_pos: np.ndarray
 ):
@@ -273,25 +327,35 @@ def _to_bytes(payload: QSGDPayload) -> bytes:
     payload.check()
     norms, levels = host(payload.norms), host(payload.levels)
     head = _codec.floats_to_bytes(norms, "qsgd payload.norms")
-    # One scan for the non-zeros, shared by the checks and both stream lengths.
+    # One scan for the non-zeros, shared by the checks, both stream lengths and the writer.
     nonzero_pos = _codec.flatnonzero(levels)
     _check_canonical(norms, levels, payload, "to_bytes", nonzero_pos)
     d = payload.layout.size
     writer = _codec.BitWriter()
     if d:
-        dense, sparse, _, runs = _host_streams(levels, d, nonzero_pos)
         nonzero = levels[nonzero_pos]
+        magnitudes = _unsigned(nonzero)
+        magnitude_exps = _codec.gamma_exponents(magnitudes)
+        gaps = _gaps(nonzero_pos)
+        gap_exps = _codec.gamma_exponents(gaps)
+        dense, sparse = _stream_lengths(
+            d,
+            nonzero_pos.size,
+            _exp_sum(gap_exps),
+            _exp_sum(magnitude_exps),
+            _one_below_powers_of_two(magnitudes),
+        )
         use_sparse = sparse < dense
         writer.bits(np.array([use_sparse]))
         if use_sparse:
             writer.fixed(np.array([nonzero_pos.size]), _codec.count_width(d))
-            writer.gamma(runs + 1)
-            writer.gamma(np.abs(nonzero).view(f"u{nonzero.dtype.itemsize}"))
+            writer.gamma(gaps, gap_exps)
+            writer.gamma(magnitudes, magnitude_exps)
         else:
             # |l| + 1 in the levels' own width (|l| <= s <= 2**15 - 1, validated above): the
             # writer's small-value path then runs in uint8 without an int64 copy of d values.
-            magnitudes = np.abs(levels).view(f"u{levels.dtype.itemsize}")
-            writer.gamma(magnitudes + magnitudes.dtype.type(1))
+            dense_magnitudes = _unsigned(levels)
+            writer.gamma(dense_magnitudes + dense_magnitudes.dtype.type(1))
         writer.bits(nonzero < 0)
     return head + writer.to_bytes()
 
@@ -313,22 +377,36 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             n = int(reader.fixed(1, _codec.count_width(d))[0])
             if n > d:
                 raise ValueError(f"from_bytes: qsgd payload: {n} non-zeros for d={d}; corrupt.")
-            positions = np.cumsum(reader.gamma(n, d)) - 1
+            start = reader.position
+            # Gaps as uint32 (d < 2**31): the prefix sum widens them, no int64 copy first.
+            positions = np.cumsum(reader.gamma(n, d, dtype=np.uint32), dtype=np.int64)
+            positions -= 1
             if n and positions[-1] >= d:
                 raise ValueError("from_bytes: qsgd payload: a position is out of range; corrupt.")
-            magnitudes = reader.gamma(n, s)
+            # A γ field of n codes is n + 2 Σ e bits: the exponent sums without a pass.
+            gap_exp_sum = (reader.position - start - n) // 2
+            start = reader.position
+            magnitudes = reader.gamma(n, s, dtype=np.dtype(f"u{level_dtype.itemsize}"))
+            magnitude_exp_sum = (reader.position - start - n) // 2
         else:
             # uint8 codes when s + 1 < 256 (l + 1 - 1 <= 254 cannot wrap), int64 otherwise.
             narrow = np.uint8 if s + 1 < 256 else np.int64
             levels = (reader.gamma(d, s + 1, dtype=narrow) - narrow(1)).astype(level_dtype)
             positions = _codec.flatnonzero(levels)
             magnitudes = None
-        negative = reader.bits(positions.size).astype(bool)
+        # The reader's bits are 0/1 bytes: their bool view is exact (no copy).
+        negative = reader.bits(positions.size).view(np.bool_)
         if magnitudes is None:  # dense: levels hold the magnitudes; negate the negative ones
+            magnitudes = _unsigned(levels[positions])
             flip = positions[negative]
             levels[flip] = -levels[flip]
+            gap_exp_sum = _exp_sum(_codec.gamma_exponents(_gaps(positions)))
+            magnitude_exp_sum = _exp_sum(_codec.gamma_exponents(magnitudes))
         else:
-            levels[positions] = np.where(negative, -magnitudes, magnitudes)
+            # Magnitudes are <= s, so they fit the (signed) level dtype: negate in place.
+            signed = magnitudes.astype(level_dtype)
+            np.negative(signed, out=signed, where=negative)
+            levels[positions] = signed
     else:
         positions = np.zeros(0, dtype=np.int64)
     reader.finish()
@@ -337,7 +415,13 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
     # magnitude is >= 1, so they are exactly the non-zeros of `levels` in both branches.
     _check_canonical(norms, levels, payload, "from_bytes", positions)
     if d:
-        dense, sparse, _, _ = _host_streams(levels, d, positions)
+        dense, sparse = _stream_lengths(
+            d,
+            positions.size,
+            gap_exp_sum,
+            magnitude_exp_sum,
+            _one_below_powers_of_two(magnitudes),
+        )
         if use_sparse != (sparse < dense):
             raise ValueError("from_bytes: qsgd payload uses the longer of the two codings.")
     return payload
