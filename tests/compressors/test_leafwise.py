@@ -72,7 +72,9 @@ def test_sign_leafwise_matches_flat_reference_bit_for_bit(name, scaled):
         payload = c.encode(t, (), key=jax.random.key(0))[0]
         x = layout.flatten(t)
         scale, signs = _reference_sign(x, scaled)
-        decoded = layout.unflatten(jnp.where(jnp.unpackbits(signs)[: x.shape[0]] > 0, -scale, scale))
+        decoded = layout.unflatten(
+            jnp.where(jnp.unpackbits(signs)[: x.shape[0]] > 0, -scale, scale)
+        )
         return payload, c.decode(payload), scale, signs, decoded
 
     payload, got, scale, signs, want = jax.jit(both, compiler_options=FAST_COMPILE)(tree)
@@ -92,6 +94,4 @@ def test_pack_bits_matches_numpy_for_unaligned_leaves():
     packed = jax.jit(lambda p: _leafwise.pack_bits(layout, p))(parts)
     np.testing.assert_array_equal(np.asarray(packed), np.packbits(np.concatenate(parts)))
     for offset, size, part in zip(layout.offsets, layout.sizes, parts, strict=True):
-        np.testing.assert_array_equal(
-            np.asarray(_leafwise.unpack_leaf(packed, offset, size)), part
-        )
+        np.testing.assert_array_equal(np.asarray(_leafwise.unpack_leaf(packed, offset, size)), part)
