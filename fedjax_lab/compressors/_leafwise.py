@@ -13,7 +13,9 @@ compute the same values without the big vector:
 * :func:`pack_bits` is ``jnp.packbits`` of the concatenated per-leaf bits, packed leaf by leaf
   (each leaf starts at bit ``offset mod 8`` of its first byte; bytes shared by two leaves are
   the bitwise or of both leaves' parts, as padding bits are zero);
-* :func:`unpack_leaf` reads one leaf's bits back out of such a packed vector.
+* :func:`unpack_leaf` reads one leaf's bits back out of such a packed vector;
+* :func:`concat_into` writes per-leaf pieces (e.g. int8 levels) into one payload vector, and
+  :func:`unflatten_map` decodes a payload vector leaf by leaf.
 """
 
 from __future__ import annotations
@@ -42,13 +44,37 @@ def peak(parts: list[jax.Array]) -> jax.Array:
 
 
 def all_finite(parts: list[jax.Array]) -> jax.Array:
-    """``jnp.all(jnp.isfinite(x))`` as ``Σ x_i · 0 == 0`` per leaf.
+    """``jnp.all(jnp.isfinite(x))`` as ``Σ (x_i - x_i) == 0`` per leaf.
 
-    ``x_i · 0`` is ±0 for finite ``x_i`` and NaN for ±Inf/NaN, so each sum is ±0 or NaN in any
+    ``x_i - x_i`` is +0 for finite ``x_i`` and NaN for ±Inf/NaN, so each sum is 0 or NaN in any
     summation order; a float sum vectorises on XLA:CPU, a boolean all-reduce does not.
     """
-    sums = [jnp.sum(part * jnp.float32(0.0)) for part in parts if part.size]
+    sums = [jnp.sum(part - part) for part in parts if part.size]
     return functools.reduce(jnp.logical_and, [s == 0 for s in sums], jnp.bool_(True))
+
+
+def concat_into(layout: TreeLayout, parts: list[jax.Array], dtype) -> jax.Array:
+    """``jnp.concatenate(parts)`` as slice updates of one buffer (faster on XLA:CPU)."""
+    out = jnp.zeros((layout.size,), dtype)
+    for offset, size, part in zip(layout.offsets, layout.sizes, parts, strict=True):
+        if size:
+            out = jax.lax.dynamic_update_slice(out, part.astype(dtype), (offset,))
+    return out
+
+
+def unflatten_map(layout: TreeLayout, vector: jax.Array, fn) -> Updates:
+    """``layout.unflatten(fn(vector))`` for an elementwise ``fn``, applied slice by slice.
+
+    Each output leaf is computed from its own slice of ``vector``, so the decoded flat vector
+    is never materialised; elementwise, so every value is the one of the flat formulation.
+    """
+    leaves = [
+        fn(vector[offset : offset + size]).reshape(shape).astype(dtype)
+        for offset, size, shape, dtype in zip(
+            layout.offsets, layout.sizes, layout.shapes, layout.dtypes, strict=True
+        )
+    ]
+    return jax.tree.unflatten(layout.treedef, leaves)
 
 
 def pack_bits(layout: TreeLayout, bits: list[jax.Array]) -> jax.Array:
