@@ -16,84 +16,37 @@ from fedjax_lab.compressors.terngrad import terngrad
 from fedjax_lab.registry import Param, register_compressor
 
 SPARSITY = Param("sparsity", float, 0.01, "fraction of the coordinates kept, in (0, 1]")
-ROUNDING_BITS = Param(
-    "rounding_bits",
-    int,
-    None,
-    "bits of each coordinate's stochastic-rounding "
-    "uniform: 8 or 16 (less threefry work, exact marginals, correlation "
-    "<= 1/(2^k - 1) within 16 coordinates) or none (one float32 uniform)",
-)
+ROUNDING_BITS = Param("rounding_bits", int, None, "bits of each coordinate's stochastic-rounding "
+                      "uniform: 8 or 16 (less threefry work, exact marginals, correlation "
+                      "<= 1/(2^k - 1) within 16 coordinates) or none (one float32 uniform)")
 
+register_compressor("identity", identity, tags=("unbiased",),
+                    description="no compression: 32 bits per coordinate")
 register_compressor(
-    "identity", identity, tags=("unbiased",), description="no compression: 32 bits per coordinate"
-)
+    "qsgd", qsgd, tags=("unbiased",), description="QSGD stochastic quantization "
+    "(Alistarh et al. 2017; FedPAQ's quantizer)",
+    params=(Param("num_levels", int, 4, "QSGD quantization levels s"),
+            Param("bucket_size", int, None, "QSGD bucket size (none: one bucket)"),
+            ROUNDING_BITS))
+register_compressor("rand_k", lambda sparsity: rand_k(sparsity), params=(SPARSITY,),
+                    tags=("unbiased",), description="random-k sparsification, rescaled by d/k "
+                    "(Stich et al. 2018)")
+register_compressor("top_k", lambda sparsity: top_k(sparsity), params=(SPARSITY,),
+                    tags=("biased",), description="top-k sparsification (Aji & Heafield 2017)")
+register_compressor("sign", sign, tags=("biased",),
+                    description="signSGD: one bit per coordinate (Bernstein et al. 2018)")
+register_compressor("scaled_sign", scaled_sign, tags=("biased",),
+                    description="sign scaled by the mean |x| (Karimireddy et al. 2019)")
 register_compressor(
-    "qsgd",
-    qsgd,
-    tags=("unbiased",),
-    description="QSGD stochastic quantization (Alistarh et al. 2017; FedPAQ's quantizer)",
-    params=(
-        Param("num_levels", int, 4, "QSGD quantization levels s"),
-        Param("bucket_size", int, None, "QSGD bucket size (none: one bucket)"),
-        ROUNDING_BITS,
-    ),
-)
-register_compressor(
-    "rand_k",
-    lambda sparsity: rand_k(sparsity),
-    params=(SPARSITY,),
-    tags=("unbiased",),
-    description="random-k sparsification, rescaled by d/k (Stich et al. 2018)",
-)
-register_compressor(
-    "top_k",
-    lambda sparsity: top_k(sparsity),
-    params=(SPARSITY,),
-    tags=("biased",),
-    description="top-k sparsification (Aji & Heafield 2017)",
-)
-register_compressor(
-    "sign",
-    sign,
-    tags=("biased",),
-    description="signSGD: one bit per coordinate (Bernstein et al. 2018)",
-)
-register_compressor(
-    "scaled_sign",
-    scaled_sign,
-    tags=("biased",),
-    description="sign scaled by the mean |x| (Karimireddy et al. 2019)",
-)
-register_compressor(
-    "terngrad",
-    terngrad,
-    tags=("unbiased",),
+    "terngrad", terngrad, tags=("unbiased",),
     description="TernGrad ternary quantization (Wen et al. 2017)",
-    params=(
-        Param(
-            "clip_sigmas",
-            float,
-            None,
-            "TernGrad clipping at c standard deviations (none: unclipped, unbiased)",
-        ),
-        ROUNDING_BITS,
-    ),
-)
+    params=(Param("clip_sigmas", float, None,
+                  "TernGrad clipping at c standard deviations (none: unclipped, unbiased)"),
+            ROUNDING_BITS))
+register_compressor("stc", stc, params=(SPARSITY,), tags=("biased",),
+                    description="sparse ternary compression (Sattler et al. 2019)")
 register_compressor(
-    "stc",
-    stc,
-    params=(SPARSITY,),
-    tags=("biased",),
-    description="sparse ternary compression (Sattler et al. 2019)",
-)
-register_compressor(
-    "sstc",
-    sstc,
-    tags=("biased",),
+    "sstc", sstc, tags=("biased",),
     description="structured sparse ternary compression of conv kernels (Mora et al. 2022)",
-    params=(
-        SPARSITY,
-        Param("kernel_fraction", float, 0.1, "SSTC fraction of the conv kernels kept, in (0, 1]"),
-    ),
-)
+    params=(SPARSITY, Param("kernel_fraction", float, 0.1,
+                            "SSTC fraction of the conv kernels kept, in (0, 1]")))

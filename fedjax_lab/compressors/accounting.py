@@ -32,7 +32,9 @@ from fedjax_lab.compressors.sstc import SSTCPayload
 from fedjax_lab.compressors.stc import STCPayload, compact, ternary_stream_bits
 
 
-def conv_leaves(tree: Any, is_conv: Callable[[Any, Any], bool] | None = None) -> tuple[bool, ...]:
+def conv_leaves(
+    tree: Any, is_conv: Callable[[Any, Any], bool] | None = None
+) -> tuple[bool, ...]:
     """Which leaves (``jax.tree`` order) are conv kernels; default: every 4-D leaf (as SSTC).
 
     Args:
