@@ -86,7 +86,10 @@ def _buckets(vector: jax.Array, bucket_size: int) -> jax.Array:
 
 
 def qsgd(
-    num_levels: int, bucket_size: int | None = None, *, rounding_bits: int | None = None
+    num_levels: int,
+    bucket_size: int | None = None,
+    *,
+    rounding_bits: int | str | None = None,
 ) -> Compressor:
     """QSGD: unbiased stochastic quantization to ``s`` levels per sign.
 
@@ -124,6 +127,14 @@ def qsgd(
         ``s|x_i|/‖x‖ >= 2**-(k+9)``), so unbiasedness and the variance above hold as for
         independent draws, while coordinates of a tie-breaker group are correlated by at most
         ``1/(2**k - 1)`` (see ``fedjax_lab.compressors._bernoulli.bernoulli`` for the proof).
+        ``"hash"``: a counter-based hash (murmur3's finaliser) of the coordinate index and 64
+        threefry bits per call instead of any per-coordinate threefry work; ``P(round up)``
+        is exact to ``2**-64`` (exact for every ``s|x_i|/‖x‖ - l >= 2**-41``), so
+        unbiasedness, ``E‖Q(x) - x‖²`` and ``E‖Q(x)‖₀`` (hence the expected-bits bound) are
+        those of independent draws, but the draws of one vector are NOT independent (proof
+        and caveats in ``fedjax_lab.compressors._bernoulli.hash_bernoulli``). With one bucket
+        it also encodes leaf by leaf (no flat float vector), which sums ``‖x‖²`` per leaf:
+        the norm may differ from the default path's in the last bit.
 
     Returns:
       A stateless :class:`Compressor`.

@@ -55,7 +55,7 @@ def _sign_compressor(name: str, unit: bool, scale_fn) -> Compressor:
         layout = _layout(updates, "encode(updates)")
         # Leaf by leaf, never materialising the flat vector (see _leafwise): the same bits as
         # `x = layout.flatten(updates)`, `scale_fn(x)`, `jnp.packbits(x < 0)` at a third of
-        # the memory traffic; test_sign_leafwise pins it against that formulation.
+        # the memory traffic; tests/compressors/test_leafwise.py pins it to that formulation.
         parts = _leafwise.leaves(layout, updates)
         scale = poison(scale_fn(layout, updates, parts), _leafwise.all_finite(parts))
         signs = _leafwise.pack_bits(layout, [part < 0 for part in parts])

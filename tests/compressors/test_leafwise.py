@@ -1,9 +1,9 @@
 """Leaf-by-leaf encoders (``_leafwise``) against the flatten-then-encode formulation, bit for bit.
 
-The sign compressors encode and decode leaf by leaf for speed; these tests pin every payload
-bit and every decoded bit to the straightforward formulation of earlier versions (flatten the
-tree, ``jnp.packbits(x < 0)``, unflatten a decoded vector) on trees whose leaves start in the
-middle of a byte, mixed dtypes, signed zeros and non-finite inputs.
+The sign compressors encode and decode, and QSGD decodes, leaf by leaf for speed; these tests
+pin every payload bit and every decoded bit to the straightforward formulation of earlier
+versions (flatten the tree, ``jnp.packbits(x < 0)``, unflatten a decoded vector) on trees whose
+leaves start in the middle of a byte, mixed dtypes, signed zeros and non-finite inputs.
 """
 
 import jax
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lab.compressors import _leafwise, scaled_sign, sign
+from fedjax_lab.compressors import _leafwise, qsgd, scaled_sign, sign
 from fedjax_lab.compressors._base import tree_layout
 from fedjax_lab.compressors.testing import FAST_COMPILE
 
@@ -95,3 +95,21 @@ def test_pack_bits_matches_numpy_for_unaligned_leaves():
     np.testing.assert_array_equal(np.asarray(packed), np.packbits(np.concatenate(parts)))
     for offset, size, part in zip(layout.offsets, layout.sizes, parts, strict=True):
         np.testing.assert_array_equal(np.asarray(_leafwise.unpack_leaf(packed, offset, size)), part)
+
+
+@pytest.mark.parametrize("name", ["odd", "mixed", "zeros"])
+def test_qsgd_leafwise_decode_matches_flat_decode_bit_for_bit(name):
+    tree = _trees()[name]
+    layout = tree_layout(tree, what="test")
+    c, s = qsgd(4), 4
+
+    def both(t):
+        payload = c.encode(t, (), key=jax.random.key(3))[0]
+        # The earlier decode: one float vector, bucket-shaped, then unflattened.
+        values = payload.levels.astype(jnp.float32)[None, :] * (payload.norms[:, None] / s)
+        return c.decode(payload), layout.unflatten(values.reshape(-1)[: layout.size])
+
+    got, want = jax.jit(both, compiler_options=FAST_COMPILE)(tree)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(_bits(g), _bits(w))
