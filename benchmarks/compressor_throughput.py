@@ -88,6 +88,8 @@ def compressors(tree) -> dict[str, C.Compressor]:
         # Same statistics from 16/8-bit rounding uniforms (fewer threefry words).
         "qsgd_s4_rb16": C.qsgd(4, rounding_bits=16),
         "qsgd_s4_rb8": C.qsgd(4, rounding_bits=8),
+        # Same marginals from a counter-based hash (no per-coordinate threefry work).
+        "qsgd_s4_hash": C.qsgd(4, rounding_bits="hash"),
         "qsgd_s16_bucket512": C.qsgd(16, bucket_size=512),
         "rand_k_1pct": C.rand_k(0.01),
         "top_k_1pct": C.top_k(0.01),
@@ -95,6 +97,7 @@ def compressors(tree) -> dict[str, C.Compressor]:
         "scaled_sign": C.scaled_sign(),
         "terngrad": C.terngrad(),
         "terngrad_rb8": C.terngrad(rounding_bits=8),
+        "terngrad_hash": C.terngrad(rounding_bits="hash"),
         "stc_1pct": C.stc(0.01),
         "sstc_1pct_kf0.1": C.sstc(0.01, 0.1, is_conv=is_conv),
         "ef_stc_1pct": C.with_error_feedback(C.stc(0.01)),

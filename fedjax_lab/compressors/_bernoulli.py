@@ -5,7 +5,9 @@ draw of one 32-bit word per coordinate costs several memory passes of a 10M-para
 more than the quantizer itself. :func:`bernoulli` draws ``Bernoulli(p_i)`` either as before (one
 float32 uniform per coordinate) or from ``k``-bit integer uniforms plus one shared 32-bit
 "tie breaker" per group of :data:`GROUP` coordinates, ``k + 32 / GROUP`` random bits per
-coordinate instead of 32.
+coordinate instead of 32, or (``rounding_bits='hash'``, :func:`hash_bernoulli`) from a
+counter-based hash of the coordinate index and 64 threefry bits per call: exact marginals, no
+per-coordinate threefry work, but no independence across coordinates.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import jax
 import jax.numpy as jnp
 
 ROUNDING_BITS = (8, 16)
-"""The accepted ``rounding_bits`` besides ``None`` (bits of the per-coordinate uniform)."""
+"""The accepted integer ``rounding_bits`` (bits of the per-coordinate threefry uniform)."""
+
+HASH = "hash"
+"""``rounding_bits`` value selecting counter-based hashed uniforms (:func:`hash_bernoulli`)."""
 
 GROUP = 16
 """Coordinates sharing one 32-bit tie breaker (consecutive in row-major order)."""
@@ -22,17 +27,114 @@ GROUP = 16
 
 def check_rounding_bits(rounding_bits: int | None, who: str) -> None:
     """``ValueError`` unless ``rounding_bits`` is ``None`` or one of :data:`ROUNDING_BITS`."""
-    if rounding_bits is None:
+    if rounding_bits is None or (type(rounding_bits) is str and rounding_bits == HASH):
         return
     if type(rounding_bits) is not int or rounding_bits not in ROUNDING_BITS:
         raise ValueError(
-            f"{who}: rounding_bits must be None or one of {ROUNDING_BITS}, got {rounding_bits!r}."
+            f"{who}: rounding_bits must be None or one of {ROUNDING_BITS} or {HASH!r}, got "
+            f"{rounding_bits!r}."
         )
 
 
 def correlation_bound(rounding_bits: int | None) -> float:
-    """Largest correlation between two coordinates' draws (0 with independent draws)."""
+    """Largest correlation between two coordinates' draws (0 with independent draws).
+
+    ``ValueError`` for :data:`HASH`, whose draws have no proven correlation bound.
+    """
+    if rounding_bits == HASH:
+        raise ValueError("rounding_bits='hash' has exact marginals but no correlation bound.")
     return 0.0 if rounding_bits is None else 1.0 / (2**rounding_bits - 1)
+
+
+# murmur3's 32-bit finaliser (Appleby, MurmurHash3, public domain): xor-shifts and odd
+# multiplications, each a bijection of the 32-bit words, so the composition is one.
+_FMIX_SHIFTS = (16, 13, 16)
+_FMIX_MULTIPLIERS = (0x85EBCA6B, 0xC2B2AE35)
+_GOLDEN = 0x9E3779B9  # odd: i -> i * _GOLDEN is a bijection mod 2**32
+
+
+def fmix32(h: jax.Array) -> jax.Array:
+    """murmur3's finaliser on uint32 words: a bijection of ``{0, ..., 2**32 - 1}``."""
+    h = h ^ (h >> _FMIX_SHIFTS[0])
+    h = h * jnp.uint32(_FMIX_MULTIPLIERS[0])
+    h = h ^ (h >> _FMIX_SHIFTS[1])
+    h = h * jnp.uint32(_FMIX_MULTIPLIERS[1])
+    return h ^ (h >> _FMIX_SHIFTS[2])
+
+
+def hash_words(index: jax.Array, key_word: jax.Array) -> jax.Array:
+    """``fmix32(index * 0x9E3779B9 + key_word)`` (uint32, mod ``2**32``).
+
+    For a fixed ``index`` the map ``key_word -> word`` is a bijection (a translation, then
+    ``fmix32``), so a uniform ``key_word`` gives an exactly uniform word for every index.
+    """
+    return fmix32(index * jnp.uint32(_GOLDEN) + key_word)
+
+
+def hash_bernoulli(key: jax.Array, p: jax.Array) -> jax.Array:
+    """``b_i ~ Bernoulli(p_i)`` from a counter-based hash (``rounding_bits='hash'``).
+
+    Draws two uint32 words ``K1, K2`` from ``key`` with threefry (the only threefry work, 64
+    bits per call instead of 32 per coordinate) and gives coordinate ``i`` (row-major position
+    in ``p``) the words ``U_i = H(i, K1)`` (:func:`hash_words`) and ``T_i = U_i xor K2``. Then,
+    with ``t_i = p_i 2**32`` (exact), ``a_i = floor(t_i)``, ``c_i = ceil((t_i - a_i) 2**32)``::
+
+        b_i = [p_i >= 1]  or  [U_i < a_i]  or  ([U_i = a_i] and [T_i < c_i]).
+
+    Proof of the marginal: for a fixed ``i``, ``K -> H(i, K)`` is a bijection of the 32-bit
+    words (``K -> i * 0x9E3779B9 + K`` is a translation mod ``2**32`` and ``fmix32`` a
+    composition of xor-shifts and odd multiplications, each invertible), so ``U_i`` is
+    exactly uniform; given ``U_i``, ``T_i = U_i xor K2`` is uniform because ``K2`` is uniform
+    and independent of ``K1``, so ``T_i`` is uniform and independent of ``U_i``.
+    For ``p_i < 1`` (then ``t_i <= 2**32 - 2**8`` and ``c_i <= 2**32 - 2**8`` are exact uint32
+    values): ``P(b_i) = a_i / 2**32 + (1 / 2**32)(c_i / 2**32) = ceil(p_i 2**64) / 2**64``,
+    which is ``p_i`` exactly whenever ``p_i 2**64`` is an integer, i.e. for every float32
+    ``p_i >= 2**-41`` (its ulp is ``>= 2**-64``) and ``p_i = 0``; below that the excess is
+    under ``2**-64``. ``p_i = 1`` gives ``b_i = 1``.
+
+    So each ``b_i`` has the marginal of an independent draw (exactly, down to ``2**-41``), and
+    every expectation that is a sum over coordinates is the independent-draw value: QSGD's
+    and TernGrad's unbiasedness, ``E‖Q(x) - x‖² = Σ_i Var Q_i(x)`` (QSGD Lemma 3.1's variance
+    bound), ``E‖Q(x)‖₀`` (QSGD Lemma 3.1's sparsity bound) and so QSGD's expected-bits bound,
+    which only uses that the code length is a concave function of the number of non-zeros
+    (Jensen). NOT exact, and not claimed: independence across coordinates. All draws of one
+    call are functions of 64 random bits, and the pairwise joint law of ``(U_i, U_j)`` is
+    whatever ``fmix32`` makes of a fixed index difference (``U_i != U_j`` always, for
+    instance); the variance of a weighted sum ``Σ w_i b_i`` over coordinates of one vector,
+    and tail bounds that assume independent coordinates, have no proof here. Different keys
+    (different clients, rounds) give independent ``(K1, K2)`` and so independent vectors.
+
+    Args:
+      key: a PRNG key.
+      p: float32 probabilities in ``[0, 1]``, at most ``2**32`` entries; entries outside
+        (NaN from a non-finite input) give arbitrary draws that callers mask.
+
+    Returns:
+      A boolean array of ``p``'s shape.
+    """
+    return hashed_draws(hash_keys(key), p, 0)
+
+
+def hash_keys(key: jax.Array) -> jax.Array:
+    """The two uint32 words ``K1, K2`` of :func:`hash_bernoulli`, drawn with threefry."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def hashed_draws(key_words: jax.Array, p: jax.Array, first_index: int) -> jax.Array:
+    """:func:`hash_bernoulli`'s draws for coordinates ``first_index + row-major position``.
+
+    Lets a caller draw a long vector piece by piece (e.g. leaf by leaf) with exactly the
+    draws of one call on the whole vector.
+    """
+    index = jax.lax.iota(jnp.uint32, p.size).reshape(p.shape) + jnp.uint32(first_index)
+    p = p.astype(jnp.float32)
+    t = jnp.minimum(p, jnp.float32(1.0 - 2.0**-24)) * jnp.float32(2.0**32)
+    a = jnp.floor(t)
+    c = jnp.ceil((t - a) * jnp.float32(2.0**32))
+    a_int, c_int = a.astype(jnp.uint32), c.astype(jnp.uint32)
+    u = hash_words(index, key_words[0])
+    w = u ^ key_words[1]  # uniform and independent of u for each i (K2 is): the tie breaker
+    return (p >= 1) | (u < a_int) | ((u == a_int) & (w < c_int))
 
 
 def bernoulli(key: jax.Array, p: jax.Array, rounding_bits: int | None) -> jax.Array:
@@ -77,13 +179,16 @@ def bernoulli(key: jax.Array, p: jax.Array, rounding_bits: int | None) -> jax.Ar
       key: a PRNG key.
       p: float32 probabilities in ``[0, 1]``; entries outside (NaN from a non-finite input)
         give arbitrary draws that callers mask.
-      rounding_bits: ``None``, 8 or 16 (see :data:`ROUNDING_BITS`).
+      rounding_bits: ``None``, 8 or 16 (see :data:`ROUNDING_BITS`), or :data:`HASH`
+        (:func:`hash_bernoulli`).
 
     Returns:
       A boolean array of ``p``'s shape.
     """
     if rounding_bits is None:
         return jax.random.uniform(key, p.shape) < p
+    if rounding_bits == HASH:
+        return hash_bernoulli(key, p)
     k = int(rounding_bits)
     lanes = 32 // k
     n = p.size

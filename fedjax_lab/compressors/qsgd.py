@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _bernoulli, _codec
+from fedjax_lab.compressors import _bernoulli, _codec, _leafwise
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -85,7 +86,10 @@ def _buckets(vector: jax.Array, bucket_size: int) -> jax.Array:
 
 
 def qsgd(
-    num_levels: int, bucket_size: int | None = None, *, rounding_bits: int | None = None
+    num_levels: int,
+    bucket_size: int | None = None,
+    *,
+    rounding_bits: int | str | None = None,
 ) -> Compressor:
     """QSGD: unbiased stochastic quantization to ``s`` levels per sign.
 
@@ -123,6 +127,14 @@ def qsgd(
         ``s|x_i|/‖x‖ >= 2**-(k+9)``), so unbiasedness and the variance above hold as for
         independent draws, while coordinates of a tie-breaker group are correlated by at most
         ``1/(2**k - 1)`` (see ``fedjax_lab.compressors._bernoulli.bernoulli`` for the proof).
+        ``"hash"``: a counter-based hash (murmur3's finaliser) of the coordinate index and 64
+        threefry bits per call instead of any per-coordinate threefry work; ``P(round up)``
+        is exact to ``2**-64`` (exact for every ``s|x_i|/‖x‖ - l >= 2**-41``), so
+        unbiasedness, ``E‖Q(x) - x‖²`` and ``E‖Q(x)‖₀`` (hence the expected-bits bound) are
+        those of independent draws, but the draws of one vector are NOT independent (proof
+        and caveats in ``fedjax_lab.compressors._bernoulli.hash_bernoulli``). With one bucket
+        it also encodes leaf by leaf (no flat float vector), which sums ``‖x‖²`` per leaf:
+        the norm may differ from the default path's in the last bit.
 
     Returns:
       A stateless :class:`Compressor`.
@@ -151,9 +163,35 @@ def qsgd(
         _shell(tree_layout(params, what="qsgd.init(params)"))
         return ()
 
+    def encode_hashed_leafwise(updates, layout, shell, key):
+        # rounding_bits="hash" with one bucket: the same formulas leaf by leaf, with no flat
+        # float vector (the hash draws depend only on the coordinate index, so each leaf draws
+        # its own coordinates); the only difference from the flat path is the summation order
+        # of ‖x‖² (per leaf, then across leaves).
+        parts = _leafwise.leaves(layout, updates)
+        finite = _leafwise.all_finite(parts)
+        peak = _leafwise.peak(parts)
+        safe = jnp.where(peak > 0, peak, 1.0)
+        squares = [jnp.sum(jnp.square(jnp.abs(part) / safe)) for part in parts if part.size]
+        scaled_norm = jnp.sqrt(functools.reduce(jnp.add, squares, jnp.float32(0.0)))
+        divisor = jnp.where(scaled_norm > 0, scaled_norm, 1.0)
+        key_words = _bernoulli.hash_keys(key)
+        levels = []
+        for offset, part in zip(layout.offsets, parts, strict=True):
+            ratio = jnp.minimum(s * (jnp.abs(part) / safe) / divisor, float(s))
+            lower = jnp.floor(ratio)
+            level = lower + _bernoulli.hashed_draws(key_words, ratio - lower, offset)
+            level = jnp.where(jnp.isfinite(ratio), level, 0.0)
+            levels.append(jnp.where(part < 0, -level, level).astype(level_dtype))
+        norms = poison(jnp.reshape(peak * scaled_norm, (1,)), finite)
+        levels = _leafwise.concat_into(layout, levels, level_dtype)
+        return QSGDPayload(norms, levels, layout, s, shell.bucket_size)
+
     def encode(updates, state, *, key):
         layout = tree_layout(updates, what="qsgd.encode(updates)")
         shell = _shell(layout)
+        if rounding_bits == _bernoulli.HASH and shell.num_buckets == 1:
+            return encode_hashed_leafwise(updates, layout, shell, key), state
         x = layout.flatten(updates)
         finite = jnp.all(jnp.isfinite(x))
         buckets = _buckets(x, shell.bucket_size)
@@ -175,6 +213,11 @@ def qsgd(
 
     def decode(payload: QSGDPayload):
         payload.check()
+        if payload.num_buckets == 1:  # leaf by leaf: the same products, no flat float vector
+            scale = payload.norms[0] / s
+            return _leafwise.unflatten_map(
+                payload.layout, payload.levels, lambda v: v.astype(jnp.float32) * scale
+            )
         levels = _buckets(payload.levels.astype(jnp.float32), payload.bucket_size)
         values = levels * (payload.norms[:, None] / s)
         return payload.layout.unflatten(values.reshape(-1)[: payload.layout.size])

@@ -37,7 +37,9 @@ class TernGradPayload:
         check_array(self.trits, (self.layout.size,), np.int8, "terngrad payload.trits")
 
 
-def terngrad(clip_sigmas: float | None = None, *, rounding_bits: int | None = None) -> Compressor:
+def terngrad(
+    clip_sigmas: float | None = None, *, rounding_bits: int | str | None = None
+) -> Compressor:
     """TernGrad: ``s_t · sign(g) ∘ b`` with ``b_i ~ Bernoulli(|g_i|/s_t)``, ``s_t = max|g|``.
 
     Wen, Xu, Yan, Wu, Wang, Chen, Li (2017), "TernGrad: Ternary Gradients to Reduce
@@ -62,7 +64,12 @@ def terngrad(clip_sigmas: float | None = None, *, rounding_bits: int | None = No
         ``2**-(k+32)`` (exact for every ``|x_i|/s_t >= 2**-(k+9)``), so unbiasedness and the
         per-coordinate variance hold as for independent draws, with coordinates of a
         tie-breaker group correlated by at most ``1/(2**k - 1)`` (proof in
-        ``fedjax_lab.compressors._bernoulli.bernoulli``).
+        ``fedjax_lab.compressors._bernoulli.bernoulli``). ``"hash"``: a counter-based hash
+        (murmur3's finaliser) of the coordinate index and 64 threefry bits per call, no
+        per-coordinate threefry work; each draw is exact to ``2**-64`` (exact for every
+        ``|x_i|/s_t >= 2**-41``), so unbiasedness and the per-coordinate variance hold as for
+        independent draws, but draws of one vector are NOT independent of each other (proof
+        and caveats in ``fedjax_lab.compressors._bernoulli.hash_bernoulli``).
 
     Returns:
       A stateless :class:`Compressor`.

@@ -1,0 +1,110 @@
+"""Leaf-by-leaf forms of "flatten the update, work on the vector, unflatten" (same bits).
+
+Every compressor of this package is defined on the concatenation ``x`` of the update's leaves
+(:meth:`TreeLayout.flatten`). On XLA:CPU materialising ``x`` for a 10M-parameter update costs
+2-4 memory passes (one fresh 40 MB buffer written by a chain of slice updates), and so does
+materialising a decoded vector before :meth:`TreeLayout.unflatten` slices it. The helpers here
+compute the same values without the big vector:
+
+* :func:`leaves` gives each leaf as a float32 vector (exactly the slices of ``x``);
+* :func:`peak` and :func:`all_finite` are ``max |x|`` and ``all(isfinite(x))`` from one
+  reduction per leaf (both exact in any order; a reduction over a fused ``jnp.concatenate``
+  of the leaves runs 10-30x slower than over the leaves on XLA:CPU);
+* :func:`pack_bits` is ``jnp.packbits`` of the concatenated per-leaf bits, packed leaf by leaf
+  (each leaf starts at bit ``offset mod 8`` of its first byte; bytes shared by two leaves are
+  the bitwise or of both leaves' parts, as padding bits are zero);
+* :func:`unpack_leaf` reads one leaf's bits back out of such a packed vector;
+* :func:`concat_into` writes per-leaf pieces (e.g. int8 levels) into one payload vector, and
+  :func:`unflatten_map` decodes a payload vector leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lab.compressors._base import TreeLayout, Updates
+
+
+def leaves(layout: TreeLayout, tree: Updates) -> list[jax.Array]:
+    """The leaves of ``tree`` raveled and cast to float32 (the pieces of ``layout.flatten``)."""
+    return [jnp.ravel(jnp.asarray(leaf)).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
+
+
+def peak(parts: list[jax.Array]) -> jax.Array:
+    """``max |x|`` (0 for no coordinates) as a max of per-leaf maxima (max is exact in any order).
+
+    A NaN leaf gives NaN or a finite number depending on the order; callers poison non-finite
+    inputs (:func:`all_finite`) so that difference never shows.
+    """
+    peaks = [jnp.max(jnp.abs(part)) for part in parts if part.size]
+    return functools.reduce(jnp.maximum, peaks, jnp.float32(0.0))
+
+
+def all_finite(parts: list[jax.Array]) -> jax.Array:
+    """``jnp.all(jnp.isfinite(x))`` as ``Σ (x_i - x_i) == 0`` per leaf.
+
+    ``x_i - x_i`` is +0 for finite ``x_i`` and NaN for ±Inf/NaN, so each sum is 0 or NaN in any
+    summation order; a float sum vectorises on XLA:CPU, a boolean all-reduce does not.
+    """
+    sums = [jnp.sum(part - part) for part in parts if part.size]
+    return functools.reduce(jnp.logical_and, [s == 0 for s in sums], jnp.bool_(True))
+
+
+def concat_into(layout: TreeLayout, parts: list[jax.Array], dtype) -> jax.Array:
+    """``jnp.concatenate(parts)`` as slice updates of one buffer (faster on XLA:CPU)."""
+    out = jnp.zeros((layout.size,), dtype)
+    for offset, size, part in zip(layout.offsets, layout.sizes, parts, strict=True):
+        if size:
+            out = jax.lax.dynamic_update_slice(out, part.astype(dtype), (offset,))
+    return out
+
+
+def unflatten_map(layout: TreeLayout, vector: jax.Array, fn) -> Updates:
+    """``layout.unflatten(fn(vector))`` for an elementwise ``fn``, applied slice by slice.
+
+    Each output leaf is computed from its own slice of ``vector``, so the decoded flat vector
+    is never materialised; elementwise, so every value is the one of the flat formulation.
+    """
+    leaves = [
+        fn(vector[offset : offset + size]).reshape(shape).astype(dtype)
+        for offset, size, shape, dtype in zip(
+            layout.offsets, layout.sizes, layout.shapes, layout.dtypes, strict=True
+        )
+    ]
+    return jax.tree.unflatten(layout.treedef, leaves)
+
+
+def pack_bits(layout: TreeLayout, bits: list[jax.Array]) -> jax.Array:
+    """``jnp.packbits(concat(bits))`` (MSB first, zero padding) packed leaf by leaf.
+
+    Args:
+      layout: the update's layout; ``bits[j]`` belongs to leaf ``j`` (length ``sizes[j]``).
+      bits: one boolean vector per leaf.
+
+    Returns:
+      uint8[ceil(d / 8)].
+    """
+    num_bytes = -(-layout.size // 8)
+    out = jnp.zeros((num_bytes,), jnp.uint8)
+    for offset, size, part in zip(layout.offsets, layout.sizes, bits, strict=True):
+        if size == 0:
+            continue
+        lead = offset % 8
+        if lead:
+            part = jnp.pad(part, (lead, 0))
+        piece = jnp.packbits(part)
+        start = offset // 8
+        if lead:  # the first byte is shared with the previous leaf: or them
+            piece = piece.at[0].set(piece[0] | out[start])
+        out = jax.lax.dynamic_update_slice(out, piece, (start,))
+    return out
+
+
+def unpack_leaf(packed: jax.Array, offset: int, size: int) -> jax.Array:
+    """Bits ``offset .. offset + size - 1`` of ``jnp.unpackbits(packed)`` as booleans."""
+    start, lead = offset // 8, offset % 8
+    stop = -(-(offset + size) // 8)
+    return jnp.unpackbits(packed[start:stop])[lead : lead + size].astype(bool)
