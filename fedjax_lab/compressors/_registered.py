@@ -16,14 +16,25 @@ from fedjax_lab.compressors.terngrad import terngrad
 from fedjax_lab.registry import Param, register_compressor
 
 SPARSITY = Param("sparsity", float, 0.01, "fraction of the coordinates kept, in (0, 1]")
-ROUNDING_BITS = Param("rounding_bits", int, None, "bits of each coordinate's stochastic-rounding "
-                      "uniform: 8 or 16 (less threefry work, exact marginals, correlation "
-                      "<= 1/(2^k - 1) within 16 coordinates) or none (one float32 uniform)")
+ROUNDING_BITS = Param(
+    "rounding_bits", str, None, "each coordinate's stochastic-rounding draw: 8 or 16 (a k-bit "
+    "uniform: less threefry work, exact marginals, correlation <= 1/(2^k - 1) within 16 "
+    "coordinates), hash (a bijective hash of the index and 64 key bits: exact marginals, no "
+    "independence claim within one vector) or none (one float32 threefry uniform)",
+    choices=("8", "16", "hash"))
+
+
+def _rounding(value: str | None) -> int | str | None:
+    """The compressors' ``rounding_bits`` from the CLI's string choice."""
+    return value if value in (None, "hash") else int(value)
+
 
 register_compressor("identity", identity, tags=("unbiased",),
                     description="no compression: 32 bits per coordinate")
 register_compressor(
-    "qsgd", qsgd, tags=("unbiased",), description="QSGD stochastic quantization "
+    "qsgd", lambda num_levels, bucket_size, rounding_bits: qsgd(
+        num_levels, bucket_size, rounding_bits=_rounding(rounding_bits)),
+    tags=("unbiased",), description="QSGD stochastic quantization "
     "(Alistarh et al. 2017; FedPAQ's quantizer)",
     params=(Param("num_levels", int, 4, "QSGD quantization levels s"),
             Param("bucket_size", int, None, "QSGD bucket size (none: one bucket)"),
@@ -38,7 +49,9 @@ register_compressor("sign", sign, tags=("biased",),
 register_compressor("scaled_sign", scaled_sign, tags=("biased",),
                     description="sign scaled by the mean |x| (Karimireddy et al. 2019)")
 register_compressor(
-    "terngrad", terngrad, tags=("unbiased",),
+    "terngrad", lambda clip_sigmas, rounding_bits: terngrad(
+        clip_sigmas, rounding_bits=_rounding(rounding_bits)),
+    tags=("unbiased",),
     description="TernGrad ternary quantization (Wen et al. 2017)",
     params=(Param("clip_sigmas", float, None,
                   "TernGrad clipping at c standard deviations (none: unclipped, unbiased)"),
