@@ -44,7 +44,12 @@ def _labels(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_tfds(name: str, folder: Path, rng: np.random.Generator) -> None:
-    import tensorflow_datasets as tfds  # optional dependency, imported when used
+    try:  # optional dependency (the `tfds` extra), imported when used
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise ImportError(f"write_image_standin({name!r}) prepares a TFDS data directory: "
+                          "install the tfds extra (`pip install -e .[tfds]`: "
+                          "tensorflow-datasets, tensorflow-cpu)") from err
 
     base = tfds.builder_cls(name)
     train_labels, test_labels = _labels(name)
