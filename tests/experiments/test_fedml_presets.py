@@ -23,8 +23,9 @@ from fedjax_lab.experiments_lib.quick import quick_values, standin_dir
 from fedjax_lab.train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The cross-silo rows (fedml_crosssilo_*: ResNet-56/MobileNet on CIFAR/CINIC-10) have no
-# stand-in data for --quick; tests/experiments/test_fedml_crosssilo.py covers them.
+# The cross-silo rows (fedml_crosssilo_*: ResNet-56/MobileNet on CIFAR/CINIC-10) take minutes
+# per quick run on CPU: tests/experiments/test_fedml_crosssilo_quick.py checks them without
+# compiling (and runs one per model under the slow marker).
 PRESETS = sorted(os.path.basename(p) for p in glob.glob(
     os.path.join(ROOT, "experiments", "configs", "fedml_*.yaml"))
     if not os.path.basename(p).startswith("fedml_crosssilo_"))
@@ -127,8 +128,8 @@ def test_standins_load_through_the_real_loaders(name, tmp_path):
          "--quick runs on generated stand-in data: drop --data-dir"),
         (["--config", "fedml_mnist_lr.yaml", "--quick", "--download"],
          "drop --download"),
-        (["--config", "fedml_femnist_cnn.yaml", "--quick", "--dataset", "cifar10",
-          "--partition", "iid"], "--quick has no stand-in for --dataset cifar10"),
+        (["--config", "fedml_femnist_cnn.yaml", "--quick", "--dataset", "fashion_mnist",
+          "--partition", "iid"], "--quick has no stand-in for --dataset fashion_mnist"),
         (["--config", "fedml_femnist_lr.yaml", "--num-clients", "300"],
          "--num-clients (300) must equal --max-clients (200)"),
         (["--config", "fedml_femnist_lr.yaml", "--partition", "iid"],
