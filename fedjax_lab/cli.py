@@ -104,8 +104,15 @@ class StrictParser(argparse.ArgumentParser):
                                    default=default, help=help)
             self.flags[f"no-{flag}"] = name
         else:
+            metavar = None
+            if choices is not None and optional:
+                # `none` parses to None, which argparse then checks against the choices too
+                # (a run's written config.yaml says `none` for an unset optional choice).
+                metavar = "{" + ",".join([*choices, "none"]) + "}"
+                choices = (*choices, None)
             container.add_argument(f"--{flag}", dest=name, default=default, help=help,
-                                   type=value_parser(tp, optional), choices=choices)
+                                   type=value_parser(tp, optional), choices=choices,
+                                   metavar=metavar)
         self.flags[flag] = name
 
     def error(self, message: str) -> NoReturn:

@@ -43,3 +43,10 @@ def test_unknown_rounding_exits_2(capsys, tmp_path):
     assert_refused(main, (TrainConfig, run_fedavg_experiment,
                           ["--rounds", "1", "--compressor", "qsgd", "--rounding-bits", "7",
                            "--out", str(tmp_path)]), "--rounding-bits", capsys, tmp_path)
+
+
+def test_none_is_the_default_draw():
+    # A run's written config.yaml says `rounding-bits: none` when the flag was not given.
+    built = TrainConfig.parse(["--rounds", "1", "--compressor", "qsgd", "--num-levels", "2",
+                               "--rounding-bits", "none"]).build_compressor()
+    np.testing.assert_array_equal(_levels(built), _levels(qsgd(2)))
