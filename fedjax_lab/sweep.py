@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.backends.vmap import VmapBackend, has_conv, resolve_plan, unrolled_clients
 from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import Algorithm, Cohort, Params
 from fedjax_lab.data.budget import check_cohort_memory
@@ -56,6 +56,84 @@ from fedjax_lab.io.run_folder import RunFolder
 from fedjax_lab.io.writers import write_json
 
 MakeAlgorithm = Callable[[dict[str, jax.Array]], Algorithm]
+
+EXECUTIONS = ("auto", "vmap", "map", "host")
+# The backends' unrolled-plan limit (clients x local steps), for the host execution's clients.
+UNROLL_LIMIT = 128
+# "auto" on CPU vmaps the points of dense models up to this many parameters per run, and loops
+# them inside the program above it (benchmarks/sweep_speedup.py, see resolve_execution).
+VMAP_PARAMETER_LIMIT = 8192
+
+
+def resolve_execution(
+    execution: str, points_per_batch: int | None, params: Params, clients: int, steps: int,
+    num_points: int,
+) -> tuple[str, int | None]:
+    """The concrete ``(execution, points_per_batch)`` a sweep runs, ``auto`` resolved.
+
+    The rule (measured with ``benchmarks/sweep_speedup.py``, 16 learning rates, FedAvg on
+    digits, 10 clients per round, 2-core CPU; numbers in docs/design.md "Sweeps"):
+
+    * not CPU: ``vmap`` (accelerators want the widest batch; not measured on one);
+    * CPU, conv kernels in the model: ``host``. XLA:CPU runs a convolution ~10x slower inside a
+      while loop (a scan over rounds or a ``lax.map`` over points is one) and vmap over
+      per-point conv weights lowers to grouped convolutions, so the fast program is the
+      round's ``unrolled`` plan, compiled once with the hyperparameters as arguments;
+    * CPU, dense models up to ``VMAP_PARAMETER_LIMIT`` parameters: ``vmap`` (dispatch and
+      loop overhead dominate, so batching every point wins: logistic regression);
+    * CPU, larger dense models: ``map`` with one point at a time. XLA:CPU's dots batched over
+      points x clients run slower per FLOP than those batched over clients only (the MLP),
+      so looping the points inside the one program wins.
+
+    Args:
+      execution: one of :data:`EXECUTIONS`.
+      points_per_batch: the user's group size (selects ``map`` under ``auto``), or None.
+      params: one run's parameters (or their shapes).
+      clients: client slots per round; steps: padded local steps per round.
+      num_points: grid points.
+
+    Returns:
+      ``(execution, points_per_batch)``; the latter is None unless the execution is ``map``.
+    """
+    del clients, steps, num_points  # the measured rule does not need them (yet)
+    if execution == "map":
+        return "map", points_per_batch or 1
+    if execution != "auto":
+        return execution, None
+    if points_per_batch is not None:
+        return "map", points_per_batch
+    if jax.default_backend() != "cpu":
+        return "vmap", None
+    if has_conv(params):
+        return "host", None
+    size = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    return ("vmap", None) if size <= VMAP_PARAMETER_LIMIT else ("map", 1)
+
+
+def _host_runs(init_c, round_c, hvals, params0, roots, cohort_arrays, table, eval_arrays,
+               rounds):
+    """The ``host`` execution: every (seed, point) run as ``rounds`` calls of the compiled
+    round, dispatched asynchronously (no host sync until the end)."""
+    num_points = next(iter(hvals.values())).shape[0]
+    per_seed_metrics, per_seed_params = [], []
+    for s in range(roots.shape[0]):
+        params, root = jax.tree.map(lambda x, s=s: x[s], params0), roots[s]
+        per_round = [(jnp.int32(r), *(x[s, r] for x in cohort_arrays)) for r in range(rounds)]
+        point_metrics, point_params = [], []
+        for g in range(num_points):
+            h = {n: v[g] for n, v in hvals.items()}
+            carry = init_c(h, params)
+            history = []
+            for xs in per_round:
+                carry, metrics = round_c(h, carry, xs, root, table, eval_arrays)
+                history.append(metrics)
+            point_metrics.append(jax.tree.map(lambda *v: jnp.stack(v), *history))
+            point_params.append(carry[0].params)
+        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+        per_seed_metrics.append(jax.tree.map(stack, *point_metrics))
+        per_seed_params.append(jax.tree.map(stack, *point_params))
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    return jax.tree.map(stack, *per_seed_metrics), jax.tree.map(stack, *per_seed_params)
 
 
 @dataclass
@@ -73,6 +151,8 @@ class SweepResult:
       compile_seconds: tracing + XLA compilation of the sweep program.
       run_seconds: execution of the compiled program.
       eval_seconds: host evaluation of the final parameters.
+      execution: the execution that ran (``"vmap"``, ``"map"`` or ``"host"``, see
+        :func:`resolve_execution`); points_per_batch: its group size (``map`` only).
     """
 
     names: tuple[str, ...]
@@ -85,6 +165,8 @@ class SweepResult:
     compile_seconds: float = 0.0
     run_seconds: float = 0.0
     eval_seconds: float = 0.0
+    execution: str = ""
+    points_per_batch: int | None = None
 
     def rows(self) -> list[dict[str, float]]:
         """One row per (seed, grid point): hyperparameters, seed, final metrics."""
@@ -269,6 +351,7 @@ def sweep(
     evaluate: Callable[[Params], Mapping[str, float]] | None = None,
     keep_params: bool = True,
     points_per_batch: int | None = None,
+    execution: str = "auto",
     round_eval: Callable[[Params, Any, jax.Array], Mapping[str, jax.Array]] | None = None,
     round_eval_data: Any = None,
 ) -> SweepResult:
@@ -288,7 +371,13 @@ def sweep(
       points_per_batch: vmap this many grid points at a time and loop over the groups inside
         the program (``lax.map``); None vmaps all of them. Smaller groups keep the batched
         working set in cache (see ``benchmarks/sweep_speedup.py``); every choice computes the
-        same numbers.
+        same numbers. With ``execution="auto"``, giving it selects ``"map"``.
+      execution: how the runs are laid out (:data:`EXECUTIONS`, see
+        :func:`resolve_execution`): ``"vmap"`` (every point vmapped in one scan over rounds),
+        ``"map"`` (groups of ``points_per_batch`` points, default 1, one after another in that
+        program), ``"host"`` (one compiled round, hyperparameters as arguments, called per
+        point and round from Python; its clients follow the round's own plan rule) or
+        ``"auto"`` (a rule measured on this machine). Every execution computes the same runs.
       round_eval: optional ``(params, round_eval_data, round) -> {metric: scalar}``, traced
         inside the compiled round after the server update (``round`` is the 0-based round
         just done); its metrics join ``history`` (e.g. the global training loss of every round
@@ -308,6 +397,11 @@ def sweep(
     ):
         raise ValueError(f"points_per_batch must be a positive integer or None, got "
                          f"{points_per_batch!r}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if points_per_batch is not None and execution in ("vmap", "host"):
+        raise ValueError(f"points_per_batch groups points for execution='map' (or 'auto'); "
+                         f"drop it or use execution='map', got execution={execution!r}")
     points = [dict(zip(names, (float(v) for v in combo), strict=True))
               for combo in itertools.product(*(list(grid[n]) for n in names))]
     hvals = {n: jnp.asarray([p[n] for p in points], jnp.float32) for n in names}
@@ -328,68 +422,94 @@ def sweep(
     roots = jnp.stack([jax.random.key(s) for s in seeds])
     prepare_seconds = time.perf_counter() - t0
 
-    backend = VmapBackend("vmap")
     num_clients = data.num_clients
     slots = clients_per_round
+    steps = int(cohorts["mask"].shape[3])
+    one_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params0)
+    execution, points_per_batch = resolve_execution(
+        execution, points_per_batch, one_params, slots, steps, len(points))
+    # The host execution's clients follow the round's own plan rule (vmap, or for conv models
+    # on CPU a traced client loop with unrolled steps: no while loop around a convolution).
+    client_plan = (resolve_plan("auto", None, UNROLL_LIMIT, one_params, slots, steps,
+                                large_conv_plan="unrolled")
+                   if execution == "host" else "vmap")
+    backend = VmapBackend("vmap")
 
-    def one_run(h, params, root, index, mask, weight, client_ids, table, eval_data):
+    def build(h):
         algorithm = _build_algorithm(make_algorithm, h)
         if algorithm.data_spec != spec:
             raise ValueError(
                 f"make_algorithm must not change the data layout across the grid: got "
                 f"{algorithm.data_spec}, expected {spec}"
             )
+        return algorithm
+
+    def init_carry(algorithm, params):
         initial = algorithm.client_init(params)
-        stateful = bool(jax.tree.leaves(initial))
         population = (
             jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), initial)
-            if stateful else ()
+            if jax.tree.leaves(initial) else ()
         )
+        return algorithm.init(params), population
 
-        def round_body(carry, xs):
-            server_state, population = carry
-            r, idx, m, w, ids = xs
-            cohort = Cohort(arrays=table, index=idx, mask=m, weight=w, client_ids=ids)
-            keys = rng_lib.client_keys(rng_lib.round_key(root, r), slots)
-            states = (jax.tree.map(lambda p: p[jnp.where(ids >= 0, ids, 0)], population)
-                      if stateful else ())
+    def round_step(algorithm, carry, xs, root, table, eval_data):
+        server_state, population = carry
+        stateful = bool(jax.tree.leaves(population))
+        r, idx, m, w, ids = xs
+        cohort = Cohort(arrays=table, index=idx, mask=m, weight=w, client_ids=ids)
+        keys = rng_lib.client_keys(rng_lib.round_key(root, r), slots)
+        states = (jax.tree.map(lambda p: p[jnp.where(ids >= 0, ids, 0)], population)
+                  if stateful else ())
+        if client_plan == "vmap":
             outputs, new_states = backend.client_outputs(
-                algorithm, server_state, states, cohort, keys
+                algorithm, server_state, states, cohort, keys)
+        else:
+            outputs, new_states = unrolled_clients(algorithm, server_state, states, cohort, keys)
+        server_state, metrics = algorithm.server_update(server_state,
+                                                        algorithm.aggregate(outputs))
+        if round_eval is not None:
+            metrics = {**metrics, **round_eval(server_state.params, eval_data, r)}
+        if stateful:  # padded slots (id -1) point past the table and are dropped
+            target = jnp.where(ids >= 0, ids, num_clients)
+            population = jax.tree.map(
+                lambda p, s: p.at[target].set(s, mode="drop"), population, new_states
             )
-            server_state, metrics = algorithm.server_update(
-                server_state, algorithm.aggregate(outputs)
-            )
-            if round_eval is not None:
-                metrics = {**metrics, **round_eval(server_state.params, eval_data, r)}
-            if stateful:  # padded slots (id -1) point past the table and are dropped
-                target = jnp.where(ids >= 0, ids, num_clients)
-                population = jax.tree.map(
-                    lambda p, s: p.at[target].set(s, mode="drop"), population, new_states
-                )
-            return (server_state, population), metrics
+        return (server_state, population), metrics
 
+    def one_run(h, params, root, index, mask, weight, client_ids, table, eval_data):
+        algorithm = build(h)
         xs = (jnp.arange(rounds, dtype=jnp.int32), index, mask, weight, client_ids)
         (final_state, _), metrics = jax.lax.scan(
-            round_body, (algorithm.init(params), population), xs
+            lambda carry, x: round_step(algorithm, carry, x, root, table, eval_data),
+            init_carry(algorithm, params), xs,
         )
         return metrics, final_state.params
 
     def over_points(h, *shared):
-        if points_per_batch is None:
+        if execution == "vmap":
             return jax.vmap(lambda hp: one_run(hp, *shared))(h)
         # Groups of points vmapped, groups one after another: bounds the working set.
         return jax.lax.map(lambda hp: one_run(hp, *shared), h, batch_size=points_per_batch)
 
-    over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None))
-    args = (
-        hvals, params0, roots,
-        jnp.asarray(cohorts["index"], jnp.int32), jnp.asarray(cohorts["mask"]),
-        jnp.asarray(cohorts["weight"]), jnp.asarray(cohorts["client_ids"]), table,
-        jax.tree.map(jnp.asarray, round_eval_data),
-    )
+    eval_arrays = jax.tree.map(jnp.asarray, round_eval_data)
+    cohort_arrays = (jnp.asarray(cohorts["index"], jnp.int32), jnp.asarray(cohorts["mask"]),
+                     jnp.asarray(cohorts["weight"]), jnp.asarray(cohorts["client_ids"]))
     t0 = time.perf_counter()
     try:
-        compiled = jax.jit(over_seeds).lower(*args).compile()
+        if execution == "host":
+            init_fn = jax.jit(lambda h, params: init_carry(build(h), params))
+            round_fn = jax.jit(lambda h, carry, xs, root, table, eval_data: round_step(
+                build(h), carry, xs, root, table, eval_data), donate_argnums=(1,))
+            h0 = {n: v[0] for n, v in hvals.items()}
+            p0 = jax.tree.map(lambda x: x[0], params0)
+            init_c = init_fn.lower(h0, p0).compile()
+            carry0 = jax.eval_shape(init_fn, h0, p0)
+            xs0 = (jnp.int32(0), *(x[0, 0] for x in cohort_arrays))
+            round_c = round_fn.lower(h0, carry0, xs0, roots[0], table, eval_arrays).compile()
+        else:
+            over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None))
+            args = (hvals, params0, roots, *cohort_arrays, table, eval_arrays)
+            compiled = jax.jit(over_seeds).lower(*args).compile()
     except jax.errors.ConcretizationTypeError as e:
         raise ValueError(
             f"the algorithm built by make_algorithm uses a swept hyperparameter {list(names)} "
@@ -397,7 +517,12 @@ def sweep(
         ) from e
     compile_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics, final_params = jax.block_until_ready(compiled(*args))
+    if execution == "host":
+        metrics, final_params = _host_runs(init_c, round_c, hvals, params0, roots,
+                                           cohort_arrays, table, eval_arrays, rounds)
+    else:
+        metrics, final_params = compiled(*args)
+    metrics, final_params = jax.block_until_ready((metrics, final_params))
     run_seconds = time.perf_counter() - t0
 
     history = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
@@ -415,6 +540,7 @@ def sweep(
         names=names, points=points, seeds=tuple(seeds), history=history, final=final,
         params=final_params if keep_params else None, prepare_seconds=prepare_seconds,
         compile_seconds=compile_seconds, run_seconds=run_seconds, eval_seconds=eval_seconds,
+        execution=execution, points_per_batch=points_per_batch,
     )
 
 
