@@ -54,6 +54,8 @@ EXECUTIONS = {
     "vmap_all_points": {"execution": "vmap"},
     "points_per_batch_1": {"execution": "map", "points_per_batch": 1},
     "host": {"execution": "host"},
+    "host_unrolled": {"execution": "host", "client_plan": "unrolled"},
+    "vmap_unrolled": {"execution": "vmap", "client_plan": "unrolled"},
     "auto": {"execution": "auto"},
 }
 
@@ -119,6 +121,7 @@ def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: lis
         sweep_without = res.prepare_seconds + res.run_seconds
         out["sweeps"][label] = {
             "execution": res.execution,
+            "client_plan": res.client_plan,
             "points_per_batch": res.points_per_batch,
             "with_compile_seconds": sweep_with,
             "without_compile_seconds": sweep_without,

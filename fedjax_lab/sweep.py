@@ -17,16 +17,32 @@ stays on the device as one table indexed by ``[R, C, S, B]`` int32 indices, roun
 device-side population table gathered/scattered by client id like ``ClientStateStore``. The
 tests check a grid point against ``runner.run`` to 1e-5.
 
-Scope: float hyperparameters only (integer ones change shapes), the vmap round without
-chunking, no availability/time model. Memory grows with seeds x points (every run's cohort
-computation is batched), which suits the small/medium models sweeps are used for.
+Executions (``execution=``, all computing the same runs; :func:`resolve_execution`):
 
-Speed (``benchmarks/sweep_speedup.py``, 16 learning rates, 2-core CPU, jax 0.10.2): the sweep
-always saves the N-1 extra compilations; once compiled, vmapping the points pays off when
-dispatch/loop overhead dominates (logistic regression: ~0.1x the sequential execution time) but
-not for compute-bound models: XLA:CPU runs a matmul batched over points x clients ~2.3x slower
-than the same matmuls batched over clients only (measured on the digits MLP), so there
-``points_per_batch=1`` (points looped inside the program) is the faster choice.
+* ``vmap``: the program above, every grid point vmapped;
+* ``map``: the same program with the points in groups of ``points_per_batch`` (``lax.map``);
+* ``host``: no scan at all: ONE compiled round (the hyperparameters are arguments, so one
+  compilation serves every point) called from Python for every (seed, point, round),
+  dispatched asynchronously; its clients follow the round's own plan rule
+  (``backends.vmap.resolve_plan``: vmapped, or for conv models on CPU a traced loop with
+  unrolled local steps). It is 16 sequential runs' execution with one compilation instead of
+  16 and without the runner's per-round host work;
+* ``auto`` (default): on CPU ``host`` for conv models, ``vmap`` for small dense models and
+  ``host`` with unrolled clients for larger ones; ``vmap`` off CPU.
+
+Scope: float hyperparameters only (integer ones change shapes), the vmap round without
+chunking, no availability/time model. Memory of ``vmap`` grows with seeds x points (every
+run's cohort computation is batched), which suits the small/medium models sweeps are used for;
+``host`` and ``map`` with one point hold one run's working set.
+
+Speed (``benchmarks/sweep_speedup.py`` and ``benchmarks/sweep_breakdown.py``, numbers in
+docs/design.md "Sweep executions"): every execution saves the N-1 extra compilations; once
+compiled, vmapping the points pays off when dispatch/loop overhead dominates (logistic
+regression) but not for compute-bound models: XLA:CPU's dots batched over points x clients
+run slower per FLOP than the same dots batched over clients only (the MLP), and a
+convolution inside a while loop (a scan over rounds, a ``lax.map`` over points) or vmapped
+over per-point weights runs many times slower than in the straight-line ``unrolled`` round
+(the FEMNIST CNN).
 """
 
 from __future__ import annotations
@@ -58,21 +74,23 @@ from fedjax_lab.io.writers import write_json
 MakeAlgorithm = Callable[[dict[str, jax.Array]], Algorithm]
 
 EXECUTIONS = ("auto", "vmap", "map", "host")
+CLIENT_PLANS = ("auto", "vmap", "unrolled")
 # The backends' unrolled-plan limit (clients x local steps), for the host execution's clients.
 UNROLL_LIMIT = 128
-# "auto" on CPU vmaps the points of dense models up to this many parameters per run, and loops
-# them inside the program above it (benchmarks/sweep_speedup.py, see resolve_execution).
+# "auto" on CPU vmaps the points of dense models up to this many parameters per run and runs
+# larger ones on the host execution; set between the two measured models (logistic regression
+# 650, the MLP 55,210 parameters), not located more precisely (see resolve_execution).
 VMAP_PARAMETER_LIMIT = 8192
 
 
 def resolve_execution(
-    execution: str, points_per_batch: int | None, params: Params, clients: int, steps: int,
-    num_points: int,
-) -> tuple[str, int | None]:
-    """The concrete ``(execution, points_per_batch)`` a sweep runs, ``auto`` resolved.
+    execution: str, points_per_batch: int | None, client_plan: str, params: Params,
+    clients: int, steps: int, num_points: int,
+) -> tuple[str, int | None, str]:
+    """The concrete ``(execution, points_per_batch, client_plan)`` a sweep runs.
 
     The rule (measured with ``benchmarks/sweep_speedup.py``, 16 learning rates, FedAvg on
-    digits, 10 clients per round, 2-core CPU; numbers in docs/design.md "Sweeps"):
+    digits, 10 clients per round, 2-core CPU; numbers in docs/design.md "Sweep executions"):
 
     * not CPU: ``vmap`` (accelerators want the widest batch; not measured on one);
     * CPU, conv kernels in the model: ``host``. XLA:CPU runs a convolution ~10x slower inside a
@@ -81,33 +99,49 @@ def resolve_execution(
       round's ``unrolled`` plan, compiled once with the hyperparameters as arguments;
     * CPU, dense models up to ``VMAP_PARAMETER_LIMIT`` parameters: ``vmap`` (dispatch and
       loop overhead dominate, so batching every point wins: logistic regression);
-    * CPU, larger dense models: ``map`` with one point at a time. XLA:CPU's dots batched over
-      points x clients run slower per FLOP than those batched over clients only (the MLP),
-      so looping the points inside the one program wins.
+    * CPU, larger dense models: ``host`` with the clients unrolled (up to ``UNROLL_LIMIT``
+      clients x local steps). XLA:CPU's dots batched over points x clients, and even over
+      clients alone, run slower per FLOP than separate per-client dots (the MLP), so the
+      fastest program is the straight-line round of one point, compiled once.
+
+    The client plan (``client_plan="auto"``) is the round's own rule
+    (``backends.vmap.resolve_plan``), except for the larger dense models just named.
 
     Args:
       execution: one of :data:`EXECUTIONS`.
       points_per_batch: the user's group size (selects ``map`` under ``auto``), or None.
+      client_plan: one of :data:`CLIENT_PLANS`.
       params: one run's parameters (or their shapes).
       clients: client slots per round; steps: padded local steps per round.
       num_points: grid points.
 
     Returns:
-      ``(execution, points_per_batch)``; the latter is None unless the execution is ``map``.
+      ``(execution, points_per_batch, client_plan)``; ``points_per_batch`` is None unless
+      the execution is ``map``; ``client_plan`` is ``"vmap"`` or ``"unrolled"``.
     """
-    del clients, steps, num_points  # the measured rule does not need them (yet)
+    del num_points  # the measured rule does not need it (yet)
+    # The round's own rule (vmap, or unrolled for conv models on CPU); above the unroll limit
+    # still unrolled: one compilation serves the whole sweep, where the backend would switch
+    # to its per-client ``loop`` plan.
+    rule_plan = resolve_plan("auto", None, UNROLL_LIMIT, params, clients, steps,
+                             large_conv_plan="unrolled")
+    plan = rule_plan if client_plan == "auto" else client_plan
     if execution == "map":
-        return "map", points_per_batch or 1
+        return "map", points_per_batch or 1, plan
     if execution != "auto":
-        return execution, None
+        return execution, None, plan
     if points_per_batch is not None:
-        return "map", points_per_batch
+        return "map", points_per_batch, plan
     if jax.default_backend() != "cpu":
-        return "vmap", None
+        return "vmap", None, plan
     if has_conv(params):
-        return "host", None
+        return "host", None, plan
     size = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    return ("vmap", None) if size <= VMAP_PARAMETER_LIMIT else ("map", 1)
+    if size <= VMAP_PARAMETER_LIMIT:
+        return "vmap", None, plan
+    if client_plan == "auto" and clients * steps <= UNROLL_LIMIT:
+        plan = "unrolled"  # XLA:CPU: C small dots beat one dot batched over C (the MLP)
+    return "host", None, plan
 
 
 def _host_runs(init_c, round_c, hvals, params0, roots, cohort_arrays, table, eval_arrays,
@@ -152,7 +186,8 @@ class SweepResult:
       run_seconds: execution of the compiled program.
       eval_seconds: host evaluation of the final parameters.
       execution: the execution that ran (``"vmap"``, ``"map"`` or ``"host"``, see
-        :func:`resolve_execution`); points_per_batch: its group size (``map`` only).
+        :func:`resolve_execution`); points_per_batch: its group size (``map`` only);
+        client_plan: how its rounds ran their clients (``"vmap"`` or ``"unrolled"``).
     """
 
     names: tuple[str, ...]
@@ -167,6 +202,7 @@ class SweepResult:
     eval_seconds: float = 0.0
     execution: str = ""
     points_per_batch: int | None = None
+    client_plan: str = ""
 
     def rows(self) -> list[dict[str, float]]:
         """One row per (seed, grid point): hyperparameters, seed, final metrics."""
@@ -352,6 +388,7 @@ def sweep(
     keep_params: bool = True,
     points_per_batch: int | None = None,
     execution: str = "auto",
+    client_plan: str = "auto",
     round_eval: Callable[[Params, Any, jax.Array], Mapping[str, jax.Array]] | None = None,
     round_eval_data: Any = None,
 ) -> SweepResult:
@@ -378,6 +415,10 @@ def sweep(
         program), ``"host"`` (one compiled round, hyperparameters as arguments, called per
         point and round from Python; its clients follow the round's own plan rule) or
         ``"auto"`` (a rule measured on this machine). Every execution computes the same runs.
+      client_plan: how each round runs its clients, in every execution (:data:`CLIENT_PLANS`):
+        ``"vmap"`` (vmapped, local steps a scan), ``"unrolled"`` (a traced loop with unrolled
+        local steps, the round's ``unrolled`` plan: no while loop, no vmap over per-client
+        weights; compile time grows with clients x steps) or ``"auto"``.
       round_eval: optional ``(params, round_eval_data, round) -> {metric: scalar}``, traced
         inside the compiled round after the server update (``round`` is the 0-based round
         just done); its metrics join ``history`` (e.g. the global training loss of every round
@@ -399,6 +440,8 @@ def sweep(
                          f"{points_per_batch!r}")
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if client_plan not in CLIENT_PLANS:
+        raise ValueError(f"client_plan must be one of {CLIENT_PLANS}, got {client_plan!r}")
     if points_per_batch is not None and execution in ("vmap", "host"):
         raise ValueError(f"points_per_batch groups points for execution='map' (or 'auto'); "
                          f"drop it or use execution='map', got execution={execution!r}")
@@ -426,13 +469,8 @@ def sweep(
     slots = clients_per_round
     steps = int(cohorts["mask"].shape[3])
     one_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params0)
-    execution, points_per_batch = resolve_execution(
-        execution, points_per_batch, one_params, slots, steps, len(points))
-    # The host execution's clients follow the round's own plan rule (vmap, or for conv models
-    # on CPU a traced client loop with unrolled steps: no while loop around a convolution).
-    client_plan = (resolve_plan("auto", None, UNROLL_LIMIT, one_params, slots, steps,
-                                large_conv_plan="unrolled")
-                   if execution == "host" else "vmap")
+    execution, points_per_batch, client_plan = resolve_execution(
+        execution, points_per_batch, client_plan, one_params, slots, steps, len(points))
     backend = VmapBackend("vmap")
 
     def build(h):
@@ -540,7 +578,7 @@ def sweep(
         names=names, points=points, seeds=tuple(seeds), history=history, final=final,
         params=final_params if keep_params else None, prepare_seconds=prepare_seconds,
         compile_seconds=compile_seconds, run_seconds=run_seconds, eval_seconds=eval_seconds,
-        execution=execution, points_per_batch=points_per_batch,
+        execution=execution, points_per_batch=points_per_batch, client_plan=client_plan,
     )
 
 
@@ -570,8 +608,8 @@ class SweepConfig:
     """A FedAvg learning-rate sweep; every field is a ``--flag-name`` CLI flag.
 
     ``client_lrs``/``server_lrs`` are comma lists or ``geom:LO:HI:N``; runs use seeds
-    ``seed, seed+1, ..., seed+seeds-1`` (the partition uses ``seed``). ``points_per_batch``:
-    see :func:`sweep` (``none`` vmaps every grid point).
+    ``seed, seed+1, ..., seed+seeds-1`` (the partition uses ``seed``). ``points_per_batch``
+    and ``execution`` (``auto``, ``vmap``, ``map``, ``host``): see :func:`sweep`.
     """
 
     dataset: str = "digits"
@@ -589,6 +627,7 @@ class SweepConfig:
     seeds: int = 4
     seed: int = 0
     points_per_batch: int | None = None
+    execution: str = "auto"
     out: str = "runs/sweep"
 
     def validate(self) -> None:
@@ -605,6 +644,12 @@ class SweepConfig:
         if self.points_per_batch is not None and self.points_per_batch < 1:
             raise ValueError(f"--points-per-batch must be >= 1 or none, got "
                              f"{self.points_per_batch}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"--execution must be one of {', '.join(EXECUTIONS)}, got "
+                             f"{self.execution!r}")
+        if self.points_per_batch is not None and self.execution in ("vmap", "host"):
+            raise ValueError(f"--points-per-batch groups points for --execution map (or auto); "
+                             f"drop it or use --execution map, got --execution {self.execution}")
         if self.seed < 0 or self.seed + self.seeds - 1 > MAX_SEED:
             raise ValueError(
                 f"--seed must be >= 0 and --seed + --seeds - 1 <= 2**32 - 1, got --seed "
@@ -650,7 +695,7 @@ def _run_sweep_experiment(cfg: SweepConfig, start: float) -> dict[str, Any]:
         lambda s: model.init(jax.random.key(s)),
         seeds=[cfg.seed + i for i in range(cfg.seeds)], rounds=cfg.rounds,
         clients_per_round=cfg.clients_per_round, evaluate=evaluate, keep_params=False,
-        points_per_batch=cfg.points_per_batch,
+        points_per_batch=cfg.points_per_batch, execution=cfg.execution,
     )
     os.makedirs(cfg.out, exist_ok=True)
     result.write_csv(os.path.join(cfg.out, "results.csv"))
@@ -664,6 +709,8 @@ def _run_sweep_experiment(cfg: SweepConfig, start: float) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
         "runs": len(result.rows()),
         "grid_points": len(result.points),
+        "execution": result.execution,
+        "points_per_batch": result.points_per_batch,
         "seeds": list(result.seeds),
         "best": best,
         "prepare_seconds": result.prepare_seconds,
@@ -689,9 +736,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     best = summary["best"]
+    # The host execution calls one compiled round per point and round (see resolve_execution).
+    how = "with one compiled round" if summary["execution"] == "host" else "in one program"
     print(
         f"{summary['runs']} runs ({summary['grid_points']} points x {len(summary['seeds'])} "
-        f"seeds) in one program: compile {summary['compile_seconds']:.1f} s, run "
+        f"seeds) {how} ({summary['execution']} execution): compile "
+        f"{summary['compile_seconds']:.1f} s, run "
         f"{summary['run_seconds']:.1f} s\nbest: client_lr={best['client_lr']:.4g} "
         f"server_lr={best['server_lr']:.4g} test accuracy "
         f"{best['test_accuracy_mean']:.4f} +- {best['test_accuracy_std']:.4f}\n"

@@ -30,8 +30,10 @@ class ConvShapedLinear(NamedTuple):
     classes: int
 
     def init(self, key: jax.Array) -> dict:
-        return {"w": 0.1 * jax.random.normal(key, (1, 1, self.dim, self.classes)),
-                "b": jax.numpy.zeros(self.classes)}
+        # LinearModel's initial weights, reshaped: both models train the same numbers, so the
+        # dense model's sequential runs are this one's references too (a reshape is exact).
+        dense = LinearModel(self.dim, self.classes).init(key)
+        return {"w": dense["w"].reshape(1, 1, self.dim, self.classes), "b": dense["b"]}
 
     @staticmethod
     def apply(params: dict, x: jax.Array) -> jax.Array:
@@ -56,44 +58,46 @@ def run_sweep(kind, **kwargs):
 
 @pytest.fixture(scope="module")
 def references():
-    """``runner.run`` of every (model, seed, point): final params and per-round losses."""
+    """``runner.run`` of every (seed, point) of the dense model: final params and per-round
+    losses (the conv-shaped model's runs are the same, its kernel reshaped)."""
     refs = {}
-    for kind, model in MODELS.items():
-        for s, seed in enumerate(SEEDS):
-            for g, lr in enumerate(GRID["client_lr"]):
-                # Packing off: the padded round (packing computes the same numbers, but its
-                # cost-model probe would compile extra programs per run).
-                res = run(make_algorithm(model, lr, GRID["server_lr"][0]),
-                          VmapBackend("vmap", packing="off"), DATA,
-                          model.init(jax.random.key(seed)), rounds=ROUNDS,
-                          clients_per_round=PER_ROUND, seed=seed)
-                refs[kind, s, g] = (res.server_state.params,
-                                    [rec["train_loss"] for rec in res.history])
+    model = MODELS["dense"]
+    for s, seed in enumerate(SEEDS):
+        for g, lr in enumerate(GRID["client_lr"]):
+            # Packing off: the padded round (packing computes the same numbers, but its
+            # cost-model probe would compile extra programs per run).
+            res = run(make_algorithm(model, lr, GRID["server_lr"][0]),
+                      VmapBackend("vmap", packing="off"), DATA,
+                      model.init(jax.random.key(seed)), rounds=ROUNDS,
+                      clients_per_round=PER_ROUND, seed=seed)
+            refs[s, g] = (res.server_state.params, [rec["train_loss"] for rec in res.history])
     return refs
 
 
 @pytest.mark.parametrize(
     ("kind", "kwargs", "want"),
     [
-        ("dense", {"execution": "vmap"}, "vmap"),
-        ("dense", {"execution": "map"}, "map"),
-        ("dense", {"points_per_batch": 2, "execution": "map"}, "map"),
-        ("dense", {"execution": "host"}, "host"),  # clients vmapped (the round's vmap plan)
-        ("conv", {}, "host"),  # auto on CPU: clients an unrolled loop, no while loop
-        ("conv", {"execution": "vmap"}, "vmap"),
+        ("dense", {"execution": "vmap"}, ("vmap", "vmap")),
+        ("dense", {"points_per_batch": 2, "client_plan": "unrolled"}, ("map", "unrolled")),
+        ("dense", {"execution": "host"}, ("host", "vmap")),
+        ("dense", {"execution": "host", "client_plan": "unrolled"}, ("host", "unrolled")),
+        ("conv", {}, ("host", "unrolled")),  # auto on CPU: no while loop around the model
+        ("conv", {"execution": "vmap"}, ("vmap", "unrolled")),
     ],
-    ids=["vmap", "map1", "map2", "host_dense", "auto_conv_host", "vmap_conv"],
+    ids=["vmap", "map2_unrolled", "host", "host_unrolled", "auto_conv",
+         "vmap_conv_unrolled"],
 )
 def test_every_execution_equals_the_sequential_runs(references, kind, kwargs, want):
-    if kind == "conv" and not kwargs and jax.default_backend() != "cpu":
-        pytest.skip("auto picks host for conv models on CPU only")
+    if kind == "conv" and jax.default_backend() != "cpu":
+        pytest.skip("the conv rules are CPU rules")
     res = run_sweep(kind, **kwargs)
-    assert res.execution == want
+    assert (res.execution, res.client_plan) == want
     for s in range(len(SEEDS)):
         for g in range(len(GRID["client_lr"])):
-            params, losses = references[kind, s, g]
-            chex.assert_trees_all_close(jax.tree.map(lambda x, s=s, g=g: x[s, g], res.params),
-                                        params, atol=1e-5, rtol=0)
+            params, losses = references[s, g]
+            got = jax.tree.map(lambda x, s=s, g=g: x[s, g], res.params)
+            got["w"] = got["w"].reshape(params["w"].shape)  # the conv-shaped kernel
+            chex.assert_trees_all_close(got, params, atol=1e-5, rtol=0)
             np.testing.assert_allclose(res.history["train_loss"][s, g], losses, atol=1e-5,
                                        rtol=0)
 
@@ -107,11 +111,11 @@ def test_host_execution_keeps_client_states_like_the_runner():
     res = sweep(lambda h: make_algorithm(model, h["client_lr"], 1.0, comp),
                 {"client_lr": [0.2, 0.5]}, data, model.init(jax.random.key(1)), seeds=[2],
                 rounds=4, clients_per_round=3, execution="host")
-    for g, lr in enumerate([0.2, 0.5]):
-        ref = run(make_algorithm(model, lr, 1.0, comp), VmapBackend("vmap", packing="off"), data,
-                  model.init(jax.random.key(1)), rounds=4, clients_per_round=3, seed=2)
-        chex.assert_trees_all_close(jax.tree.map(lambda x, g=g: x[0, g], res.params),
-                                    ref.server_state.params, atol=1e-5, rtol=0)
+    # The second point runs after the first: a residual leaking from it would show here.
+    ref = run(make_algorithm(model, 0.5, 1.0, comp), VmapBackend("vmap", packing="off"), data,
+              model.init(jax.random.key(1)), rounds=4, clients_per_round=3, seed=2)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0, 1], res.params),
+                                ref.server_state.params, atol=1e-5, rtol=0)
 
 
 def _shapes(*shapes):
@@ -121,16 +125,23 @@ def _shapes(*shapes):
 def test_auto_rule():
     small, large = _shapes((64, 10), (10,)), _shapes((VMAP_PARAMETER_LIMIT, 2))
     conv = _shapes((5, 5, 1, 32), (32,))
-    assert resolve_execution("auto", 4, large, 10, 2, 16) == ("map", 4)
-    assert resolve_execution("map", None, small, 10, 2, 16) == ("map", 1)
-    assert resolve_execution("vmap", None, large, 10, 2, 16) == ("vmap", None)
-    assert resolve_execution("host", None, small, 10, 2, 16) == ("host", None)
+
+    def rule(execution, per_batch, plan, params, clients=10, steps=2):
+        return resolve_execution(execution, per_batch, plan, params, clients, steps, 16)
+
+    assert rule("auto", 4, "auto", large) == ("map", 4, "vmap")
+    assert rule("map", None, "unrolled", small) == ("map", 1, "unrolled")
+    assert rule("vmap", None, "auto", large) == ("vmap", None, "vmap")
+    assert rule("host", None, "auto", small) == ("host", None, "vmap")
     if jax.default_backend() == "cpu":
-        assert resolve_execution("auto", None, small, 10, 2, 16) == ("vmap", None)
-        assert resolve_execution("auto", None, large, 10, 2, 16) == ("map", 1)
-        assert resolve_execution("auto", None, conv, 10, 2, 16) == ("host", None)
+        assert rule("auto", None, "auto", small) == ("vmap", None, "vmap")
+        assert rule("auto", None, "auto", large) == ("host", None, "unrolled")
+        assert rule("auto", None, "auto", large, 10, 13) == ("host", None, "vmap")  # > 128
+        assert rule("auto", None, "vmap", large) == ("host", None, "vmap")
+        assert rule("auto", None, "auto", conv) == ("host", None, "unrolled")
+        assert rule("auto", None, "auto", conv, 10, 13) == ("host", None, "unrolled")
     else:
-        assert resolve_execution("auto", None, conv, 10, 2, 16) == ("vmap", None)
+        assert rule("auto", None, "auto", conv) == ("vmap", None, "vmap")
 
 
 @pytest.mark.parametrize(
@@ -139,9 +150,25 @@ def test_auto_rule():
         ({"execution": "scan"}, "execution must be one of"),
         ({"execution": "vmap", "points_per_batch": 2}, "points_per_batch groups points"),
         ({"execution": "host", "points_per_batch": 1}, "points_per_batch groups points"),
+        ({"client_plan": "loop"}, "client_plan must be one of"),
     ],
-    ids=["unknown", "vmap_per_batch", "host_per_batch"],
+    ids=["unknown", "vmap_per_batch", "host_per_batch", "client_plan"],
 )
 def test_bad_execution_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         run_sweep("dense", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--execution", "scan"], "--execution must be one of auto, vmap, map, host"),
+        (["--execution", "host", "--points-per-batch", "2"], "--points-per-batch groups"),
+    ],
+    ids=["unknown", "host_per_batch"],
+)
+def test_cli_execution_flag_is_validated(argv, message, capsys):
+    from fedjax_lab.sweep import main
+
+    assert main(argv) == 2  # refused before anything is built
+    assert message in capsys.readouterr().err
