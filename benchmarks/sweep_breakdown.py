@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -36,15 +37,18 @@ from fedjax_lab.models import get_model
 POINTS, CLIENTS, BATCH, TABLE_ROWS = 16, 10, 20, 1437
 
 
-def timed(fn, *args, reps: int) -> float:
-    """Median seconds of ``fn(*args)`` once compiled."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed(calls: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each ``fn(*args)`` once compiled, the calls interleaved round-robin so
+    that a shared machine's load changes hit every program alike."""
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for k, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def bench_model(name: str, image_size: int, reps: int) -> dict:
@@ -87,20 +91,22 @@ def bench_model(name: str, image_size: int, reps: int) -> dict:
     gather_all = jax.jit(lambda i: table_x[i])
     gather_one = jax.jit(lambda i: table_x[i])
 
-    t = {
-        "clients_x_points": POINTS * timed(clients, per_point, index[0], lrs[0], reps=reps),
-        "points_vmapped": timed(points_vmapped, stacked, index, lrs, reps=reps),
-        "points_flat": timed(points_flat, stacked, index, lrs, reps=reps),
-        "points_map": timed(points_map, stacked, index, lrs, reps=reps),
-        "clients_unrolled_x_points": POINTS * timed(clients_unrolled, per_point, index[0],
-                                                    lrs[0], reps=reps),
-        "two_steps_in_fori_loop": timed(in_loop, per_point, index[0], lrs[0], reps=reps),
-        "two_steps_straight": timed(straight, per_point, index[0], lrs[0], reps=reps),
-        "gather_points_x_clients": timed(gather_all, index, reps=reps),
-        "gather_clients_x_points": POINTS * timed(gather_one, index[0], reps=reps),
-    }
+    one = (per_point, index[0], lrs[0])
+    t = timed({
+        "clients_x_points": (clients, one),
+        "points_vmapped": (points_vmapped, (stacked, index, lrs)),
+        "points_flat": (points_flat, (stacked, index, lrs)),
+        "points_map": (points_map, (stacked, index, lrs)),
+        "clients_unrolled_x_points": (clients_unrolled, one),
+        "two_steps_in_fori_loop": (in_loop, one),
+        "two_steps_straight": (straight, one),
+        "gather_points_x_clients": (gather_all, (index,)),
+        "gather_clients_x_points": (gather_one, (index[0],)),
+    }, reps)
+    for k in ("clients_x_points", "clients_unrolled_x_points", "gather_clients_x_points"):
+        t[k] *= POINTS  # one point's program, run for every point
     base = t["clients_x_points"]
-    return {
+    out = {
         "model": name,
         "image_size": image_size,
         "parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
@@ -114,6 +120,8 @@ def bench_model(name: str, image_size: int, reps: int) -> dict:
             "gather / step (points_vmapped)": t["gather_points_x_clients"] / t["points_vmapped"],
         },
     }
+    print(json.dumps(out), file=sys.stderr, flush=True)  # partial results of a long run
+    return out
 
 
 def main() -> None:
