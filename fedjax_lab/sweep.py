@@ -17,16 +17,32 @@ stays on the device as one table indexed by ``[R, C, S, B]`` int32 indices, roun
 device-side population table gathered/scattered by client id like ``ClientStateStore``. The
 tests check a grid point against ``runner.run`` to 1e-5.
 
-Scope: float hyperparameters only (integer ones change shapes), the vmap round without
-chunking, no availability/time model. Memory grows with seeds x points (every run's cohort
-computation is batched), which suits the small/medium models sweeps are used for.
+Executions (``execution=``, all computing the same runs; :func:`resolve_execution`):
 
-Speed (``benchmarks/sweep_speedup.py``, 16 learning rates, 2-core CPU, jax 0.10.2): the sweep
-always saves the N-1 extra compilations; once compiled, vmapping the points pays off when
-dispatch/loop overhead dominates (logistic regression: ~0.1x the sequential execution time) but
-not for compute-bound models: XLA:CPU runs a matmul batched over points x clients ~2.3x slower
-than the same matmuls batched over clients only (measured on the digits MLP), so there
-``points_per_batch=1`` (points looped inside the program) is the faster choice.
+* ``vmap``: the program above, every grid point vmapped;
+* ``map``: the same program with the points in groups of ``points_per_batch`` (``lax.map``);
+* ``host``: no scan at all: ONE compiled round (the hyperparameters are arguments, so one
+  compilation serves every point) called from Python for every (seed, point, round),
+  dispatched asynchronously; its clients follow the round's own plan rule
+  (``backends.vmap.resolve_plan``: vmapped, or for conv models on CPU a traced loop with
+  unrolled local steps). It is 16 sequential runs' execution with one compilation instead of
+  16 and without the runner's per-round host work;
+* ``auto`` (default): on CPU ``host`` for conv models, ``vmap`` for small dense models and
+  ``host`` with unrolled clients for larger ones; ``vmap`` off CPU.
+
+Scope: float hyperparameters only (integer ones change shapes), the vmap round without
+chunking, no availability/time model. Memory of ``vmap`` grows with seeds x points (every
+run's cohort computation is batched), which suits the small/medium models sweeps are used for;
+``host`` and ``map`` with one point hold one run's working set.
+
+Speed (``benchmarks/sweep_speedup.py`` and ``benchmarks/sweep_breakdown.py``, numbers in
+docs/design.md "Sweep executions"): every execution saves the N-1 extra compilations; once
+compiled, vmapping the points pays off when dispatch/loop overhead dominates (logistic
+regression) but not for compute-bound models: XLA:CPU's dots batched over points x clients
+run slower per FLOP than the same dots batched over clients only (the MLP), and a
+convolution inside a while loop (a scan over rounds, a ``lax.map`` over points) or vmapped
+over per-point weights runs many times slower than in the straight-line ``unrolled`` round
+(the FEMNIST CNN).
 """
 
 from __future__ import annotations
@@ -46,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.backends.vmap import VmapBackend, has_conv, resolve_plan, unrolled_clients
 from fedjax_lab.core import rng as rng_lib
 from fedjax_lab.core.types import Algorithm, Cohort, Params
 from fedjax_lab.data.budget import check_cohort_memory
@@ -56,6 +72,102 @@ from fedjax_lab.io.run_folder import RunFolder
 from fedjax_lab.io.writers import write_json
 
 MakeAlgorithm = Callable[[dict[str, jax.Array]], Algorithm]
+
+EXECUTIONS = ("auto", "vmap", "map", "host")
+CLIENT_PLANS = ("auto", "vmap", "unrolled")
+# The backends' unrolled-plan limit (clients x local steps), for the host execution's clients.
+UNROLL_LIMIT = 128
+# "auto" on CPU vmaps the points of dense models up to this many parameters per run and runs
+# larger ones on the host execution; set between the two measured models (logistic regression
+# 650, the MLP 55,210 parameters), not located more precisely (see resolve_execution).
+VMAP_PARAMETER_LIMIT = 8192
+
+
+def resolve_execution(
+    execution: str, points_per_batch: int | None, client_plan: str, params: Params,
+    clients: int, steps: int, num_points: int,
+) -> tuple[str, int | None, str]:
+    """The concrete ``(execution, points_per_batch, client_plan)`` a sweep runs.
+
+    The rule (measured with ``benchmarks/sweep_speedup.py``, 16 learning rates, FedAvg on
+    digits, 10 clients per round, 2-core CPU; numbers in docs/design.md "Sweep executions"):
+
+    * not CPU: ``vmap`` (accelerators want the widest batch; not measured on one);
+    * CPU, conv kernels in the model: ``host``. XLA:CPU runs a convolution ~10x slower inside a
+      while loop (a scan over rounds or a ``lax.map`` over points is one) and vmap over
+      per-point conv weights lowers to grouped convolutions, so the fast program is the
+      round's ``unrolled`` plan, compiled once with the hyperparameters as arguments;
+    * CPU, dense models up to ``VMAP_PARAMETER_LIMIT`` parameters: ``vmap`` (dispatch and
+      loop overhead dominate, so batching every point wins: logistic regression);
+    * CPU, larger dense models: ``host`` with the clients unrolled (up to ``UNROLL_LIMIT``
+      clients x local steps). XLA:CPU's dots batched over points x clients, and even over
+      clients alone, run slower per FLOP than separate per-client dots (the MLP), so the
+      fastest program is the straight-line round of one point, compiled once.
+
+    The client plan (``client_plan="auto"``) is the round's own rule
+    (``backends.vmap.resolve_plan``), except for the larger dense models just named.
+
+    Args:
+      execution: one of :data:`EXECUTIONS`.
+      points_per_batch: the user's group size (selects ``map`` under ``auto``), or None.
+      client_plan: one of :data:`CLIENT_PLANS`.
+      params: one run's parameters (or their shapes).
+      clients: client slots per round; steps: padded local steps per round.
+      num_points: grid points.
+
+    Returns:
+      ``(execution, points_per_batch, client_plan)``; ``points_per_batch`` is None unless
+      the execution is ``map``; ``client_plan`` is ``"vmap"`` or ``"unrolled"``.
+    """
+    del num_points  # the measured rule does not need it (yet)
+    # The round's own rule (vmap, or unrolled for conv models on CPU); above the unroll limit
+    # still unrolled: one compilation serves the whole sweep, where the backend would switch
+    # to its per-client ``loop`` plan.
+    rule_plan = resolve_plan("auto", None, UNROLL_LIMIT, params, clients, steps,
+                             large_conv_plan="unrolled")
+    plan = rule_plan if client_plan == "auto" else client_plan
+    if execution == "map":
+        return "map", points_per_batch or 1, plan
+    if execution != "auto":
+        return execution, None, plan
+    if points_per_batch is not None:
+        return "map", points_per_batch, plan
+    if jax.default_backend() != "cpu":
+        return "vmap", None, plan
+    if has_conv(params):
+        return "host", None, plan
+    size = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    if size <= VMAP_PARAMETER_LIMIT:
+        return "vmap", None, plan
+    if client_plan == "auto" and clients * steps <= UNROLL_LIMIT:
+        plan = "unrolled"  # XLA:CPU: C small dots beat one dot batched over C (the MLP)
+    return "host", None, plan
+
+
+def _host_runs(init_c, round_c, hvals, params0, roots, cohort_arrays, table, eval_arrays,
+               rounds):
+    """The ``host`` execution: every (seed, point) run as ``rounds`` calls of the compiled
+    round, dispatched asynchronously (no host sync until the end)."""
+    num_points = next(iter(hvals.values())).shape[0]
+    per_seed_metrics, per_seed_params = [], []
+    for s in range(roots.shape[0]):
+        params, root = jax.tree.map(lambda x, s=s: x[s], params0), roots[s]
+        per_round = [(jnp.int32(r), *(x[s, r] for x in cohort_arrays)) for r in range(rounds)]
+        point_metrics, point_params = [], []
+        for g in range(num_points):
+            h = {n: v[g] for n, v in hvals.items()}
+            carry = init_c(h, params)
+            history = []
+            for xs in per_round:
+                carry, metrics = round_c(h, carry, xs, root, table, eval_arrays)
+                history.append(metrics)
+            point_metrics.append(jax.tree.map(lambda *v: jnp.stack(v), *history))
+            point_params.append(carry[0].params)
+        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+        per_seed_metrics.append(jax.tree.map(stack, *point_metrics))
+        per_seed_params.append(jax.tree.map(stack, *point_params))
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    return jax.tree.map(stack, *per_seed_metrics), jax.tree.map(stack, *per_seed_params)
 
 
 @dataclass
@@ -73,6 +185,9 @@ class SweepResult:
       compile_seconds: tracing + XLA compilation of the sweep program.
       run_seconds: execution of the compiled program.
       eval_seconds: host evaluation of the final parameters.
+      execution: the execution that ran (``"vmap"``, ``"map"`` or ``"host"``, see
+        :func:`resolve_execution`); points_per_batch: its group size (``map`` only);
+        client_plan: how its rounds ran their clients (``"vmap"`` or ``"unrolled"``).
     """
 
     names: tuple[str, ...]
@@ -85,6 +200,9 @@ class SweepResult:
     compile_seconds: float = 0.0
     run_seconds: float = 0.0
     eval_seconds: float = 0.0
+    execution: str = ""
+    points_per_batch: int | None = None
+    client_plan: str = ""
 
     def rows(self) -> list[dict[str, float]]:
         """One row per (seed, grid point): hyperparameters, seed, final metrics."""
@@ -269,6 +387,8 @@ def sweep(
     evaluate: Callable[[Params], Mapping[str, float]] | None = None,
     keep_params: bool = True,
     points_per_batch: int | None = None,
+    execution: str = "auto",
+    client_plan: str = "auto",
     round_eval: Callable[[Params, Any, jax.Array], Mapping[str, jax.Array]] | None = None,
     round_eval_data: Any = None,
 ) -> SweepResult:
@@ -288,7 +408,17 @@ def sweep(
       points_per_batch: vmap this many grid points at a time and loop over the groups inside
         the program (``lax.map``); None vmaps all of them. Smaller groups keep the batched
         working set in cache (see ``benchmarks/sweep_speedup.py``); every choice computes the
-        same numbers.
+        same numbers. With ``execution="auto"``, giving it selects ``"map"``.
+      execution: how the runs are laid out (:data:`EXECUTIONS`, see
+        :func:`resolve_execution`): ``"vmap"`` (every point vmapped in one scan over rounds),
+        ``"map"`` (groups of ``points_per_batch`` points, default 1, one after another in that
+        program), ``"host"`` (one compiled round, hyperparameters as arguments, called per
+        point and round from Python; its clients follow the round's own plan rule) or
+        ``"auto"`` (a rule measured on this machine). Every execution computes the same runs.
+      client_plan: how each round runs its clients, in every execution (:data:`CLIENT_PLANS`):
+        ``"vmap"`` (vmapped, local steps a scan), ``"unrolled"`` (a traced loop with unrolled
+        local steps, the round's ``unrolled`` plan: no while loop, no vmap over per-client
+        weights; compile time grows with clients x steps) or ``"auto"``.
       round_eval: optional ``(params, round_eval_data, round) -> {metric: scalar}``, traced
         inside the compiled round after the server update (``round`` is the 0-based round
         just done); its metrics join ``history`` (e.g. the global training loss of every round
@@ -308,6 +438,13 @@ def sweep(
     ):
         raise ValueError(f"points_per_batch must be a positive integer or None, got "
                          f"{points_per_batch!r}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if client_plan not in CLIENT_PLANS:
+        raise ValueError(f"client_plan must be one of {CLIENT_PLANS}, got {client_plan!r}")
+    if points_per_batch is not None and execution in ("vmap", "host"):
+        raise ValueError(f"points_per_batch groups points for execution='map' (or 'auto'); "
+                         f"drop it or use execution='map', got execution={execution!r}")
     points = [dict(zip(names, (float(v) for v in combo), strict=True))
               for combo in itertools.product(*(list(grid[n]) for n in names))]
     hvals = {n: jnp.asarray([p[n] for p in points], jnp.float32) for n in names}
@@ -328,68 +465,89 @@ def sweep(
     roots = jnp.stack([jax.random.key(s) for s in seeds])
     prepare_seconds = time.perf_counter() - t0
 
-    backend = VmapBackend("vmap")
     num_clients = data.num_clients
     slots = clients_per_round
+    steps = int(cohorts["mask"].shape[3])
+    one_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params0)
+    execution, points_per_batch, client_plan = resolve_execution(
+        execution, points_per_batch, client_plan, one_params, slots, steps, len(points))
+    backend = VmapBackend("vmap")
 
-    def one_run(h, params, root, index, mask, weight, client_ids, table, eval_data):
+    def build(h):
         algorithm = _build_algorithm(make_algorithm, h)
         if algorithm.data_spec != spec:
             raise ValueError(
                 f"make_algorithm must not change the data layout across the grid: got "
                 f"{algorithm.data_spec}, expected {spec}"
             )
+        return algorithm
+
+    def init_carry(algorithm, params):
         initial = algorithm.client_init(params)
-        stateful = bool(jax.tree.leaves(initial))
         population = (
             jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), initial)
-            if stateful else ()
+            if jax.tree.leaves(initial) else ()
         )
+        return algorithm.init(params), population
 
-        def round_body(carry, xs):
-            server_state, population = carry
-            r, idx, m, w, ids = xs
-            cohort = Cohort(arrays=table, index=idx, mask=m, weight=w, client_ids=ids)
-            keys = rng_lib.client_keys(rng_lib.round_key(root, r), slots)
-            states = (jax.tree.map(lambda p: p[jnp.where(ids >= 0, ids, 0)], population)
-                      if stateful else ())
+    def round_step(algorithm, carry, xs, root, table, eval_data):
+        server_state, population = carry
+        stateful = bool(jax.tree.leaves(population))
+        r, idx, m, w, ids = xs
+        cohort = Cohort(arrays=table, index=idx, mask=m, weight=w, client_ids=ids)
+        keys = rng_lib.client_keys(rng_lib.round_key(root, r), slots)
+        states = (jax.tree.map(lambda p: p[jnp.where(ids >= 0, ids, 0)], population)
+                  if stateful else ())
+        if client_plan == "vmap":
             outputs, new_states = backend.client_outputs(
-                algorithm, server_state, states, cohort, keys
+                algorithm, server_state, states, cohort, keys)
+        else:
+            outputs, new_states = unrolled_clients(algorithm, server_state, states, cohort, keys)
+        server_state, metrics = algorithm.server_update(server_state,
+                                                        algorithm.aggregate(outputs))
+        if round_eval is not None:
+            metrics = {**metrics, **round_eval(server_state.params, eval_data, r)}
+        if stateful:  # padded slots (id -1) point past the table and are dropped
+            target = jnp.where(ids >= 0, ids, num_clients)
+            population = jax.tree.map(
+                lambda p, s: p.at[target].set(s, mode="drop"), population, new_states
             )
-            server_state, metrics = algorithm.server_update(
-                server_state, algorithm.aggregate(outputs)
-            )
-            if round_eval is not None:
-                metrics = {**metrics, **round_eval(server_state.params, eval_data, r)}
-            if stateful:  # padded slots (id -1) point past the table and are dropped
-                target = jnp.where(ids >= 0, ids, num_clients)
-                population = jax.tree.map(
-                    lambda p, s: p.at[target].set(s, mode="drop"), population, new_states
-                )
-            return (server_state, population), metrics
+        return (server_state, population), metrics
 
+    def one_run(h, params, root, index, mask, weight, client_ids, table, eval_data):
+        algorithm = build(h)
         xs = (jnp.arange(rounds, dtype=jnp.int32), index, mask, weight, client_ids)
         (final_state, _), metrics = jax.lax.scan(
-            round_body, (algorithm.init(params), population), xs
+            lambda carry, x: round_step(algorithm, carry, x, root, table, eval_data),
+            init_carry(algorithm, params), xs,
         )
         return metrics, final_state.params
 
     def over_points(h, *shared):
-        if points_per_batch is None:
+        if execution == "vmap":
             return jax.vmap(lambda hp: one_run(hp, *shared))(h)
         # Groups of points vmapped, groups one after another: bounds the working set.
         return jax.lax.map(lambda hp: one_run(hp, *shared), h, batch_size=points_per_batch)
 
-    over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None))
-    args = (
-        hvals, params0, roots,
-        jnp.asarray(cohorts["index"], jnp.int32), jnp.asarray(cohorts["mask"]),
-        jnp.asarray(cohorts["weight"]), jnp.asarray(cohorts["client_ids"]), table,
-        jax.tree.map(jnp.asarray, round_eval_data),
-    )
+    eval_arrays = jax.tree.map(jnp.asarray, round_eval_data)
+    cohort_arrays = (jnp.asarray(cohorts["index"], jnp.int32), jnp.asarray(cohorts["mask"]),
+                     jnp.asarray(cohorts["weight"]), jnp.asarray(cohorts["client_ids"]))
     t0 = time.perf_counter()
     try:
-        compiled = jax.jit(over_seeds).lower(*args).compile()
+        if execution == "host":
+            init_fn = jax.jit(lambda h, params: init_carry(build(h), params))
+            round_fn = jax.jit(lambda h, carry, xs, root, table, eval_data: round_step(
+                build(h), carry, xs, root, table, eval_data), donate_argnums=(1,))
+            h0 = {n: v[0] for n, v in hvals.items()}
+            p0 = jax.tree.map(lambda x: x[0], params0)
+            init_c = init_fn.lower(h0, p0).compile()
+            carry0 = jax.eval_shape(init_fn, h0, p0)
+            xs0 = (jnp.int32(0), *(x[0, 0] for x in cohort_arrays))
+            round_c = round_fn.lower(h0, carry0, xs0, roots[0], table, eval_arrays).compile()
+        else:
+            over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None))
+            args = (hvals, params0, roots, *cohort_arrays, table, eval_arrays)
+            compiled = jax.jit(over_seeds).lower(*args).compile()
     except jax.errors.ConcretizationTypeError as e:
         raise ValueError(
             f"the algorithm built by make_algorithm uses a swept hyperparameter {list(names)} "
@@ -397,7 +555,12 @@ def sweep(
         ) from e
     compile_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics, final_params = jax.block_until_ready(compiled(*args))
+    if execution == "host":
+        metrics, final_params = _host_runs(init_c, round_c, hvals, params0, roots,
+                                           cohort_arrays, table, eval_arrays, rounds)
+    else:
+        metrics, final_params = compiled(*args)
+    metrics, final_params = jax.block_until_ready((metrics, final_params))
     run_seconds = time.perf_counter() - t0
 
     history = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
@@ -415,6 +578,7 @@ def sweep(
         names=names, points=points, seeds=tuple(seeds), history=history, final=final,
         params=final_params if keep_params else None, prepare_seconds=prepare_seconds,
         compile_seconds=compile_seconds, run_seconds=run_seconds, eval_seconds=eval_seconds,
+        execution=execution, points_per_batch=points_per_batch, client_plan=client_plan,
     )
 
 
@@ -444,8 +608,8 @@ class SweepConfig:
     """A FedAvg learning-rate sweep; every field is a ``--flag-name`` CLI flag.
 
     ``client_lrs``/``server_lrs`` are comma lists or ``geom:LO:HI:N``; runs use seeds
-    ``seed, seed+1, ..., seed+seeds-1`` (the partition uses ``seed``). ``points_per_batch``:
-    see :func:`sweep` (``none`` vmaps every grid point).
+    ``seed, seed+1, ..., seed+seeds-1`` (the partition uses ``seed``). ``points_per_batch``
+    and ``execution`` (``auto``, ``vmap``, ``map``, ``host``): see :func:`sweep`.
     """
 
     dataset: str = "digits"
@@ -463,6 +627,7 @@ class SweepConfig:
     seeds: int = 4
     seed: int = 0
     points_per_batch: int | None = None
+    execution: str = "auto"
     out: str = "runs/sweep"
 
     def validate(self) -> None:
@@ -479,6 +644,12 @@ class SweepConfig:
         if self.points_per_batch is not None and self.points_per_batch < 1:
             raise ValueError(f"--points-per-batch must be >= 1 or none, got "
                              f"{self.points_per_batch}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"--execution must be one of {', '.join(EXECUTIONS)}, got "
+                             f"{self.execution!r}")
+        if self.points_per_batch is not None and self.execution in ("vmap", "host"):
+            raise ValueError(f"--points-per-batch groups points for --execution map (or auto); "
+                             f"drop it or use --execution map, got --execution {self.execution}")
         if self.seed < 0 or self.seed + self.seeds - 1 > MAX_SEED:
             raise ValueError(
                 f"--seed must be >= 0 and --seed + --seeds - 1 <= 2**32 - 1, got --seed "
@@ -524,7 +695,7 @@ def _run_sweep_experiment(cfg: SweepConfig, start: float) -> dict[str, Any]:
         lambda s: model.init(jax.random.key(s)),
         seeds=[cfg.seed + i for i in range(cfg.seeds)], rounds=cfg.rounds,
         clients_per_round=cfg.clients_per_round, evaluate=evaluate, keep_params=False,
-        points_per_batch=cfg.points_per_batch,
+        points_per_batch=cfg.points_per_batch, execution=cfg.execution,
     )
     os.makedirs(cfg.out, exist_ok=True)
     result.write_csv(os.path.join(cfg.out, "results.csv"))
@@ -538,6 +709,8 @@ def _run_sweep_experiment(cfg: SweepConfig, start: float) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
         "runs": len(result.rows()),
         "grid_points": len(result.points),
+        "execution": result.execution,
+        "points_per_batch": result.points_per_batch,
         "seeds": list(result.seeds),
         "best": best,
         "prepare_seconds": result.prepare_seconds,
@@ -563,9 +736,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     best = summary["best"]
+    # The host execution calls one compiled round per point and round (see resolve_execution).
+    how = "with one compiled round" if summary["execution"] == "host" else "in one program"
     print(
         f"{summary['runs']} runs ({summary['grid_points']} points x {len(summary['seeds'])} "
-        f"seeds) in one program: compile {summary['compile_seconds']:.1f} s, run "
+        f"seeds) {how} ({summary['execution']} execution): compile "
+        f"{summary['compile_seconds']:.1f} s, run "
         f"{summary['run_seconds']:.1f} s\nbest: client_lr={best['client_lr']:.4g} "
         f"server_lr={best['server_lr']:.4g} test accuracy "
         f"{best['test_accuracy_mean']:.4f} +- {best['test_accuracy_std']:.4f}\n"

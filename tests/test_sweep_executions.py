@@ -1,0 +1,174 @@
+"""Sweep executions (vmap, map, host, auto): each computes the runs of ``runner.run``."""
+
+from typing import NamedTuple
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.backends.vmap import VmapBackend
+from fedjax_lab.compressors import top_k, with_error_feedback
+from fedjax_lab.runner import run
+from fedjax_lab.sweep import VMAP_PARAMETER_LIMIT, resolve_execution, sweep
+from tests.helpers import LinearModel, make_population
+
+DATA = make_population([7, 12, 3, 9, 15, 5, 8, 10], seed=1)
+GRID = {"client_lr": [0.1, 0.4], "server_lr": [0.7]}
+SEEDS = [0, 3]
+ROUNDS, PER_ROUND = 3, 3
+
+
+class ConvShapedLinear(NamedTuple):
+    """Softmax regression whose weight is stored as a 1x1 conv kernel ``[1, 1, dim, classes]``:
+    convex like ``LinearModel``, but its rank-4 leaf makes the plan rules treat it as a conv
+    model (the host execution then runs its clients as an unrolled loop on CPU)."""
+
+    dim: int
+    classes: int
+
+    def init(self, key: jax.Array) -> dict:
+        # LinearModel's initial weights, reshaped: both models train the same numbers, so the
+        # dense model's sequential runs are this one's references too (a reshape is exact).
+        dense = LinearModel(self.dim, self.classes).init(key)
+        return {"w": dense["w"].reshape(1, 1, self.dim, self.classes), "b": dense["b"]}
+
+    @staticmethod
+    def apply(params: dict, x: jax.Array) -> jax.Array:
+        w = params["w"].reshape(params["w"].shape[2:])
+        return x.reshape(x.shape[0], -1) @ w + params["b"][None, :]
+
+
+MODELS = {"dense": LinearModel(dim=5, classes=3), "conv": ConvShapedLinear(dim=5, classes=3)}
+
+
+def make_algorithm(model, client_lr, server_lr, compressor=None):
+    return fedavg(model, optax.sgd(client_lr), batch_size=4,
+                  server_optimizer=optax.sgd(server_lr), compressor=compressor)
+
+
+def run_sweep(kind, **kwargs):
+    model = MODELS[kind]
+    return sweep(lambda h: make_algorithm(model, h["client_lr"], h["server_lr"]), GRID, DATA,
+                 lambda s: model.init(jax.random.key(s)), seeds=SEEDS, rounds=ROUNDS,
+                 clients_per_round=PER_ROUND, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def references():
+    """``runner.run`` of every (seed, point) of the dense model: final params and per-round
+    losses (the conv-shaped model's runs are the same, its kernel reshaped)."""
+    refs = {}
+    model = MODELS["dense"]
+    for s, seed in enumerate(SEEDS):
+        for g, lr in enumerate(GRID["client_lr"]):
+            # Packing off: the padded round (packing computes the same numbers, but its
+            # cost-model probe would compile extra programs per run).
+            res = run(make_algorithm(model, lr, GRID["server_lr"][0]),
+                      VmapBackend("vmap", packing="off"), DATA,
+                      model.init(jax.random.key(seed)), rounds=ROUNDS,
+                      clients_per_round=PER_ROUND, seed=seed)
+            refs[s, g] = (res.server_state.params, [rec["train_loss"] for rec in res.history])
+    return refs
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "want"),
+    [
+        ("dense", {"execution": "vmap"}, ("vmap", "vmap")),
+        ("dense", {"points_per_batch": 2, "client_plan": "unrolled"}, ("map", "unrolled")),
+        ("dense", {"execution": "host"}, ("host", "vmap")),
+        ("dense", {"execution": "host", "client_plan": "unrolled"}, ("host", "unrolled")),
+        ("conv", {}, ("host", "unrolled")),  # auto on CPU: no while loop around the model
+        ("conv", {"execution": "vmap"}, ("vmap", "unrolled")),
+    ],
+    ids=["vmap", "map2_unrolled", "host", "host_unrolled", "auto_conv",
+         "vmap_conv_unrolled"],
+)
+def test_every_execution_equals_the_sequential_runs(references, kind, kwargs, want):
+    if kind == "conv" and jax.default_backend() != "cpu":
+        pytest.skip("the conv rules are CPU rules")
+    res = run_sweep(kind, **kwargs)
+    assert (res.execution, res.client_plan) == want
+    for s in range(len(SEEDS)):
+        for g in range(len(GRID["client_lr"])):
+            params, losses = references[s, g]
+            got = jax.tree.map(lambda x, s=s, g=g: x[s, g], res.params)
+            got["w"] = got["w"].reshape(params["w"].shape)  # the conv-shaped kernel
+            chex.assert_trees_all_close(got, params, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(res.history["train_loss"][s, g], losses, atol=1e-5,
+                                       rtol=0)
+
+
+def test_host_execution_keeps_client_states_like_the_runner():
+    # Error feedback: the host execution carries (and donates) the population table between
+    # its round calls; a residual lost or shared across points would change the runs.
+    data = make_population([6, 9, 4, 7], seed=2)
+    model = MODELS["dense"]
+    comp = with_error_feedback(top_k(3))
+    res = sweep(lambda h: make_algorithm(model, h["client_lr"], 1.0, comp),
+                {"client_lr": [0.2, 0.5]}, data, model.init(jax.random.key(1)), seeds=[2],
+                rounds=4, clients_per_round=3, execution="host")
+    # The second point runs after the first: a residual leaking from it would show here.
+    ref = run(make_algorithm(model, 0.5, 1.0, comp), VmapBackend("vmap", packing="off"), data,
+              model.init(jax.random.key(1)), rounds=4, clients_per_round=3, seed=2)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0, 1], res.params),
+                                ref.server_state.params, atol=1e-5, rtol=0)
+
+
+def _shapes(*shapes):
+    return {f"p{i}": jax.ShapeDtypeStruct(s, np.float32) for i, s in enumerate(shapes)}
+
+
+def test_auto_rule():
+    small, large = _shapes((64, 10), (10,)), _shapes((VMAP_PARAMETER_LIMIT, 2))
+    conv = _shapes((5, 5, 1, 32), (32,))
+
+    def rule(execution, per_batch, plan, params, clients=10, steps=2):
+        return resolve_execution(execution, per_batch, plan, params, clients, steps, 16)
+
+    assert rule("auto", 4, "auto", large) == ("map", 4, "vmap")
+    assert rule("map", None, "unrolled", small) == ("map", 1, "unrolled")
+    assert rule("vmap", None, "auto", large) == ("vmap", None, "vmap")
+    assert rule("host", None, "auto", small) == ("host", None, "vmap")
+    if jax.default_backend() == "cpu":
+        assert rule("auto", None, "auto", small) == ("vmap", None, "vmap")
+        assert rule("auto", None, "auto", large) == ("host", None, "unrolled")
+        assert rule("auto", None, "auto", large, 10, 13) == ("host", None, "vmap")  # > 128
+        assert rule("auto", None, "vmap", large) == ("host", None, "vmap")
+        assert rule("auto", None, "auto", conv) == ("host", None, "unrolled")
+        assert rule("auto", None, "auto", conv, 10, 13) == ("host", None, "unrolled")
+    else:
+        assert rule("auto", None, "auto", conv) == ("vmap", None, "vmap")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"execution": "scan"}, "execution must be one of"),
+        ({"execution": "vmap", "points_per_batch": 2}, "points_per_batch groups points"),
+        ({"execution": "host", "points_per_batch": 1}, "points_per_batch groups points"),
+        ({"client_plan": "loop"}, "client_plan must be one of"),
+    ],
+    ids=["unknown", "vmap_per_batch", "host_per_batch", "client_plan"],
+)
+def test_bad_execution_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_sweep("dense", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--execution", "scan"], "--execution must be one of auto, vmap, map, host"),
+        (["--execution", "host", "--points-per-batch", "2"], "--points-per-batch groups"),
+    ],
+    ids=["unknown", "host_per_batch"],
+)
+def test_cli_execution_flag_is_validated(argv, message, capsys):
+    from fedjax_lab.sweep import main
+
+    assert main(argv) == 2  # refused before anything is built
+    assert message in capsys.readouterr().err
