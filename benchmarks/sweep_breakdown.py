@@ -32,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep_speedup import write_json
+
 from fedjax_lab.models import get_model
 
 POINTS, CLIENTS, BATCH, TABLE_ROWS = 16, 10, 20, 1437
@@ -142,12 +145,7 @@ def main() -> None:
                       for m in models],
         "load_average_at_end": list(os.getloadavg()),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    write_json(out, args.json)
 
 
 if __name__ == "__main__":

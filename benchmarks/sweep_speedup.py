@@ -205,11 +205,16 @@ def main() -> None:
         "summary": summarize(repeats),
         "repeats": repeats,
     }
+    write_json(out, args.json)
+
+
+def write_json(out: dict, path: str | None) -> None:
+    """Prints `out` as JSON and writes it to `path` when given."""
     text = json.dumps(out, indent=2)
     print(text)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             f.write(text + "\n")
 
 

@@ -180,3 +180,14 @@ def assert_refused(main_fn, args, message: str, capsys, out_dir) -> None:
     assert exit_code(main_fn, *args) == 2
     assert message in capsys.readouterr().err
     assert not (out_dir / "metrics.jsonl").exists()
+
+
+def decode_or_reject(compressor, data: bytes, template) -> bool:
+    """``from_bytes`` either raises ValueError (False) or returns the payload that re-encodes
+    to exactly `data` (True): a codec accepts only canonical encodings."""
+    try:
+        payload = compressor.from_bytes(data, template)
+    except ValueError:
+        return False
+    assert compressor.to_bytes(payload) == data, "accepted bytes must be the canonical encoding"
+    return True

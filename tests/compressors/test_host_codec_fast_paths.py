@@ -15,6 +15,7 @@ from fedjax_lab.compressors import _codec
 from fedjax_lab.compressors import qsgd as make_qsgd
 from fedjax_lab.compressors._base import tree_layout
 from fedjax_lab.compressors.qsgd import QSGDPayload, _host_streams, _stream_lengths
+from tests.helpers import decode_or_reject
 
 
 def _gamma_bits(values) -> str:
@@ -116,15 +117,6 @@ def test_stream_lengths_match_the_histogram_reference(name):
     assert got == (dense, sparse)
 
 
-def _decode_or_reject(c, data, template) -> bool:
-    try:
-        payload = c.from_bytes(data, template)
-    except ValueError:
-        return False
-    assert c.to_bytes(payload) == data, "accepted bytes must be the canonical encoding"
-    return True
-
-
 @pytest.mark.parametrize("name", ["half_dense_s16", "long_gaps", "int16_s300"])
 def test_hostile_streams_are_rejected_or_canonical(name):
     levels, s = CASES[name]
@@ -143,7 +135,7 @@ def test_hostile_streams_are_rejected_or_canonical(name):
         mutated = bytearray(data)
         for bit in rng.integers(32, 8 * len(data), rng.integers(1, 4)):
             mutated[bit // 8] ^= 0x80 >> (bit % 8)
-        accepted += _decode_or_reject(c, bytes(mutated), template)
+        accepted += decode_or_reject(c, bytes(mutated), template)
     assert accepted < 40
 
 
