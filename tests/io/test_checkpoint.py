@@ -134,7 +134,9 @@ def test_resume_with_error_feedback_states_is_bit_identical(tmp_path):
     assert [{k: v for k, v in h.items() if k not in TIME_FIELDS} for h in again.history] == strip
 
 
-@pytest.mark.parametrize("backend", ["vmap", "sharded"])
+# The sharded kill/resume (19 s) is in `make test-slow`; the sharded backend equals vmap in
+# tests/backends/test_sharded.py, and the vmap kill/resume stays in `make test`.
+@pytest.mark.parametrize("backend", ["vmap", pytest.param("sharded", marks=pytest.mark.slow)])
 def test_killed_run_resumes_bit_identically(tmp_path, backend):
     # The subprocess inherits conftest's 4 forced CPU devices, so sharded runs on the same mesh.
     flags = [*FLAGS, "--backend", backend]

@@ -159,6 +159,9 @@ def one_step():
     return out
 
 
+# Compiling both networks' step takes ~27 s: `make test-slow` (which also trains both in the
+# cross-silo presets' --quick runs).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet56", "mobilenet"])
 def test_one_jitted_sgd_step_decreases_the_loss(one_step, name):
     classes, (before, after) = one_step[name]
