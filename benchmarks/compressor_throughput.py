@@ -70,11 +70,8 @@ def make_tree(size: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
     )
 
 
-def compressors(tree) -> dict[str, C.Compressor]:
-    def not_bias(path, leaf):
-        del path
-        return leaf.ndim > 1
-
+def common_conv_kernels(tree):
+    """SSTC's ``is_conv``: the 4-D kernels of the tree's most common spatial size."""
     kernel_sizes = [leaf.shape[:2] for leaf in jax.tree.leaves(tree) if leaf.ndim == 4]
     common = max(set(kernel_sizes), key=kernel_sizes.count)
 
@@ -82,6 +79,15 @@ def compressors(tree) -> dict[str, C.Compressor]:
         del path
         return leaf.ndim == 4 and leaf.shape[:2] == common
 
+    return is_conv
+
+
+def compressors(tree) -> dict[str, C.Compressor]:
+    def not_bias(path, leaf):
+        del path
+        return leaf.ndim > 1
+
+    is_conv = common_conv_kernels(tree)
     return {
         "identity": C.identity(),
         "qsgd_s4": C.qsgd(4),
@@ -221,6 +227,7 @@ def main() -> None:
         "results": [],
     }
     run_table(args, results, compressors, lambda c, tree: bench_one(c, tree, args.repeats))
+
 
 if __name__ == "__main__":
     jnp.zeros(())  # initialise the backend before timing anything

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import jax
 import numpy as np
@@ -34,34 +35,62 @@ import compressor_throughput as B
 
 from fedjax_lab import compressors as C
 
-_MODULES = ("sign", "qsgd", "terngrad")
+# Modules read from the baseline revision; a module missing there keeps this checkout's.
+_MODULES = (
+    "_base",
+    "_bernoulli",
+    "_leafwise",
+    "_select",
+    "sign",
+    "qsgd",
+    "terngrad",
+    "sparsify",
+    "stc",
+    "sstc",
+)
 
 
 def load_baseline(revision: str, directory: str) -> dict:
-    """The baseline's compressor modules, imported under private names."""
+    """The baseline's compressor modules, imported under private names.
+
+    Names a baseline module imported from another module in :data:`_MODULES` are rebound to
+    that module's baseline version, so e.g. the baseline ``stc`` selects with the baseline
+    ``_select``.
+    """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     modules = {}
     for name in _MODULES:
-        source = subprocess.run(
+        shown = subprocess.run(
             ["git", "show", f"{revision}:fedjax_lab/compressors/{name}.py"],
             cwd=root,
-            check=True,
             capture_output=True,
             text=True,
-        ).stdout
+        )
+        if shown.returncode:
+            continue
         path = os.path.join(directory, f"baseline_{name}.py")
         with open(path, "w") as f:
-            f.write(source)
+            f.write(shown.stdout)
         spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # flax dataclasses look their module up
         spec.loader.exec_module(module)
         modules[name] = module
+    current = {f"fedjax_lab.compressors.{name}": name for name in modules}
+    for module in modules.values():
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, types.ModuleType) and value.__name__ in current:
+                setattr(module, attr, modules[current[value.__name__]])
+            elif getattr(value, "__module__", None) in current:
+                twin = modules[current[value.__module__]]
+                if hasattr(twin, attr):
+                    setattr(module, attr, getattr(twin, attr))
     return modules
 
 
-def variants(old: dict) -> dict[str, tuple]:
+def variants(old: dict, tree) -> dict[str, tuple]:
     """name -> (compressor, name of the variant it must equal bit for bit, or None)."""
+    is_conv = B.common_conv_kernels(tree)
     return {
         "sign (baseline)": (old["sign"].sign(), None),
         "sign": (C.sign(), "sign (baseline)"),
@@ -74,6 +103,14 @@ def variants(old: dict) -> dict[str, tuple]:
         "qsgd_s4_hash": (C.qsgd(4, rounding_bits="hash"), None),
         "terngrad (baseline)": (old["terngrad"].terngrad(), None),
         "terngrad_hash": (C.terngrad(rounding_bits="hash"), None),
+        "top_k_1pct (baseline)": (old["sparsify"].top_k(0.01), None),
+        "top_k_1pct": (C.top_k(0.01), "top_k_1pct (baseline)"),
+        "rand_k_1pct (baseline)": (old["sparsify"].rand_k(0.01), None),
+        "rand_k_1pct": (C.rand_k(0.01), "rand_k_1pct (baseline)"),
+        "stc_1pct (baseline)": (old["stc"].stc(0.01), None),
+        "stc_1pct": (C.stc(0.01), "stc_1pct (baseline)"),
+        "sstc_1pct_kf0.1 (baseline)": (old["sstc"].sstc(0.01, 0.1, is_conv=is_conv), None),
+        "sstc_1pct_kf0.1": (C.sstc(0.01, 0.1, is_conv=is_conv), "sstc_1pct_kf0.1 (baseline)"),
     }
 
 
@@ -110,7 +147,7 @@ def main() -> None:
     tree = jax.device_put(B.make_tree(args.size, np.random.default_rng(0)))
     key = jax.random.key(0)
     with tempfile.TemporaryDirectory() as directory:
-        table = variants(load_baseline(args.baseline, directory))
+        table = variants(load_baseline(args.baseline, directory), tree)
     if args.only:
         table = {n: v for n, v in table.items() if n in args.only}
     runs = {name: round_trip(c) for name, (c, _) in table.items()}

@@ -6,12 +6,13 @@ with ties broken towards the lower index. This module finds it in O(d) passes:
 
 1. Scores map to ``uint32`` keys whose unsigned order is the IEEE total order of the floats
    (``-0.0`` below ``+0.0``), the order ``lax.top_k`` uses.
-2. The k-th largest key ``T`` is found by radix selection on histograms (one scatter-add
-   counts all 65536 values of a 16-bit digit at once): the high half of ``T`` from a histogram
-   of every key's high 16 bits; then its low half from a histogram of the low 16 bits of the
-   keys in ``T``'s high bin. Those keys are compacted into a small buffer first when they fit
-   (typical data: a bin spans < 1 % of a binade); only if they do not (heavily tied data) does
-   the second histogram run over the whole vector.
+2. The k-th largest key ``T`` is bracketed from a strided sample of ~32768 keys (one small
+   histogram of their high 16 bits): two passes over packed flag words count the keys above
+   and inside the bracket, its keys are compacted into a buffer, and two 65536-bin histograms
+   of the buffer (high, then low 16 bits) give ``T`` exactly. When the bracket provably misses
+   ``T`` or holds too many keys (adversarial or heavily tied data), the same two-digit radix
+   selection runs on histograms of every key instead, so the result never depends on the
+   sample, only the time does.
 3. The result is every index with ``key > T`` plus the first ``k - count(key > T)`` indices
    with ``key == T``, read out of 32-bit words of flags (one word per 32 coordinates) in
    ascending order.
@@ -23,6 +24,8 @@ to one key); callers poison their payload on non-finite input anyway.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +35,10 @@ _BINS = 1 << _DIGIT
 _TOP = np.uint32(0xFFFFFFFF)  # NaN keys are clamped below this
 # From this many coordinates on, "auto" selects by radix histograms (see top_k_indices).
 RADIX_MIN_SIZE = 1 << 14
+# Keys sampled to bracket the threshold (see _threshold).
+_SAMPLE = 1 << 15
+# Up to this many flag words, _expand finds the non-zero ones with jnp.nonzero.
+_DIRECT_WORDS = 1 << 12
 
 
 def sortable_keys(score: jax.Array) -> jax.Array:
@@ -57,9 +64,17 @@ def _digit_of_rank(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Arr
 def _pack_words(flags: jax.Array) -> jax.Array:
     """uint32 words, bit ``j`` of word ``w`` = ``flags[32 w + j]`` (zero padded)."""
     d = flags.shape[0]
-    nw = -(-d // 32)
-    flags = jnp.pad(flags, (0, 32 * nw - d)).reshape(nw, 32).astype(jnp.uint32)
-    return jnp.sum(flags << jnp.arange(32, dtype=jnp.uint32)[None, :], axis=1, dtype=jnp.uint32)
+    full = d - d % 32
+    powers = jnp.arange(32, dtype=jnp.uint32)
+    words = jnp.sum(
+        flags[:full].reshape(-1, 32).astype(jnp.uint32) << powers[None, :], axis=1, dtype=jnp.uint32
+    )
+    if full == d:
+        return words
+    # The partial last word is packed on its own: padding the whole vector to a multiple of 32
+    # inside the packing pass makes XLA:CPU test bounds on every element.
+    tail = jnp.pad(flags[full:], (0, 32 - d % 32)).astype(jnp.uint32)
+    return jnp.concatenate([words, jnp.sum(tail << powers, dtype=jnp.uint32)[None]])
 
 
 def _select_bit(word: jax.Array, rank: jax.Array) -> jax.Array:
@@ -75,16 +90,31 @@ def _select_bit(word: jax.Array, rank: jax.Array) -> jax.Array:
     return pos
 
 
+def _owners(ends: jax.Array, size: int) -> jax.Array:
+    """``searchsorted(ends, arange(size), side="right")`` for non-decreasing ``ends >= 0``.
+
+    Counts how many ``ends`` fall at or below each slot with one scatter-add and a cumulative
+    sum, instead of ``size`` binary searches (3x faster on XLA:CPU at ``size = 10^5``).
+    """
+    counts = jnp.zeros((size + 1,), jnp.int32).at[jnp.minimum(ends, size)].add(1)
+    return jnp.cumsum(counts[:size])
+
+
 def _expand(words: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     """Ascending positions of the first ``size`` set bits of ``words`` and their validity."""
-    nonzero = words != 0
-    ids = jnp.nonzero(nonzero, size=size, fill_value=0)[0]
-    used = jnp.arange(size) < jnp.sum(nonzero, dtype=jnp.int32)
+    if words.shape[0] > _DIRECT_WORDS:
+        # The non-zero words are themselves the set bits of one flag per word: finding them
+        # recursively reads 32x fewer flags than jnp.nonzero's cumulative sum over all words.
+        ids, used = _expand(_pack_words(words != 0), size)
+    else:
+        nonzero = words != 0
+        ids = jnp.nonzero(nonzero, size=size, fill_value=0)[0]
+        used = jnp.arange(size) < jnp.sum(nonzero, dtype=jnp.int32)
     chosen = jnp.where(used, words[ids], 0)
     ones = jax.lax.population_count(chosen).astype(jnp.int32)
     ends = jnp.cumsum(ones)
     slot = jnp.arange(size, dtype=jnp.int32)
-    j = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), size - 1)
+    j = jnp.minimum(_owners(ends, size), size - 1)
     bit = _select_bit(chosen[j], slot - (ends[j] - ones[j]))
     return (ids[j] * 32 + bit).astype(jnp.int32), slot < ends[-1]
 
@@ -107,6 +137,111 @@ def _first_bits(words: jax.Array, keep: jax.Array) -> jax.Array:
     cut = _select_bit(words, jnp.minimum(keep, 31))
     low = (jnp.uint32(1) << cut.astype(jnp.uint32)) - jnp.uint32(1)
     return jnp.where(keep >= ones, words, words & jnp.where(keep > 0, low, jnp.uint32(0)))
+
+
+def _count(words: jax.Array) -> jax.Array:
+    """Number of set bits in packed flag words.
+
+    Counting through packed words is ~5x faster on XLA:CPU than ``jnp.sum(flags)``, whose
+    fused compare-and-convert reduction runs as a scalar loop.
+    """
+    return jnp.sum(jax.lax.population_count(words).astype(jnp.int32))
+
+
+def _rank_in(keys: jax.Array, valid: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact ``rank``-th largest (1-based) of ``keys[valid]`` and the count strictly above it.
+
+    Two 65536-bin histograms: the high 16 bits of the answer from all valid keys, then its low
+    16 bits from the valid keys in that high bin.
+    """
+    high_digits = jnp.where(valid, keys >> _DIGIT, _BINS).astype(jnp.int32)
+    high, c_high = _digit_of_rank(_histogram(high_digits), rank)
+    in_bin = valid & ((keys >> _DIGIT) == high)
+    low_digits = jnp.where(in_bin, keys & np.uint32(_BINS - 1), _BINS).astype(jnp.int32)
+    low, c_low = _digit_of_rank(_histogram(low_digits), rank - c_high)
+    return (high << _DIGIT) | low, c_high + c_low
+
+
+def _whole_vector_threshold(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k-th largest key ``T`` and ``count(key > T)`` from histograms of every key."""
+    d = keys.shape[0]
+    high, c_high = _digit_of_rank(_histogram((keys >> _DIGIT).astype(jnp.int32)), jnp.int32(k))
+    in_bin = (keys >> _DIGIT) == high
+    bin_count = jnp.sum(in_bin, dtype=jnp.int32)
+    # Low digit: histogram of the bin's keys, from a compacted buffer when the bin fits in it.
+    cap = min(d, max(1024, d // 256))
+    positions, valid = _expand(_pack_words(in_bin), cap)
+    low_digits = jnp.where(valid, keys[positions] & np.uint32(_BINS - 1), _BINS)
+    fits = bin_count <= cap
+
+    def whole(carry):
+        del carry
+        low = jnp.where(in_bin, keys & np.uint32(_BINS - 1), _BINS).astype(jnp.int32)
+        return jnp.bool_(True), _histogram(low)
+
+    # A loop of at most one step rather than lax.cond: under vmap a cond runs both branches,
+    # a while loop runs only while some client's bin did not fit.
+    _, low_hist = jax.lax.while_loop(
+        lambda carry: ~carry[0], whole, (fits, _histogram(low_digits.astype(jnp.int32)))
+    )
+    low, c_low = _digit_of_rank(low_hist, k - c_high)
+    return (high << _DIGIT) | low, c_high + c_low
+
+
+def _sample_bracket(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(ok, T, count(key > T))`` from a bracket around the k-th largest key ``T``.
+
+    A strided sample of about :data:`_SAMPLE` keys gives, from one small histogram of its high
+    digits, a key range ``[lo, hi]`` expected to hold ``T`` with a margin of 4 standard
+    deviations of the sample rank on either side. Two passes over packed flag words count the
+    keys above ``hi`` and inside the range. ``ok`` says that ``T`` is provably inside
+    (``count(key > hi) < k <= count(key >= lo)``) and that the range's keys fit a buffer sized
+    for the expected range; then they are compacted and ``T`` is found exactly among them.
+    Where ``ok`` is false the other two results are meaningless.
+    """
+    d = keys.shape[0]
+    stride = max(1, d // _SAMPLE)
+    sample = keys[::stride]
+    m = sample.shape[0]
+    expected = k * m / d  # rank of T within the sample, from the top
+    margin = 4.0 * math.sqrt(expected) + 1.0
+    hi_rank = math.floor(expected - margin)  # 1-based sample ranks; < 1: no upper bound
+    lo_rank = math.ceil(expected + margin)  # > m: no lower bound
+    hist = _histogram((sample >> _DIGIT).astype(jnp.int32))
+    if hi_rank >= 1:
+        digit, _ = _digit_of_rank(hist, jnp.int32(hi_rank))
+        hi = (digit << _DIGIT) | np.uint32(_BINS - 1)
+    else:
+        hi = jnp.uint32(_TOP)
+    lo = _digit_of_rank(hist, jnp.int32(lo_rank))[0] << _DIGIT if lo_rank <= m else jnp.uint32(0)
+    # Keys in the bracket: ~(lo_rank - hi_rank) sample strides, plus the two partial end bins.
+    cap = min(d, 2 * (lo_rank - max(hi_rank, 0) + 2) * stride + 4096)
+    c_above = _count(_pack_words(keys > hi))
+    inside_words = _pack_words((keys >= lo) & (keys <= hi))
+    c_inside = _count(inside_words)
+    positions, valid = _expand(inside_words, cap)
+    found, c_found = _rank_in(keys[positions], valid, k - c_above)
+    ok = (c_above < k) & (k <= c_above + c_inside) & (c_inside <= cap)
+    return ok, found, c_above + c_found
+
+
+def _threshold(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k-th largest key ``T`` and ``count(key > T)``.
+
+    From :func:`_sample_bracket` where its bracket holds; otherwise (adversarial or heavily
+    tied data) from :func:`_whole_vector_threshold`: the result is exact either way, only the
+    time differs. The scatter-add histogram of every key that the bracket avoids costs ~35 ms
+    at 10M coordinates on XLA:CPU, the sample and the two counting passes a fraction of that.
+    """
+    ok, found, greater = _sample_bracket(keys, k)
+
+    def whole(carry):
+        del carry
+        return (jnp.bool_(True), *_whole_vector_threshold(keys, k))
+
+    # At most one step (see _whole_vector_threshold on why not lax.cond).
+    _, threshold, greater = jax.lax.while_loop(lambda carry: ~carry[0], whole, (ok, found, greater))
+    return threshold, greater
 
 
 def top_k_indices(score: jax.Array, k: int, *, method: str = "auto") -> jax.Array:
@@ -142,30 +277,7 @@ def top_k_indices(score: jax.Array, k: int, *, method: str = "auto") -> jax.Arra
         signed = jax.lax.bitcast_convert_type(keys ^ np.uint32(0x80000000), jnp.int32)
         return jnp.sort(jax.lax.top_k(signed, k)[1]).astype(jnp.int32)
 
-    # High digit of T: one histogram over every key.
-    high, c_high = _digit_of_rank(_histogram((keys >> _DIGIT).astype(jnp.int32)), jnp.int32(k))
-    in_bin = (keys >> _DIGIT) == high
-    bin_count = jnp.sum(in_bin, dtype=jnp.int32)
-    # Low digit: histogram of the bin's keys, from a compacted buffer when the bin fits in it.
-    cap = min(d, max(1024, d // 256))
-    positions, valid = _expand(_pack_words(in_bin), cap)
-    low_digits = jnp.where(valid, keys[positions] & np.uint32(_BINS - 1), _BINS)
-    fits = bin_count <= cap
-
-    def whole(carry):
-        del carry
-        low = jnp.where(in_bin, keys & np.uint32(_BINS - 1), _BINS).astype(jnp.int32)
-        return jnp.bool_(True), _histogram(low)
-
-    # A loop of at most one step rather than lax.cond: under vmap a cond runs both branches,
-    # a while loop runs only while some client's bin did not fit.
-    _, low_hist = jax.lax.while_loop(
-        lambda carry: ~carry[0], whole, (fits, _histogram(low_digits.astype(jnp.int32)))
-    )
-    low, c_low = _digit_of_rank(low_hist, k - c_high)
-    threshold = (high << _DIGIT) | low
-    greater = c_high + c_low  # count(key > T) < k <= count(key >= T)
-
+    threshold, greater = _threshold(keys, k)
     above = _pack_words(keys > threshold)
     ties = _pack_words(keys == threshold)
     tie_counts = jax.lax.population_count(ties).astype(jnp.int32)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _codec, _select
+from fedjax_lab.compressors import _codec, _leafwise, _select
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -204,7 +204,7 @@ def sstc(
         layout = spec.layout
         leaves = [jnp.asarray(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(updates)]
         x = layout.flatten(updates)
-        finite = jnp.all(jnp.isfinite(x))
+        finite = _leafwise.all_finite(_leafwise.leaves(layout, updates))
 
         conv_mats = {i: jnp.abs(leaves[i]).reshape(spec.kernel_size, -1) for i in spec.conv_leaves}
         if spec.num_keep:
@@ -223,7 +223,7 @@ def sstc(
                 scores.append(jnp.where(kept[None, :], conv_mats[i], -1.0).reshape(-1))
             else:
                 scores.append(jnp.abs(leaf).reshape(-1))
-        score = jnp.concatenate(scores) if len(scores) > 1 else scores[0]
+        score = _leafwise.concat_into(layout, scores, jnp.float32)
 
         mu, positions, signs = ternarize_top(x, score, spec.union_k)
         ternary = jnp.zeros((layout.size,), jnp.int8).at[positions].set(signs)

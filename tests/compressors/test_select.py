@@ -107,3 +107,99 @@ def test_nonzero_positions_matches_jnp_nonzero(d, size):
         np.testing.assert_array_equal(np.asarray(valid), np.arange(size) < want.size)
         np.testing.assert_array_equal(np.asarray(positions)[: want.size], want)
         assert not np.asarray(positions)[want.size :].any()
+
+
+def _strided_outliers(d: int, rng: np.random.Generator) -> np.ndarray:
+    # Large values only where the strided sample does not look: the sample's bracket sits far
+    # below the true threshold, so the whole-vector histograms must take over.
+    x = rng.standard_normal(d)
+    stride = max(1, d // _select._SAMPLE)
+    x[1::stride] = 100.0 + rng.random(x[1::stride].size)
+    return x
+
+
+@pytest.mark.parametrize("k_fraction", [0.01, 0.5, 1.0])
+def test_sampled_bracket_matches_lax_top_k_at_strided_sizes(k_fraction):
+    # d = 2^17: the bracket comes from every 4th key, so sampling, the bracket's counts and the
+    # buffer compaction all differ from the small-d cases above (where the sample is the vector).
+    d = 1 << 17
+    k = min(d, max(1, round(k_fraction * d)))
+    rng = np.random.default_rng(k)
+    inputs = {name: x.astype(np.float32) for name, x in _inputs(d, rng).items()}
+    inputs["strided_outliers"] = _strided_outliers(d, rng).astype(np.float32)
+    select = jax.jit(
+        functools.partial(_select.top_k_indices, k=k, method="radix"),
+        compiler_options=FAST_COMPILE,
+    )
+    for name, x in inputs.items():
+        for score in (x, np.abs(x)):
+            np.testing.assert_array_equal(
+                np.asarray(select(score)), _reference(score, k), err_msg=f"{name} k={k}"
+            )
+
+
+def test_bracket_holds_on_typical_data_and_falls_back_where_it_cannot():
+    d, k = 1 << 17, 1311
+    rng = np.random.default_rng(3)
+    cases = {
+        # Gaussian scores: the bracket holds T and fits its buffer.
+        "normal": (np.abs(rng.standard_normal(d)), True),
+        # The bracket is below T (the sample never sees the large values).
+        "strided_outliers": (np.abs(_strided_outliers(d, rng)), False),
+        # One key everywhere: the bracket holds T but all d keys, more than its buffer.
+        "all_equal": (np.full(d, 2.5), False),
+    }
+    run = jax.jit(
+        lambda keys: (
+            _select._sample_bracket(keys, k),
+            _select._threshold(keys, k),
+            _select._whole_vector_threshold(keys, k),
+        ),
+        compiler_options=FAST_COMPILE,
+    )
+    for name, (x, expect_ok) in cases.items():
+        keys = _select.sortable_keys(jnp.asarray(x, jnp.float32))
+        (ok, found, found_greater), got, want = run(keys)
+        assert bool(ok) == expect_ok, name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+        if expect_ok:
+            assert (int(found), int(found_greater)) == tuple(int(w) for w in want), name
+        # The definition: T is the k-th largest key, `greater` counts the keys above it.
+        ordered = np.sort(np.asarray(keys).astype(np.int64))[::-1]
+        assert int(got[0]) == ordered[k - 1], name
+        assert int(got[1]) == int(np.sum(ordered > ordered[k - 1])), name
+
+
+def test_vmapped_rows_some_bracketed_some_falling_back():
+    d, k = 1 << 16, 655
+    rng = np.random.default_rng(4)
+    rows = np.stack(
+        [
+            rng.standard_normal(d),
+            _strided_outliers(d, rng),
+            np.full(d, -1.0),
+            rng.integers(0, 3, d) * 1.0,
+        ]
+    ).astype(np.float32)
+    select = jax.jit(
+        jax.vmap(functools.partial(_select.top_k_indices, k=k, method="radix")),
+        compiler_options=FAST_COMPILE,
+    )
+    for row, indices in zip(rows, np.asarray(select(rows)), strict=True):
+        np.testing.assert_array_equal(indices, _reference(row, k))
+
+
+@pytest.mark.parametrize("words", [31, 4097])
+def test_expand_matches_flatnonzero_on_both_sides_of_the_recursion(words):
+    # Above _DIRECT_WORDS words, _expand finds the non-zero words recursively.
+    rng = np.random.default_rng(words)
+    for density in (0.0, 0.001, 0.3, 1.0):
+        flags = rng.random(32 * words) < density
+        for size in (100, 32 * words):
+            positions, valid = jax.jit(
+                functools.partial(_select.nonzero_positions, size=size),
+                compiler_options=FAST_COMPILE,
+            )(flags)
+            want = np.flatnonzero(flags)[:size]
+            np.testing.assert_array_equal(np.asarray(valid), np.arange(size) < want.size)
+            np.testing.assert_array_equal(np.asarray(positions)[: want.size], want)
