@@ -4,7 +4,9 @@ Workload: FedAvg on the embedded digits data (Dirichlet-per-class partition, alp
 clients, 10 per round, batch 20, 1 local epoch), N client learning rates log-spaced in
 [0.01, 10], one seed, R rounds (``--rounds`` for logistic regression and the MLP,
 ``--cnn-rounds`` for the FEMNIST CNN, whose digits input is 8x8 or resized by
-``--cnn-image-size``). For each model:
+``--cnn-image-size``). ``--population synthetic_natural`` runs the dense models on FedProx's
+Synthetic(1,1) instead: 1000 clients with their natural, heavy-tailed sizes (the skewed case
+the runner packs; a sweep pads every round to the longest round of the sweep). For each model:
 
 * sequential: N calls of ``runner.run`` (vmap backend, its default ``auto`` plan: ``vmap``, and
   ``unrolled`` for the CNN on CPU), each with its own
@@ -43,11 +45,14 @@ import optax
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.data.datasets import federate, load_dataset
+from fedjax_lab.data.datasets.synthetic import synthetic
 from fedjax_lab.models import get_model
 from fedjax_lab.runner import run
 from fedjax_lab.sweep import sweep
 
 CLIENTS, PER_ROUND, BATCH, EPOCHS = 50, 10, 20, 1
+SYNTHETIC_CLIENTS = 1000
+POPULATIONS = ("digits_dirichlet", "synthetic_natural")
 # "before" = the executions the sweep had (all points vmapped was the default), "after" adds
 # the host execution and the automatic choice.
 EXECUTIONS = {
@@ -60,11 +65,19 @@ EXECUTIONS = {
 }
 
 
-def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: list[str],
-                image_size: int) -> dict:
+def population(name: str, seed: int, image_size: int):
+    """``(dataset, federated data)`` of a ``--population`` choice (see the module docstring)."""
+    if name == "synthetic_natural":
+        dataset = synthetic(1.0, 1.0, num_clients=SYNTHETIC_CLIENTS, seed=seed)
+        return dataset, federate(dataset, "natural", None, seed=seed)
     dataset = (load_dataset("digits", resize=(image_size, image_size)) if image_size != 8
                else load_dataset("digits"))
-    data = federate(dataset, "dirichlet_per_class", CLIENTS, seed=seed, alpha=0.5)
+    return dataset, federate(dataset, "dirichlet_per_class", CLIENTS, seed=seed, alpha=0.5)
+
+
+def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: list[str],
+                image_size: int, population_name: str = "digits_dirichlet") -> dict:
+    dataset, data = population(population_name, seed, image_size)
     model = get_model(model_name, dataset.input_shape, dataset.num_classes)
     params = model.init(jax.random.key(seed))
     lrs = [float(v) for v in np.geomspace(0.01, 10.0, n)]
@@ -87,8 +100,12 @@ def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: lis
         seq_params.append(jax.device_get(result.server_state.params))
 
     seq_with, seq_without = float(sum(seq_first)), float(sum(seq_again))
+    sizes = np.asarray(data.sizes)
     out = {
         "model": model_name,
+        "population": population_name,
+        "client_sizes": {"clients": int(sizes.size), "median": float(np.median(sizes)),
+                         "mean": float(sizes.mean()), "max": int(sizes.max())},
         "image_size": image_size,
         "parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
         "runs": n,
@@ -176,6 +193,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="repeat everything; the summary reports median ratios")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--population", default="digits_dirichlet", choices=POPULATIONS,
+                        help="digits_dirichlet (50 clients, Dirichlet 0.5 per class) or "
+                             "synthetic_natural (FedProx Synthetic(1,1), 1000 clients, "
+                             "heavy-tailed natural sizes; dense models only)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -184,6 +205,8 @@ def main() -> None:
         parser.error("--runs, --rounds, --cnn-rounds and --repeats must be >= 1")
     if args.cnn_image_size < 4:
         parser.error("--cnn-image-size must be >= 4 (the CNN pools twice)")
+    if args.population == "synthetic_natural" and "cnn" in models:
+        parser.error("--population synthetic_natural has vector inputs: use --models logreg,mlp")
     if not models or set(models) - {"logreg", "mlp", "cnn"}:
         parser.error(f"--models must be a comma list of logreg, mlp, cnn, got {args.models!r}")
     if not executions or set(executions) - set(EXECUTIONS):
@@ -193,7 +216,8 @@ def main() -> None:
     for _ in range(args.repeats):
         repeats.append([
             bench_model(m, args.runs, args.cnn_rounds if m == "cnn" else args.rounds,
-                        args.seed, executions, args.cnn_image_size if m == "cnn" else 8)
+                        args.seed, executions, args.cnn_image_size if m == "cnn" else 8,
+                        args.population)
             for m in models
         ])
     out = {

@@ -134,6 +134,11 @@ def test_auto_rule():
     assert rule("host", None, "auto", small) == ("host", None, "vmap")
     if jax.default_backend() == "cpu":
         assert rule("auto", None, "auto", small) == ("vmap", None, "vmap")
+        # Skewed client sizes: rounds padded to the longest one would more than double the steps.
+        assert resolve_execution("auto", None, "auto", small, 10, 2, 16, 2.5) == (
+            "host", None, "vmap")
+        assert resolve_execution("auto", None, "auto", small, 10, 2, 16, 2.0) == (
+            "vmap", None, "vmap")
         assert rule("auto", None, "auto", large) == ("host", None, "unrolled")
         assert rule("auto", None, "auto", large, 10, 13) == ("host", None, "vmap")  # > 128
         assert rule("auto", None, "vmap", large) == ("host", None, "vmap")
@@ -171,3 +176,21 @@ def test_cli_execution_flag_is_validated(argv, message, capsys):
 
     assert main(argv) == 2  # refused before anything is built
     assert message in capsys.readouterr().err
+
+
+def test_host_rounds_keep_their_own_steps_on_skewed_sizes():
+    # One client holds 60 examples (15 steps at batch 4), the others 1-3 (one step): most
+    # rounds are far shorter than the longest. The host execution runs each round at its own
+    # step count (one compilation per count), `auto` picks it for a small dense model because
+    # padding every round to the longest would more than double the steps, and every run still
+    # equals runner.run.
+    data = make_population([60, 1, 2, 3, 1, 2, 3, 1], seed=4)
+    model = MODELS["dense"]
+    res = sweep(lambda h: make_algorithm(model, h["client_lr"], 1.0), {"client_lr": [0.1, 0.3]},
+                data, model.init(jax.random.key(1)), seeds=[5], rounds=6, clients_per_round=2)
+    assert res.execution == "host"
+    for g, lr in enumerate((0.1, 0.3)):
+        ref = run(make_algorithm(model, lr, 1.0), VmapBackend("vmap", packing="off"), data,
+                  model.init(jax.random.key(1)), rounds=6, clients_per_round=2, seed=5)
+        chex.assert_trees_all_close(jax.tree.map(lambda x, g=g: x[0, g], res.params),
+                                    ref.server_state.params, atol=1e-5, rtol=0)
