@@ -226,26 +226,49 @@ def sstc(
         score = _leafwise.concat_into(layout, scores, jnp.float32)
 
         mu, positions, signs = ternarize_top(x, score, spec.union_k)
-        ternary = jnp.zeros((layout.size,), jnp.int8).at[positions].set(signs)
-        pieces = [ternary[o : o + n] for o, n in zip(layout.offsets, layout.sizes, strict=True)]
+        # The kept coordinates are read off `positions` (union_k of them, ascending) instead
+        # of scattering a d-long ternary vector and slicing, transposing and concatenating
+        # its leaves: each of those was a pass over d.
+        kernel, row, nc_index = _locate(spec, positions)
         if spec.num_keep:
-            per_kernel = jnp.concatenate(
-                [pieces[i].reshape(spec.kernel_size, -1).T for i in spec.conv_leaves]
-            )
-            kernel_trits = per_kernel[kernel_ids]
+            trits = jnp.zeros((spec.num_kernels, spec.kernel_size), jnp.int8)
+            trits = trits.at[kernel, row].set(signs, mode="drop")  # non-conv: kernel past end
+            kernel_trits = trits[kernel_ids]
         else:
             kernel_trits = jnp.zeros((0, spec.kernel_size), jnp.int8)
-        nc = [pieces[i] for i in spec.nc_leaves]
-        nc_ternary = jnp.concatenate(nc) if nc else jnp.zeros((0,), jnp.int8)
-        nc_indices, valid = _select.nonzero_positions(nc_ternary != 0, spec.nc_cap)
-        nc_signs = jnp.where(valid, nc_ternary[nc_indices], 0).astype(jnp.int8)
-        nc_indices = jnp.where(valid, nc_indices, 0)
+        # Non-conv non-zeros in ascending order of their index among the non-conv coordinates.
+        picked, valid = _select.nonzero_positions((nc_index >= 0) & (signs != 0), spec.nc_cap)
+        nc_signs = jnp.where(valid, signs[picked], 0).astype(jnp.int8)
+        nc_indices = jnp.where(valid, nc_index[picked], 0).astype(jnp.int32)
         payload = SSTCPayload(
             poison(mu, finite), kernel_ids, kernel_trits, nc_indices, nc_signs, spec
         )
         return payload, state
 
     return Compressor(init, encode, _decode, _bits, _to_bytes, _from_bytes)
+
+
+def _locate(spec: SSTCSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where each flat position lies: ``(kernel, row, nc_index)``.
+
+    A position inside conv leaf ``i`` (HWIO, viewed as ``[H W, C F]``) is row ``(p - o) //
+    (C F)`` of global kernel ``kernel_offsets[n] + (p - o) % (C F)``, with ``nc_index = -1``;
+    any other position has ``kernel = num_kernels`` (past the end) and ``nc_index`` = its index
+    among the non-conv coordinates (the conv coordinates before it subtracted).
+    """
+    layout = spec.layout
+    kernel = jnp.full(positions.shape, spec.num_kernels, jnp.int32)
+    row = jnp.zeros(positions.shape, jnp.int32)
+    conv_before = jnp.zeros(positions.shape, jnp.int32)
+    for n, i in enumerate(spec.conv_leaves):
+        offset, size, cols = layout.offsets[i], layout.sizes[i], spec.conv_channels[n]
+        local = positions - offset
+        inside = (local >= 0) & (local < size)
+        kernel = jnp.where(inside, spec.kernel_offsets[n] + local % cols, kernel)
+        row = jnp.where(inside, local // cols, row)
+        conv_before = conv_before + jnp.where(local >= size, size, 0)
+    is_nc = kernel == spec.num_kernels
+    return kernel, row, jnp.where(is_nc, positions - conv_before, -1)
 
 
 def _decode(payload: SSTCPayload):

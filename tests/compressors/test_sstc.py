@@ -106,6 +106,28 @@ def test_matches_reference_algorithm_and_wire_size(p, kf, make_step):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("p,kf", [(0.6, 0.5), (1.0, 0.25)])
+def test_exact_zeros_are_kept_as_zero_trits_and_left_out_of_the_non_conv_list(p, kf, make_step):
+    # Half the coordinates exactly 0: kept zeros (ties broken by index) have sign 0, which the
+    # kernel maps carry as 0 and the non-conv list must skip, so the wire size and the decoded
+    # update still match Algorithm 1.
+    c = sstc(p, kf)
+    step = make_step(c)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        tree = {
+            name: np.where(rng.random(leaf.shape) < 0.5, 0.0, leaf).astype(np.float32)
+            for name, leaf in _model(rng).items()
+        }
+        payload, _, got, bits = step(tree)
+        want, _, want_bits = _reference(tree, p, kf)
+        for name in tree:
+            np.testing.assert_allclose(np.asarray(got[name], np.float64), want[name], rtol=1e-6)
+        assert bits == want_bits == 8 * len(c.to_bytes(payload))
+        signs = np.asarray(payload.nc_signs)
+        assert np.all(np.diff(np.asarray(payload.nc_indices)[signs != 0]) > 0)
+
+
 @pytest.mark.parametrize("p", [0.02, 1.0])
 def test_kernel_fraction_one_equals_stc(p, make_step):
     rng = np.random.default_rng(1)
