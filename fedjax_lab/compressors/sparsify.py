@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _codec, _select
+from fedjax_lab.compressors import _codec, _leafwise, _select
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -81,14 +81,15 @@ def _sparsifier(k_spec: int | float, *, scaled: bool, name: str, select) -> Comp
             indices = select(x, shell.k, key).astype(jnp.int32)
         else:
             indices = jnp.zeros((0,), jnp.int32)
-        values = poison(x[indices], jnp.all(jnp.isfinite(x)))
+        values = poison(x[indices], _leafwise.all_finite(_leafwise.leaves(layout, updates)))
         return shell.replace(indices=indices, values=values), state
 
     def decode(payload: SparsePayload):
         payload.check()
-        dense = jnp.zeros((payload.layout.size,), jnp.float32)
-        dense = dense.at[payload.indices].add(payload.values * jnp.float32(payload.scale))
-        return payload.layout.unflatten(dense)
+        values = payload.values * jnp.float32(payload.scale)
+        return _leafwise.scatter_add_leaves(
+            payload.layout, payload.indices, values, payload.indices
+        )
 
     def bits(payload: SparsePayload) -> jax.Array:
         payload.check()

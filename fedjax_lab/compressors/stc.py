@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _codec, _select
+from fedjax_lab.compressors import _codec, _leafwise, _select
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -179,14 +179,15 @@ def stc(sparsity: float) -> Compressor:
         x = layout.flatten(updates)
         mu, positions, signs = ternarize_top(x, jnp.abs(x), shell.k)
         indices, signs = compact_ascending(positions, signs)
-        mu = poison(mu, jnp.all(jnp.isfinite(x)))
+        mu = poison(mu, _leafwise.all_finite(_leafwise.leaves(layout, updates)))
         return shell.replace(mu=mu, indices=indices, signs=signs), state
 
     def decode(payload: STCPayload):
         payload.check()
-        dense = jnp.zeros((payload.layout.size,), jnp.float32)
-        dense = dense.at[payload.indices].add(payload.signs.astype(jnp.float32) * payload.mu)
-        return payload.layout.unflatten(dense)
+        values = payload.signs.astype(jnp.float32) * payload.mu
+        # Zero-sign entries (canonical padding, index 0) only ever land in the first leaf.
+        order = jnp.where(payload.signs != 0, payload.indices, payload.layout.size)
+        return _leafwise.scatter_add_leaves(payload.layout, payload.indices, values, order)
 
     def bits(payload: STCPayload) -> jax.Array:
         payload.check()

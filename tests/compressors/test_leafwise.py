@@ -113,3 +113,55 @@ def test_qsgd_leafwise_decode_matches_flat_decode_bit_for_bit(name):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def _flat_scatter(layout, indices, values):
+    dense = jnp.zeros((layout.size,), jnp.float32).at[indices].add(values)
+    return layout.unflatten(dense)
+
+
+# Jitted like the decoders that use them: XLA turns a one-entry scatter-add into a store, so
+# a -0.0 value stays -0.0 there (eagerly it becomes 0 + -0 = +0) in both formulations.
+_flat_scatter = jax.jit(_flat_scatter, static_argnums=0)
+
+
+def test_scatter_add_leaves_equals_the_flat_scatter_bit_for_bit():
+    tree = {
+        "a": np.zeros((3, 5), np.float32),
+        "b": np.zeros((0,), np.float32),  # empty leaf
+        "c": np.zeros((40,), jnp.bfloat16),
+        "d": np.zeros((2, 2, 3), np.float32),
+        "e": np.zeros((1,), np.float32),
+    }
+    layout = tree_layout(tree, what="t")
+    d = layout.size
+    rng = np.random.default_rng(0)
+    run = jax.jit(_leafwise.scatter_add_leaves, static_argnums=0)
+    for k in (1, 3, 17, d):
+        for trial in range(20):
+            idx = np.sort(rng.choice(d, k, replace=False)).astype(np.int32)
+            vals = rng.standard_normal(k).astype(np.float32)
+            vals[rng.random(k) < 0.2] = -0.0
+            if trial % 4 == 1:
+                vals[rng.integers(k)] = np.nan
+            order = idx
+            if trial % 2:  # STC-like: trailing zero-value entries at index 0, ordered past d
+                tail = rng.integers(0, k + 1)
+                idx[k - tail :] = 0
+                vals[k - tail :] = 0.0 if trial % 4 == 3 else np.nan
+                order = np.where(np.arange(k) < k - tail, idx, d).astype(np.int32)
+            got = run(layout, jnp.asarray(idx), jnp.asarray(vals), jnp.asarray(order))
+            want = _flat_scatter(layout, jnp.asarray(idx), jnp.asarray(vals))
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                np.testing.assert_array_equal(
+                    np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8)
+                )
+
+
+def test_scatter_add_leaves_poisons_a_decreasing_order():
+    tree = {"a": np.zeros((4,), np.float32), "b": np.zeros((6,), np.float32)}
+    layout = tree_layout(tree, what="t")
+    idx = jnp.asarray([7, 2], jnp.int32)
+    got = _leafwise.scatter_add_leaves(layout, idx, jnp.ones(2, jnp.float32), idx)
+    assert all(np.isnan(np.asarray(leaf)).all() for leaf in jax.tree.leaves(got))
