@@ -282,13 +282,23 @@ def _decode(payload: SSTCPayload):
         offsets = spec.kernel_offsets
         for n, i in enumerate(spec.conv_leaves):
             leaves[i] = values[offsets[n] : offsets[n + 1]].T.reshape(layout.shapes[i])
-    nc = jnp.zeros((spec.nc_size,), jnp.float32)
-    nc = nc.at[payload.nc_indices].add(payload.nc_signs.astype(jnp.float32) * mu)
-    start = 0
-    for i in spec.nc_leaves:
-        size = layout.sizes[i]
-        leaves[i] = nc[start : start + size].reshape(layout.shapes[i])
-        start += size
+    if spec.nc_leaves:
+        # The non-conv leaves as a layout of their own: their entries scatter straight into
+        # them (no nc_size-long buffer to slice), zero-sign padding only into the first.
+        nc = spec.nc_leaves
+        nc_layout = TreeLayout(
+            jax.tree.structure([0] * len(nc)),
+            tuple(layout.paths[i] for i in nc),
+            tuple(layout.shapes[i] for i in nc),
+            tuple(layout.dtypes[i] for i in nc),
+        )
+        signs = payload.nc_signs
+        order = jnp.where(signs != 0, payload.nc_indices, spec.nc_size)
+        parts = _leafwise.scatter_add_leaves(
+            nc_layout, payload.nc_indices, signs.astype(jnp.float32) * mu, order
+        )
+        for i, part in zip(nc, parts, strict=True):
+            leaves[i] = part
     leaves = [leaf.astype(dtype) for leaf, dtype in zip(leaves, layout.dtypes, strict=True)]
     return jax.tree.unflatten(layout.treedef, leaves)
 
