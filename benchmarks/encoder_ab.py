@@ -72,7 +72,10 @@ def variants(old: dict) -> dict[str, tuple]:
         "qsgd_s4_rb8 (baseline)": (old["qsgd"].qsgd(4, rounding_bits=8), None),
         "qsgd_s4_rb8": (C.qsgd(4, rounding_bits=8), "qsgd_s4_rb8 (baseline)"),
         "qsgd_s4_hash": (C.qsgd(4, rounding_bits="hash"), None),
+        "qsgd_s16_bucket512 (baseline)": (old["qsgd"].qsgd(16, bucket_size=512), None),
+        "qsgd_s16_bucket512": (C.qsgd(16, bucket_size=512), "qsgd_s16_bucket512 (baseline)"),
         "terngrad (baseline)": (old["terngrad"].terngrad(), None),
+        "terngrad": (C.terngrad(), "terngrad (baseline)"),
         "terngrad_hash": (C.terngrad(rounding_bits="hash"), None),
     }
 

@@ -225,9 +225,19 @@ def qsgd(
             return _leafwise.unflatten_map(
                 payload.layout, payload.levels, lambda v: v.astype(jnp.float32) * scale
             )
-        levels = _buckets(payload.levels.astype(jnp.float32), payload.bucket_size)
-        values = levels * (payload.norms[:, None] / s)
-        return payload.layout.unflatten(values.reshape(-1)[: payload.layout.size])
+        # Each coordinate's bucket scale, leaf by leaf (the same products as scaling the
+        # (buckets, bucket_size) matrix, without its padded copy and flat float vector).
+        scales = jnp.repeat(payload.norms / s, payload.bucket_size)
+        layout = payload.layout
+        leaves = [
+            (payload.levels[o : o + n].astype(jnp.float32) * scales[o : o + n])
+            .reshape(shape)
+            .astype(dtype)
+            for o, n, shape, dtype in zip(
+                layout.offsets, layout.sizes, layout.shapes, layout.dtypes, strict=True
+            )
+        ]
+        return jax.tree.unflatten(layout.treedef, leaves)
 
     def bits(payload: QSGDPayload) -> jax.Array:
         payload.check()
