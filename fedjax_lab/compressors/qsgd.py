@@ -195,9 +195,11 @@ def qsgd(
         x = layout.flatten(updates)
         finite = _leafwise.all_finite([x])
         buckets = _buckets(x, shell.bucket_size)
-        magnitude = jnp.abs(buckets)
-        peak = jnp.max(magnitude, axis=1, keepdims=True, initial=0.0)
-        scaled = magnitude / jnp.where(peak > 0, peak, 1.0)  # in [0, 1]: no under/overflow
+        peak = jnp.max(jnp.abs(buckets), axis=1, keepdims=True, initial=0.0)
+        # |x_i| / peak in [-1, 1]: no under/overflow. Squared without the abs (the same squares,
+        # as division and squaring are sign-symmetric), so each reduction reads x itself and
+        # no |x| vector is written for the two of them to share.
+        scaled = buckets / jnp.where(peak > 0, peak, 1.0)
         scaled_norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=1, keepdims=True))
 
         def signed_levels(key, buckets, peak, scaled_norm):

@@ -224,3 +224,31 @@ def test_sparse_code_bits_for_large_magnitudes_and_gaps():
     lv[[5, 6, 40, 33_000, 69_999]] = [1, 2**20, 3, 2**15 + 1, 7]
     _, sparse, _, _ = _host_streams(lv, d)
     assert int(jax.jit(_sparse_code_bits)(jnp.asarray(lv))) + d.bit_length() == sparse
+
+
+@pytest.mark.parametrize("bucket", [None, 5, 64])
+def test_qsgd_norms_equal_the_abs_formulation(bucket):
+    # encode squares x / peak instead of |x| / peak (the same squares): pin the norms to the
+    # formula with the abs, including -0, negative-only buckets, ties and a non-finite entry.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(301).astype(np.float32) * np.float32(1e-3)
+    x[:5] = [-0.0, 0.0, -2.0, -2.0, 2.0]
+    x[40:50] = -np.abs(x[40:50])
+    size = bucket or x.size
+    for vector in (x, np.where(np.arange(301) == 200, np.inf, x).astype(np.float32)):
+        payload, _ = jax.jit(
+            lambda v: qsgd(4, size if bucket else None).encode(v, (), key=KEYS[0])
+        )(jnp.asarray(vector))
+
+        @jax.jit
+        def reference(v):
+            b = jnp.pad(v, (0, -v.size % size)).reshape(-1, size)
+            magnitude = jnp.abs(b)
+            peak = jnp.max(magnitude, axis=1, keepdims=True, initial=0.0)
+            scaled = magnitude / jnp.where(peak > 0, peak, 1.0)
+            return (peak * jnp.sqrt(jnp.sum(scaled * scaled, axis=1, keepdims=True)))[:, 0]
+
+        want = np.asarray(reference(jnp.asarray(vector)))
+        if not np.all(np.isfinite(vector)):
+            want = np.full_like(want, np.nan)
+        np.testing.assert_array_equal(np.asarray(payload.norms), want)
