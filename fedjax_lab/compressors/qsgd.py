@@ -196,7 +196,7 @@ def qsgd(
         finite = _leafwise.all_finite([x])
         buckets = _buckets(x, shell.bucket_size)
         peak = jnp.max(jnp.abs(buckets), axis=1, keepdims=True, initial=0.0)
-        # |x_i| / peak in [-1, 1]: no under/overflow. Squared without the abs (the same squares,
+        # x_i / peak in [-1, 1]: no under/overflow. Squared without the abs (the same squares,
         # as division and squaring are sign-symmetric), so each reduction reads x itself and
         # no |x| vector is written for the two of them to share.
         scaled = buckets / jnp.where(peak > 0, peak, 1.0)
