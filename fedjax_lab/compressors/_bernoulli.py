@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab.compressors import _threefry
+
 ROUNDING_BITS = (8, 16)
 """The accepted integer ``rounding_bits`` (bits of the per-coordinate threefry uniform)."""
 
@@ -186,7 +188,7 @@ def bernoulli(key: jax.Array, p: jax.Array, rounding_bits: int | None) -> jax.Ar
       A boolean array of ``p``'s shape.
     """
     if rounding_bits is None:
-        return jax.random.uniform(key, p.shape) < p
+        return _threefry.uniform(key, p.shape) < p
     if rounding_bits == HASH:
         return hash_bernoulli(key, p)
     k = int(rounding_bits)
@@ -198,10 +200,10 @@ def bernoulli(key: jax.Array, p: jax.Array, rounding_bits: int | None) -> jax.Ar
     rows = -(-max(n, 1) // GROUP)
     rows = -(-rows // lanes) * lanes
     key_u, key_w = jax.random.split(key)
-    words = jax.random.bits(key_u, (rows // lanes, GROUP), jnp.uint32)
+    words = _threefry.bits(key_u, (rows // lanes, GROUP))
     mask = jnp.uint32((1 << k) - 1)
     u = jnp.concatenate([(words >> (32 - k * (j + 1))) & mask for j in range(lanes)], axis=0)
-    w = jax.random.bits(key_w, (rows, 1), jnp.uint32)
+    w = _threefry.bits(key_w, (rows, 1))
     flat = jnp.pad(p.reshape(-1).astype(jnp.float32), (0, rows * GROUP - n))
     t = flat.reshape(rows, GROUP) * jnp.float32(2.0**k)
     a = jnp.floor(t)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _bernoulli, _codec
+from fedjax_lab.compressors import _bernoulli, _codec, _leafwise, _once
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -94,14 +94,19 @@ def terngrad(
     def encode(updates, state, *, key):
         layout = _layout(updates, "encode(updates)")
         x = layout.flatten(updates)
-        finite = jnp.all(jnp.isfinite(x))
+        finite = _leafwise.all_finite([x])
         if clip_sigmas is not None and layout.size:
             bound = float(clip_sigmas) * jnp.std(x)
             x = jnp.clip(x, -bound, bound)
         scale = jnp.max(jnp.abs(x), initial=0.0)
-        probability = jnp.abs(x) / jnp.where(scale > 0, scale, 1.0)
-        keep = _bernoulli.bernoulli(key, probability, rounding_bits)
-        trits = jnp.where(keep, jnp.sign(x), 0.0).astype(jnp.int8)
+
+        def ternarize(key, x, scale):
+            probability = jnp.abs(x) / jnp.where(scale > 0, scale, 1.0)
+            keep = _bernoulli.bernoulli(key, probability, rounding_bits)
+            return jnp.where(keep, jnp.sign(x), 0.0).astype(jnp.int8)
+
+        # The payload and decode both read the trits: evaluate the random draws once.
+        trits = _once.computed_once(finite, ternarize, key, x, scale)
         return TernGradPayload(poison(scale, finite), trits, layout), state
 
     def decode(payload: TernGradPayload):
