@@ -349,41 +349,112 @@ def _gaps(positions: np.ndarray) -> np.ndarray:
     return gaps
 
 
+# Coordinates per chunk of the encoder's scan for non-zeros: its int64 positions (at most
+# 8 MiB) are reused memory, where whole-vector positions (8 bytes per non-zero, 40 MB at 5M)
+# would be fresh, page-faulting memory on every call.
+_NONZERO_CHUNK = 1 << 20
+
+
+def _nonzeros(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The gaps (as :func:`_gaps`) and the values of the non-zeros of ``levels``.
+
+    Gaps are uint32 (``d < 2**31``), or uint8 when all are below 256 (as :func:`_gaps`, so
+    the γ writer takes its uint8 path); values keep the levels' dtype.
+    """
+    n = int(np.count_nonzero(levels))
+    gaps = np.empty(n, np.uint32)
+    values = np.empty(n, levels.dtype)
+    done, last = 0, -1
+    for start in range(0, levels.size, _NONZERO_CHUNK):
+        block = levels[start : start + _NONZERO_CHUNK]
+        positions = _codec.flatnonzero(block)
+        k = positions.size
+        if not k:
+            continue
+        values[done : done + k] = block[positions]
+        positions += start
+        gaps[done] = positions[0] - last
+        gaps[done + 1 : done + k] = np.diff(positions)
+        last = int(positions[-1])
+        done += k
+    if n and int(gaps.max()) < 256:
+        return gaps.astype(np.uint8), values
+    return gaps, values
+
+
 def _unsigned(values: np.ndarray) -> np.ndarray:
     """``|values|`` of int8/int16 levels in [-s, s] (never the minimum) as uint8/uint16."""
     return np.abs(values).view(f"u{values.dtype.itemsize}")
 
 
 def _check_canonical(
-    norms: np.ndarray, levels: np.ndarray, payload: QSGDPayload, who: str, nonzero_pos: np.ndarray
+    norms: np.ndarray,
+    levels: np.ndarray,
+    payload: QSGDPayload,
+    who: str,
+    nonzero_pos: np.ndarray | None,
 ):
+    """Rejects out-of-range levels, negative norms and non-zero levels under a zero norm.
+
+    ``nonzero_pos`` are the non-zeros of ``levels`` if the caller has them (``None``: found
+    here, and only when some norm is zero).
+    """
     s = payload.num_levels
     if levels.size and (int(levels.min()) < -s or int(levels.max()) > s):
         raise ValueError(f"{who}: qsgd levels must be in [-{s}, {s}].")
     if np.any(np.signbit(norms)):
         raise ValueError(f"{who}: qsgd norms must be >= +0.")
-    if np.any(norms == 0) and np.any(norms[nonzero_pos // payload.bucket_size] == 0):
+    if not np.any(norms == 0):
+        return
+    if nonzero_pos is None:
+        nonzero_pos = _codec.flatnonzero(levels)
+    if np.any(norms[nonzero_pos // payload.bucket_size] == 0):
         raise ValueError(f"{who}: a bucket with norm 0 has non-zero levels (not canonical).")
+
+
+# Non-zeros per chunk of the sparse decoder's scatter: its int64 positions (1 MiB) stay in
+# cache, where whole-vector positions would be 8 bytes per non-zero of fresh memory.
+_SCATTER_CHUNK = 1 << 17
+
+
+def _scatter_sparse(
+    levels: np.ndarray, gaps: np.ndarray, magnitudes: np.ndarray, negative: np.ndarray
+) -> None:
+    """``levels[p_i] = ±magnitudes[i]`` with ``p_i = Σ_{j<=i} gaps[j] - 1``, chunk by chunk.
+
+    The caller has checked that the positions are below ``levels.size``. Signs are applied as
+    ``(m ^ -b) + b`` (two's complement negation when ``b = 1``): SIMD passes in the level
+    dtype, where ``np.negative(where=...)`` takes a masked, element-at-a-time loop.
+    """
+    level_dtype = levels.dtype
+    signed_magnitudes = magnitudes.view(level_dtype)  # magnitudes <= s fit the signed dtype
+    flags = negative.view(np.int8).astype(level_dtype, copy=False)
+    carry = -1  # position of the previous non-zero
+    for start in range(0, gaps.size, _SCATTER_CHUNK):
+        stop = start + _SCATTER_CHUNK
+        positions = np.cumsum(gaps[start:stop], dtype=np.int64)
+        positions += carry
+        carry = int(positions[-1])
+        flag = flags[start:stop]
+        levels[positions] = (signed_magnitudes[start:stop] ^ -flag) + flag
 
 
 def _to_bytes(payload: QSGDPayload) -> bytes:
     payload.check()
     norms, levels = host(payload.norms), host(payload.levels)
     head = _codec.floats_to_bytes(norms, "qsgd payload.norms")
-    # One scan for the non-zeros, shared by the checks, both stream lengths and the writer.
-    nonzero_pos = _codec.flatnonzero(levels)
-    _check_canonical(norms, levels, payload, "to_bytes", nonzero_pos)
+    _check_canonical(norms, levels, payload, "to_bytes", None)
     d = payload.layout.size
     writer = _codec.BitWriter()
     if d:
-        nonzero = levels[nonzero_pos]
+        # One scan for the non-zeros, shared by both stream lengths and the writer.
+        gaps, nonzero = _nonzeros(levels)
         magnitudes = _unsigned(nonzero)
         magnitude_exps = _codec.gamma_exponents(magnitudes)
-        gaps = _gaps(nonzero_pos)
         gap_exps = _codec.gamma_exponents(gaps)
         dense, sparse = _stream_lengths(
             d,
-            nonzero_pos.size,
+            nonzero.size,
             _exp_sum(gap_exps),
             _exp_sum(magnitude_exps),
             _one_below_powers_of_two(magnitudes),
@@ -391,7 +462,7 @@ def _to_bytes(payload: QSGDPayload) -> bytes:
         use_sparse = sparse < dense
         writer.bits(np.array([use_sparse]))
         if use_sparse:
-            writer.fixed(np.array([nonzero_pos.size]), _codec.count_width(d))
+            writer.fixed(np.array([nonzero.size]), _codec.count_width(d))
             writer.gamma(gaps, gap_exps)
             writer.gamma(magnitudes, magnitude_exps)
         else:
@@ -421,10 +492,10 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             if n > d:
                 raise ValueError(f"from_bytes: qsgd payload: {n} non-zeros for d={d}; corrupt.")
             start = reader.position
-            # Gaps as uint32 (d < 2**31): the prefix sum widens them, no int64 copy first.
-            positions = np.cumsum(reader.gamma(n, d, dtype=np.uint32), dtype=np.int64)
-            positions -= 1
-            if n and positions[-1] >= d:
+            # Gaps as uint32 (d < 2**31); positions (their prefix sums) are only formed chunk by
+            # chunk in _scatter_sparse. Gaps are >= 1, so the last position is the largest.
+            gaps = reader.gamma(n, d, dtype=np.uint32)
+            if n and int(np.sum(gaps, dtype=np.uint64)) > d:
                 raise ValueError("from_bytes: qsgd payload: a position is out of range; corrupt.")
             # A γ field of n codes is n + 2 Σ e bits: the exponent sums without a pass.
             gap_exp_sum = (reader.position - start - n) // 2
@@ -438,7 +509,7 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             positions = _codec.flatnonzero(levels)
             magnitudes = None
         # The reader's bits are 0/1 bytes: their bool view is exact (no copy).
-        negative = reader.bits(positions.size).view(np.bool_)
+        negative = reader.bits(n if use_sparse else positions.size).view(np.bool_)
         if magnitudes is None:  # dense: levels hold the magnitudes; negate the negative ones
             magnitudes = _unsigned(levels[positions])
             flip = positions[negative]
@@ -446,21 +517,19 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             gap_exp_sum = _exp_sum(_codec.gamma_exponents(_gaps(positions)))
             magnitude_exp_sum = _exp_sum(_codec.gamma_exponents(magnitudes))
         else:
-            # Magnitudes are <= s, so they fit the (signed) level dtype: negate in place.
-            signed = magnitudes.astype(level_dtype)
-            np.negative(signed, out=signed, where=negative)
-            levels[positions] = signed
+            _scatter_sparse(levels, gaps, magnitudes, negative)
+            positions = None
     else:
-        positions = np.zeros(0, dtype=np.int64)
+        n, use_sparse, positions = 0, False, np.zeros(0, dtype=np.int64)
     reader.finish()
     payload = QSGDPayload(norms, levels, layout, s, template.bucket_size)
     # The sparse branch's positions are ascending and unique (gaps >= 1) and every decoded
-    # magnitude is >= 1, so they are exactly the non-zeros of `levels` in both branches.
+    # magnitude is >= 1, so the non-zeros of `levels` are exactly the n decoded positions.
     _check_canonical(norms, levels, payload, "from_bytes", positions)
     if d:
         dense, sparse = _stream_lengths(
             d,
-            positions.size,
+            n if use_sparse else positions.size,
             gap_exp_sum,
             magnitude_exp_sum,
             _one_below_powers_of_two(magnitudes),
