@@ -432,7 +432,9 @@ def _scatter_sparse(
     carry = -1  # position of the previous non-zero
     for start in range(0, gaps.size, _SCATTER_CHUNK):
         stop = start + _SCATTER_CHUNK
-        positions = np.cumsum(gaps[start:stop], dtype=np.int64)
+        # Widened first: a uint32 -> int64 cumsum takes a casting loop, ~2.5x slower.
+        positions = gaps[start:stop].astype(np.int64)
+        np.cumsum(positions, out=positions)
         positions += carry
         carry = int(positions[-1])
         flag = flags[start:stop]
