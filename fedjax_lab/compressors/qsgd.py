@@ -333,33 +333,18 @@ def _exp_sum(exps: np.ndarray) -> int:
     return int(np.sum(exps, dtype=np.int64))
 
 
-def _gaps(positions: np.ndarray) -> np.ndarray:
-    """``positions[i] - positions[i - 1]`` (``positions[0] + 1`` first): runs of zeros + 1.
-
-    Written into one array (``np.diff(prepend=)`` copies the positions first), and uint8 when
-    every gap is below 256 (dense non-zeros), so the γ writer's exponent and mantissa passes
-    read one byte per gap and convert nothing.
-    """
-    gaps = np.empty_like(positions)
-    if positions.size:
-        gaps[0] = positions[0] + 1
-        np.subtract(positions[1:], positions[:-1], out=gaps[1:])
-        if int(gaps.max()) < 256:
-            return gaps.astype(np.uint8)
-    return gaps
-
-
-# Coordinates per chunk of the encoder's scan for non-zeros: its int64 positions (at most
+# Coordinates per chunk of the scan for non-zeros: its int64 positions (at most
 # 8 MiB) are reused memory, where whole-vector positions (8 bytes per non-zero, 40 MB at 5M)
 # would be fresh, page-faulting memory on every call.
 _NONZERO_CHUNK = 1 << 20
 
 
 def _nonzeros(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The gaps (as :func:`_gaps`) and the values of the non-zeros of ``levels``.
+    """The gaps and the values of the non-zeros of ``levels``, in order.
 
-    Gaps are uint32 (``d < 2**31``), or uint8 when all are below 256 (as :func:`_gaps`, so
-    the γ writer takes its uint8 path); values keep the levels' dtype.
+    The gaps are ``p_i - p_{i-1}`` (``p_0 + 1`` first), the runs of zeros + 1 that the sparse
+    coding sends: uint32 (``d < 2**31``), or uint8 when all are below 256, so the γ writer's
+    exponent and mantissa passes read one byte per gap. Values keep the levels' dtype.
     """
     n = int(np.count_nonzero(levels))
     gaps = np.empty(n, np.uint32)
@@ -509,30 +494,27 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             # uint8 codes when s + 1 < 256 (l + 1 - 1 <= 254 cannot wrap), int64 otherwise.
             narrow = np.uint8 if s + 1 < 256 else np.int64
             levels = (reader.gamma(d, s + 1, dtype=narrow) - narrow(1)).astype(level_dtype)
-            positions = _codec.flatnonzero(levels)
-            magnitudes = None
-        # The reader's bits are 0/1 bytes: their bool view is exact (no copy).
-        negative = reader.bits(n if use_sparse else positions.size).view(np.bool_)
-        if magnitudes is None:  # dense: levels hold the magnitudes; negate the negative ones
-            magnitudes = _unsigned(levels[positions])
-            flip = positions[negative]
-            levels[flip] = -levels[flip]
-            gap_exp_sum = _exp_sum(_codec.gamma_exponents(_gaps(positions)))
+            # The levels are the magnitudes so far: one chunked scan gives the gaps and
+            # magnitudes of the non-zeros (for the stream-length check and the signs).
+            gaps, magnitudes = _nonzeros(levels)
+            magnitudes = _unsigned(magnitudes)
+            n = magnitudes.size
+            gap_exp_sum = _exp_sum(_codec.gamma_exponents(gaps))
             magnitude_exp_sum = _exp_sum(_codec.gamma_exponents(magnitudes))
-        else:
-            _scatter_sparse(levels, gaps, magnitudes, negative)
-            positions = None
+        # The reader's bits are 0/1 bytes: their bool view is exact (no copy).
+        negative = reader.bits(n).view(np.bool_)
+        # Both codings: the gaps are >= 1 and every magnitude is >= 1, so the n signed
+        # magnitudes land exactly on the non-zeros (the dense branch rewrites them signed).
+        _scatter_sparse(levels, gaps, magnitudes, negative)
     else:
-        n, use_sparse, positions = 0, False, np.zeros(0, dtype=np.int64)
+        n, use_sparse = 0, False
     reader.finish()
     payload = QSGDPayload(norms, levels, layout, s, template.bucket_size)
-    # The sparse branch's positions are ascending and unique (gaps >= 1) and every decoded
-    # magnitude is >= 1, so the non-zeros of `levels` are exactly the n decoded positions.
-    _check_canonical(norms, levels, payload, "from_bytes", positions)
+    _check_canonical(norms, levels, payload, "from_bytes", None)
     if d:
         dense, sparse = _stream_lengths(
             d,
-            n if use_sparse else positions.size,
+            n,
             gap_exp_sum,
             magnitude_exp_sum,
             _one_below_powers_of_two(magnitudes),
