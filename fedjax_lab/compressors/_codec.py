@@ -757,28 +757,30 @@ class BitReader:
                 windows |= field[k : k + span] << word.type(8 * (nbytes - 1 - k))
         prefix_bits = self._bits[self._pos : first].view(np.bool_)
         index = np.arange(min(n, _CHUNK_BITS), dtype=np.int64)
+        direct = out.dtype == word
         done, last, top_value = 0, -1, 0
         for start in range(0, prefix, _CHUNK_BITS):
+            # Positions within the chunk; `start` only enters through scalars.
             ones = np.flatnonzero(prefix_bits[start : start + _CHUNK_BITS])
             k = ones.size
             if k == 0:  # a run of _CHUNK_BITS zeros: the next chunk's first exponent fails
                 continue
-            ones += start
-            previous = np.empty(k, np.int64)
-            previous[0] = last
-            previous[1:] = ones[:-1]
-            last = int(ones[-1])
+            # after[i] = p_{i-1} + 1 (chunk-relative), so e_i = p_i - after[i].
+            after = np.empty(k, np.int64)
+            after[0] = last + 1 - start
+            np.add(ones[:-1], 1, out=after[1:])
+            last = start + int(ones[-1])
             exps = ones
-            exps -= previous
-            exps -= 1
-            if int(exps.max()) > max_count:
+            exps -= after
+            top_exp = int(exps.max())
+            if top_exp > max_count:
                 message = f"a unary count exceeds its maximum {max_count}; data is corrupt."
                 raise self._fail(message)
             if truncated:
                 continue
             # starts = first + p_{i-1} + 1 - i, each mantissa's bit counted from byte lo.
-            starts = previous
-            starts += first + 1 - done - 8 * lo
+            starts = after
+            starts += start + first - done - 8 * lo
             starts -= index[:k]
             window = np.take(windows, starts >> 3)
             # Shifting the window left by the bit offset drops the bits before the mantissa;
@@ -786,10 +788,15 @@ class BitReader:
             window <<= (starts & 7).astype(word)
             width = exps.astype(word)
             window >>= word.type(8 * nbytes) - width
-            values = np.left_shift(word.type(1), width)
+            # Straight into the output when it has the window's dtype (no copy pass).
+            values = out[done : done + k] if direct else np.empty(k, word)
+            np.left_shift(word.type(1), width, out=values)
             values |= window
-            top_value = max(top_value, int(values.max()))
-            out[done : done + k] = values
+            # Below the largest exponent every value is < 2**max_count <= max_value.
+            if top_exp == max_count:
+                top_value = max(top_value, int(values.max()))
+            if not direct:
+                out[done : done + k] = values
             done += k
         self._pos = first
         self._take(mantissa_bits)  # bounds check (raises if truncated) and advance
