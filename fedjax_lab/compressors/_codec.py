@@ -227,13 +227,22 @@ def _merge_codes(values: np.ndarray, widths: np.ndarray, max_width: int):
     is done on ``1 / 2**k`` as many codes. Padding codes have length 0 (no bits).
     """
     n = values.size
-    # Pad to a multiple of 2**levels once (a copy into the narrow dtype is made anyway).
+    # Pad to a multiple of 2**levels once (a copy into the narrow dtype is made anyway),
+    # except that inputs needing neither padding nor conversion (the writer's full chunks of
+    # uint8 codes) are used as they are: merging never writes to its inputs.
     block = 1 << min(_MAX_MERGE_LEVELS, max(n - 1, 0).bit_length())
     size = -(-n // block) * block
-    codes = np.zeros(size, _uint_for(max_width))
-    codes[:n] = values
-    lengths = np.zeros(size, np.uint8)
-    lengths[:n] = widths
+    narrow = _uint_for(max_width)
+    if size == n and values.dtype == narrow and values.flags.c_contiguous:
+        codes = values
+    else:
+        codes = np.zeros(size, narrow)
+        codes[:n] = values
+    if size == n and widths.dtype == np.uint8 and widths.flags.c_contiguous:
+        lengths = widths
+    else:
+        lengths = np.zeros(size, np.uint8)
+        lengths[:n] = widths
     while 2 * max_width <= _MAX_PACKED_WIDTH and codes.size % 2 == 0 and codes.size > 1:
         narrow = _uint_for(max_width)
         if codes.dtype != narrow:
