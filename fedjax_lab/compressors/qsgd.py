@@ -346,26 +346,31 @@ def _nonzeros(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     coding sends: uint32 (``d < 2**31``), or uint8 when all are below 256, so the γ writer's
     exponent and mantissa passes read one byte per gap. Values keep the levels' dtype.
     """
-    n = int(np.count_nonzero(levels))
-    gaps = np.empty(n, np.uint32)
-    values = np.empty(n, levels.dtype)
-    done, last = 0, -1
+    gap_parts, value_parts = [], []
+    last, top, expected = -1, 0, None
     for start in range(0, levels.size, _NONZERO_CHUNK):
         block = levels[start : start + _NONZERO_CHUNK]
-        # The expected count picks flatnonzero's path (word scan only for sparse levels).
-        positions = _codec.flatnonzero(block, n * block.size // levels.size)
+        # The previous block's count picks flatnonzero's path for this one (its word scan
+        # only pays on sparse levels); no separate counting pass over the levels.
+        positions = _codec.flatnonzero(block, expected)
         k = positions.size
+        expected = k
         if not k:
             continue
-        values[done : done + k] = block[positions]
+        value_parts.append(block[positions])
         positions += start
-        gaps[done] = positions[0] - last
-        gaps[done + 1 : done + k] = np.diff(positions)
+        gaps = np.empty(k, np.uint32)
+        gaps[0] = positions[0] - last
+        gaps[1:] = np.diff(positions)
+        top = max(top, int(gaps.max()))
+        gap_parts.append(gaps)
         last = int(positions[-1])
-        done += k
-    if n and int(gaps.max()) < 256:
-        return gaps.astype(np.uint8), values
-    return gaps, values
+    if not gap_parts:
+        return np.zeros(0, np.uint32), np.zeros(0, levels.dtype)
+    # One pass joins the parts and, when every gap is below 256, narrows them.
+    gap_dtype = np.uint8 if top < 256 else np.uint32
+    gaps = np.concatenate(gap_parts, dtype=gap_dtype, casting="unsafe")
+    return gaps, np.concatenate(value_parts)
 
 
 def _unsigned(values: np.ndarray) -> np.ndarray:
