@@ -201,11 +201,18 @@ def _bit_matrix(values: np.ndarray, nbytes: int) -> np.ndarray:
 _MAX_PACKED_WIDTH = 57
 # At most 2**6 codes per merged code: codes of >= 1 bit could not merge further anyway.
 _MAX_MERGE_LEVELS = 6
+# Codes merged and packed per call of the packer (see BitWriter._add_codes).
+_WRITE_CHUNK = 1 << 18
+
+
+_UINT = {nbytes: np.dtype(f"u{nbytes}") for nbytes in (1, 2, 4, 8)}
 
 
 def _uint_for(width: int) -> np.dtype:
     """Narrowest unsigned dtype holding ``width <= 64`` bits."""
-    return np.dtype(f"u{_container(width)}")
+    # A dict lookup: building a dtype from a string costs microseconds per call, and the
+    # chunked writer calls this a few times per chunk and merge level.
+    return _UINT[_container(width)]
 
 
 def _merge_codes(values: np.ndarray, widths: np.ndarray, max_width: int):
@@ -220,19 +227,46 @@ def _merge_codes(values: np.ndarray, widths: np.ndarray, max_width: int):
     is done on ``1 / 2**k`` as many codes. Padding codes have length 0 (no bits).
     """
     n = values.size
-    # Pad to a multiple of 2**levels once (a copy into the narrow dtype is made anyway).
+    # Pad to a multiple of 2**levels once (a copy into the narrow dtype is made anyway),
+    # except that inputs needing neither padding nor conversion (the writer's full chunks of
+    # uint8 codes) are used as they are: merging never writes to its inputs.
     block = 1 << min(_MAX_MERGE_LEVELS, max(n - 1, 0).bit_length())
     size = -(-n // block) * block
-    codes = np.zeros(size, _uint_for(max_width))
-    codes[:n] = values
-    lengths = np.zeros(size, np.uint8)
-    lengths[:n] = widths
+    narrow = _uint_for(max_width)
+    if size == n and values.dtype == narrow and values.flags.c_contiguous:
+        codes = values
+    else:
+        codes = np.zeros(size, narrow)
+        codes[:n] = values
+    if size == n and widths.dtype == np.uint8 and widths.flags.c_contiguous:
+        lengths = widths
+    else:
+        lengths = np.zeros(size, np.uint8)
+        lengths[:n] = widths
     while 2 * max_width <= _MAX_PACKED_WIDTH and codes.size % 2 == 0 and codes.size > 1:
-        pairs_codes, pairs_lengths = codes.reshape(-1, 2), lengths.reshape(-1, 2)
-        dtype = _uint_for(2 * max_width)
-        low_lengths = pairs_lengths[:, 1]
-        codes = (pairs_codes[:, 0].astype(dtype) << low_lengths.astype(dtype)) | pairs_codes[:, 1]
-        lengths = pairs_lengths[:, 0] + low_lengths
+        narrow = _uint_for(max_width)
+        if codes.dtype != narrow:
+            codes = codes.astype(narrow)
+        if narrow.itemsize < 8 and np.little_endian:
+            # A pair of adjacent codes viewed as one element of twice the width holds the
+            # first code in its low half: contiguous SIMD passes, where the strided columns
+            # of a (-1, 2) reshape take numpy's element-at-a-time loops.
+            wide = _UINT[2 * narrow.itemsize]
+            pairs = codes.view(wide)
+            pair_lengths = lengths.view(np.uint16)
+            low_lengths = pair_lengths >> np.uint16(8)
+            high = pairs & wide.type((1 << (8 * narrow.itemsize)) - 1)
+            high <<= low_lengths.astype(wide)
+            high |= pairs >> wide.type(8 * narrow.itemsize)
+            codes = high
+            lengths = ((pair_lengths & np.uint16(0xFF)) + low_lengths).astype(np.uint8)
+        else:
+            pairs_codes, pairs_lengths = codes.reshape(-1, 2), lengths.reshape(-1, 2)
+            dtype = _uint_for(2 * max_width)
+            low_lengths = pairs_lengths[:, 1]
+            high = pairs_codes[:, 0].astype(dtype) << low_lengths.astype(dtype)
+            codes = high | pairs_codes[:, 1]
+            lengths = pairs_lengths[:, 0] + low_lengths
         max_width = int(lengths.max())
     return codes, lengths
 
@@ -332,8 +366,18 @@ class BitWriter:
         self._add_unpacked(_bit_matrix(values, nbytes)[:, 8 * nbytes - width :].ravel())
 
     def _add_codes(self, values: np.ndarray, widths: np.ndarray, max_width: int) -> None:
-        codes, lengths = _merge_codes(values, widths, max_width)
-        self._add_packed(*_pack_codes(codes, lengths, self.length % 8))
+        # _WRITE_CHUNK codes at a time: the merge and pack temporaries (up to 8 bytes per code)
+        # stay small and cached instead of being fresh, page-faulting memory for long fields.
+        for start in range(0, values.size, _WRITE_CHUNK):
+            stop = start + _WRITE_CHUNK
+            chunk_width = max_width if stop >= values.size and not start else None
+            part_widths = widths[start:stop]
+            if chunk_width is None:
+                chunk_width = int(part_widths.max())
+            if chunk_width == 0:
+                continue
+            codes, lengths = _merge_codes(values[start:stop], part_widths, chunk_width)
+            self._add_packed(*_pack_codes(codes, lengths, self.length % 8))
 
     def unary(self, counts: np.ndarray) -> None:
         """Writes each count ``q >= 0`` as ``q`` zeros followed by a one."""
@@ -437,7 +481,8 @@ def gamma_exponents(values: np.ndarray) -> np.ndarray:
         small = values.astype(np.uint8, copy=False)
         n = np.zeros(small.shape, np.uint8)
         for t in range(1, top.bit_length()):
-            n += small >= (1 << t)
+            # The bool mask's uint8 view (0/1) adds without a casting loop.
+            n += (small >= (1 << t)).view(np.uint8)
         return n
     if top < _SMALL.size:
         return _SMALL[values]
@@ -517,6 +562,11 @@ _SMALL = (np.frexp(np.arange(1 << 16, dtype=np.float64))[1] - 1).astype(np.int8)
 
 # ----------------------------------------------------------------------------------------------
 # Bit reader.
+
+# Bits counted per step when the reader locates the end of a unary field, and prefix bits per
+# chunk of the γ decoder (at most that many codes, so its int64 temporaries are 512 KiB).
+_SCAN_BITS = 1 << 20
+_CHUNK_BITS = 1 << 16
 
 
 class BitReader:
@@ -656,56 +706,112 @@ class BitReader:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
         return values
 
+    def _nth_one(self, n: int, max_count: int) -> int:
+        """Offset from the read position of the one that ends the ``n``-th unary code.
+
+        Fails exactly as :meth:`_ones` does. Ones are counted (a SIMD reduction) in windows
+        that start at ``2 n + 64`` bits and double, all at most ``_SCAN_BITS``; only the window
+        that holds the ``n``-th one is scanned for positions, so no ``n``-sized int64 array of
+        positions is made (at ``n = 5M`` one would be 40 MB of fresh, page-faulting memory).
+        """
+        remaining = self._bits.size - self._pos
+        limit = min(remaining, n * (max_count + 1))
+        bits = self._bits[self._pos : self._pos + limit].view(np.bool_)
+        found, start, step = 0, 0, min(2 * n + 64, _SCAN_BITS)
+        while start < limit:
+            stop = min(limit, start + step)
+            count = np.count_nonzero(bits[start:stop])
+            if found + count >= n:
+                ones = np.flatnonzero(bits[start:stop])
+                return start + int(ones[n - found - 1])
+            found, start, step = found + count, stop, min(2 * step, _SCAN_BITS)
+        if limit < remaining:  # n codes within their maxima would fit in the limit
+            raise self._fail(f"a unary count exceeds its maximum {max_count}; corrupt.")
+        raise self._fail("data is truncated or corrupt (unterminated unary code).")
+
     def _windowed_gamma(self, n: int, max_value: int) -> np.ndarray:
         """:meth:`gamma` for ``max_value < 2**57``, in the narrowest unsigned dtype that fits.
 
-        With ``p_i`` the position of code ``i``'s terminating one in the prefix field,
-        ``q_i = p_i - i`` counts the zeros up to it, so the exponents are ``diff(q)`` and code
-        ``i``'s mantissa starts ``q_{i-1}`` bits into the mantissa field: no prefix sum. Each
-        mantissa (exponent <= 57 bits) lies in the 2-, 4- or 8-byte big-endian window from its
-        first byte, read through an overlapping byte-stride view. After the scan for the ones
-        the arithmetic is int32 and the values' own width (uint8 for QSGD levels).
+        With ``p_i`` the position of code ``i``'s terminating one in the prefix field, the
+        exponents are ``e_i = p_i - p_{i-1} - 1`` and code ``i``'s mantissa starts
+        ``p_{i-1} + 1 - i`` bits (the zeros before its own prefix) into the mantissa field: no
+        prefix sum. Each mantissa (exponent <= 57 bits) lies in the 2-, 4- or 8-byte
+        big-endian window from its first byte.
+
+        The prefix field's end is found first (:meth:`_nth_one`), then the codes are decoded
+        ``_CHUNK_BITS`` prefix bits at a time: every int64 temporary is at most 512 KiB, so it
+        stays in cache and is reused by the allocator instead of being fresh memory (numpy
+        arrays above 32 MiB are mmap-ed and page-fault on first touch, which made the
+        whole-field version's passes several times slower than their arithmetic).
         """
         max_count = max_value.bit_length() - 1
-        ones = self._ones(n, max_count)
-        # Bit positions fit int32: payloads are capped at 2**31 - 1 bits (check_int32_bits).
-        zeros = np.subtract(ones, np.arange(n, dtype=np.int32), dtype=np.int32)
-        exps = np.empty(n, np.int32)
-        exps[0] = zeros[0]
-        np.subtract(zeros[1:], zeros[:-1], out=exps[1:])
-        if int(exps.max()) > max_count:
-            raise self._fail(f"a unary count exceeds its maximum {max_count}; data is corrupt.")
-        self._pos += int(ones[-1]) + 1
-        first = self._pos
-        self._take(int(zeros[-1]))  # the mantissa field: bounds check and advance
-        starts = zeros - exps  # exclusive: zeros before code i's own prefix
-        starts += first
+        prefix = self._nth_one(n, max_count) + 1  # prefix field length in bits
+        first = self._pos + prefix  # the mantissa field's first bit
+        mantissa_bits = prefix - n  # Σ e: the zeros of the prefix field
+        # Errors in the old order: an over-long unary count is reported before a truncated
+        # mantissa field, so a truncated field is only checked for exponents.
+        truncated = first + mantissa_bits > self._bits.size
         nbytes = 2 if max_count <= 9 else 4 if max_count <= 25 else 8
         word = np.dtype(f"u{nbytes}")
-        # The big-endian window at every byte of the field, built from shifted contiguous
-        # byte slices (SIMD), then one gather from that native array: a gather straight from
-        # an overlapping byte-swapped view takes numpy's slow non-contiguous path.
-        lo = first >> 3
-        field = self._bytes[lo : self._pos // 8 + 1 + nbytes].astype(word)
-        span = field.size - nbytes + 1
-        windows = field[:span] << word.type(8 * (nbytes - 1))
-        for k in range(1, nbytes):
-            windows |= field[k : k + span] << word.type(8 * (nbytes - 1 - k))
-        # Byte indices straight into intp (np.take would copy int32 indices to intp first).
-        index = np.right_shift(starts, 3, dtype=np.intp)
-        index -= lo
-        windows = np.take(windows, index)
-        # shift = 8 nbytes - exponent - bit offset, in the window's own dtype: the int32
-        # arrays are >= 0, so their uint32 views are exact (no casting loop).
-        shift = (starts & 7).view(np.uint32)
-        shift += exps.view(np.uint32)
-        np.subtract(np.uint32(8 * nbytes), shift, out=shift)
-        shift = shift.astype(word, copy=False)
-        top = np.left_shift(word.type(1), exps.view(np.uint32).astype(word, copy=False))
-        values = top | ((windows >> shift) & (top - word.type(1)))
-        if int(values.max()) > max_value:
+        out = np.empty(n, _uint_for(max_count + 1))
+        if not truncated:
+            # The big-endian window at every byte of the field, built from shifted contiguous
+            # byte slices (SIMD), then gathered from that native array: a gather straight from
+            # an overlapping byte-swapped view takes numpy's slow non-contiguous path.
+            lo = first >> 3
+            field = self._bytes[lo : (first + mantissa_bits) // 8 + 1 + nbytes].astype(word)
+            span = field.size - nbytes + 1
+            windows = field[:span] << word.type(8 * (nbytes - 1))
+            for k in range(1, nbytes):
+                windows |= field[k : k + span] << word.type(8 * (nbytes - 1 - k))
+        prefix_bits = self._bits[self._pos : first].view(np.bool_)
+        index = np.arange(min(n, _CHUNK_BITS), dtype=np.int64)
+        direct = out.dtype == word
+        done, last, top_value = 0, -1, 0
+        for start in range(0, prefix, _CHUNK_BITS):
+            # Positions within the chunk; `start` only enters through scalars.
+            ones = np.flatnonzero(prefix_bits[start : start + _CHUNK_BITS])
+            k = ones.size
+            if k == 0:  # a run of _CHUNK_BITS zeros: the next chunk's first exponent fails
+                continue
+            # after[i] = p_{i-1} + 1 (chunk-relative), so e_i = p_i - after[i].
+            after = np.empty(k, np.int64)
+            after[0] = last + 1 - start
+            np.add(ones[:-1], 1, out=after[1:])
+            last = start + int(ones[-1])
+            exps = ones
+            exps -= after
+            top_exp = int(exps.max())
+            if top_exp > max_count:
+                message = f"a unary count exceeds its maximum {max_count}; data is corrupt."
+                raise self._fail(message)
+            if truncated:
+                continue
+            # starts = first + p_{i-1} + 1 - i, each mantissa's bit counted from byte lo.
+            starts = after
+            starts += start + first - done - 8 * lo
+            starts -= index[:k]
+            window = np.take(windows, starts >> 3)
+            # Shifting the window left by the bit offset drops the bits before the mantissa;
+            # shifting right by 8 nbytes - e keeps its e bits (numpy gives 0 for e = 0).
+            window <<= (starts & 7).astype(word)
+            width = exps.astype(word)
+            window >>= word.type(8 * nbytes) - width
+            # Straight into the output when it has the window's dtype (no copy pass).
+            values = out[done : done + k] if direct else np.empty(k, word)
+            np.left_shift(word.type(1), width, out=values)
+            values |= window
+            # Below the largest exponent every value is < 2**max_count <= max_value.
+            if top_exp == max_count:
+                top_value = max(top_value, int(values.max()))
+            if not direct:
+                out[done : done + k] = values
+            done += k
+        self._pos = first
+        self._take(mantissa_bits)  # bounds check (raises if truncated) and advance
+        if top_value > max_value:
             raise self._fail(f"an Elias-γ value exceeds its maximum {max_value}; data is corrupt.")
-        return values.astype(_uint_for(max_count + 1), copy=False)
+        return out
 
     def rice(self, n: int, b: int, max_value: int) -> np.ndarray:
         """Reads ``n`` Rice codes (divisor ``2**b``), each required to be in ``[0, max_value]``."""

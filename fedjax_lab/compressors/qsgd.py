@@ -420,20 +420,44 @@ def _exp_sum(exps: np.ndarray) -> int:
     return int(np.sum(exps, dtype=np.int64))
 
 
-def _gaps(positions: np.ndarray) -> np.ndarray:
-    """``positions[i] - positions[i - 1]`` (``positions[0] + 1`` first): runs of zeros + 1.
+# Coordinates per chunk of the scan for non-zeros: its int64 positions (at most
+# 8 MiB) are reused memory, where whole-vector positions (8 bytes per non-zero, 40 MB at 5M)
+# would be fresh, page-faulting memory on every call.
+_NONZERO_CHUNK = 1 << 20
 
-    Written into one array (``np.diff(prepend=)`` copies the positions first), and uint8 when
-    every gap is below 256 (dense non-zeros), so the γ writer's exponent and mantissa passes
-    read one byte per gap and convert nothing.
+
+def _nonzeros(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The gaps and the values of the non-zeros of ``levels``, in order.
+
+    The gaps are ``p_i - p_{i-1}`` (``p_0 + 1`` first), the runs of zeros + 1 that the sparse
+    coding sends: uint32 (``d < 2**31``), or uint8 when all are below 256, so the γ writer's
+    exponent and mantissa passes read one byte per gap. Values keep the levels' dtype.
     """
-    gaps = np.empty_like(positions)
-    if positions.size:
-        gaps[0] = positions[0] + 1
-        np.subtract(positions[1:], positions[:-1], out=gaps[1:])
-        if int(gaps.max()) < 256:
-            return gaps.astype(np.uint8)
-    return gaps
+    gap_parts, value_parts = [], []
+    last, top, expected = -1, 0, None
+    for start in range(0, levels.size, _NONZERO_CHUNK):
+        block = levels[start : start + _NONZERO_CHUNK]
+        # The previous block's count picks flatnonzero's path for this one (its word scan
+        # only pays on sparse levels); no separate counting pass over the levels.
+        positions = _codec.flatnonzero(block, expected)
+        k = positions.size
+        expected = k
+        if not k:
+            continue
+        value_parts.append(block[positions])
+        positions += start
+        gaps = np.empty(k, np.uint32)
+        gaps[0] = positions[0] - last
+        gaps[1:] = np.diff(positions)
+        top = max(top, int(gaps.max()))
+        gap_parts.append(gaps)
+        last = int(positions[-1])
+    if not gap_parts:
+        return np.zeros(0, np.uint32), np.zeros(0, levels.dtype)
+    # One pass joins the parts and, when every gap is below 256, narrows them.
+    gap_dtype = np.uint8 if top < 256 else np.uint32
+    gaps = np.concatenate(gap_parts, dtype=gap_dtype, casting="unsafe")
+    return gaps, np.concatenate(value_parts)
 
 
 def _unsigned(values: np.ndarray) -> np.ndarray:
@@ -442,35 +466,75 @@ def _unsigned(values: np.ndarray) -> np.ndarray:
 
 
 def _check_canonical(
-    norms: np.ndarray, levels: np.ndarray, payload: QSGDPayload, who: str, nonzero_pos: np.ndarray
+    norms: np.ndarray,
+    levels: np.ndarray,
+    payload: QSGDPayload,
+    who: str,
+    nonzero_pos: np.ndarray | None,
 ):
+    """Rejects out-of-range levels, negative norms and non-zero levels under a zero norm.
+
+    ``nonzero_pos`` are the non-zeros of ``levels`` if the caller has them (``None``: found
+    here, and only when some norm is zero).
+    """
     s = payload.num_levels
     if levels.size and (int(levels.min()) < -s or int(levels.max()) > s):
         raise ValueError(f"{who}: qsgd levels must be in [-{s}, {s}].")
     if np.any(np.signbit(norms)):
         raise ValueError(f"{who}: qsgd norms must be >= +0.")
-    if np.any(norms == 0) and np.any(norms[nonzero_pos // payload.bucket_size] == 0):
+    if not np.any(norms == 0):
+        return
+    if nonzero_pos is None:
+        nonzero_pos = _codec.flatnonzero(levels)
+    if np.any(norms[nonzero_pos // payload.bucket_size] == 0):
         raise ValueError(f"{who}: a bucket with norm 0 has non-zero levels (not canonical).")
+
+
+# Non-zeros per chunk of the sparse decoder's scatter: its int64 positions (1 MiB) stay in
+# cache, where whole-vector positions would be 8 bytes per non-zero of fresh memory.
+_SCATTER_CHUNK = 1 << 17
+
+
+def _scatter_sparse(
+    levels: np.ndarray, gaps: np.ndarray, magnitudes: np.ndarray, negative: np.ndarray
+) -> None:
+    """``levels[p_i] = ±magnitudes[i]`` with ``p_i = Σ_{j<=i} gaps[j] - 1``, chunk by chunk.
+
+    The caller has checked that the positions are below ``levels.size``. Signs are applied as
+    ``(m ^ -b) + b`` (two's complement negation when ``b = 1``): SIMD passes in the level
+    dtype, where ``np.negative(where=...)`` takes a masked, element-at-a-time loop.
+    """
+    level_dtype = levels.dtype
+    signed_magnitudes = magnitudes.view(level_dtype)  # magnitudes <= s fit the signed dtype
+    flags = negative.view(np.int8).astype(level_dtype, copy=False)
+    carry = -1  # position of the previous non-zero
+    for start in range(0, gaps.size, _SCATTER_CHUNK):
+        stop = start + _SCATTER_CHUNK
+        # Widened first: a uint32 -> int64 cumsum takes a casting loop, ~2.5x slower.
+        positions = gaps[start:stop].astype(np.int64)
+        np.cumsum(positions, out=positions)
+        positions += carry
+        carry = int(positions[-1])
+        flag = flags[start:stop]
+        levels[positions] = (signed_magnitudes[start:stop] ^ -flag) + flag
 
 
 def _to_bytes(payload: QSGDPayload) -> bytes:
     payload.check()
     norms, levels = host(payload.norms), host(payload.levels)
     head = _codec.floats_to_bytes(norms, "qsgd payload.norms")
-    # One scan for the non-zeros, shared by the checks, both stream lengths and the writer.
-    nonzero_pos = _codec.flatnonzero(levels)
-    _check_canonical(norms, levels, payload, "to_bytes", nonzero_pos)
+    _check_canonical(norms, levels, payload, "to_bytes", None)
     d = payload.layout.size
     writer = _codec.BitWriter()
     if d:
-        nonzero = levels[nonzero_pos]
+        # One scan for the non-zeros, shared by both stream lengths and the writer.
+        gaps, nonzero = _nonzeros(levels)
         magnitudes = _unsigned(nonzero)
         magnitude_exps = _codec.gamma_exponents(magnitudes)
-        gaps = _gaps(nonzero_pos)
         gap_exps = _codec.gamma_exponents(gaps)
         dense, sparse = _stream_lengths(
             d,
-            nonzero_pos.size,
+            nonzero.size,
             _exp_sum(gap_exps),
             _exp_sum(magnitude_exps),
             _one_below_powers_of_two(magnitudes),
@@ -478,7 +542,7 @@ def _to_bytes(payload: QSGDPayload) -> bytes:
         use_sparse = sparse < dense
         writer.bits(np.array([use_sparse]))
         if use_sparse:
-            writer.fixed(np.array([nonzero_pos.size]), _codec.count_width(d))
+            writer.fixed(np.array([nonzero.size]), _codec.count_width(d))
             writer.gamma(gaps, gap_exps)
             writer.gamma(magnitudes, magnitude_exps)
         else:
@@ -508,10 +572,10 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             if n > d:
                 raise ValueError(f"from_bytes: qsgd payload: {n} non-zeros for d={d}; corrupt.")
             start = reader.position
-            # Gaps as uint32 (d < 2**31): the prefix sum widens them, no int64 copy first.
-            positions = np.cumsum(reader.gamma(n, d, dtype=np.uint32), dtype=np.int64)
-            positions -= 1
-            if n and positions[-1] >= d:
+            # Gaps as uint32 (d < 2**31); positions (their prefix sums) are only formed chunk by
+            # chunk in _scatter_sparse. Gaps are >= 1, so the last position is the largest.
+            gaps = reader.gamma(n, d, dtype=np.uint32)
+            if n and int(np.sum(gaps, dtype=np.uint64)) > d:
                 raise ValueError("from_bytes: qsgd payload: a position is out of range; corrupt.")
             # A γ field of n codes is n + 2 Σ e bits: the exponent sums without a pass.
             gap_exp_sum = (reader.position - start - n) // 2
@@ -522,32 +586,27 @@ def _from_bytes(data: bytes, template: QSGDPayload) -> QSGDPayload:
             # uint8 codes when s + 1 < 256 (l + 1 - 1 <= 254 cannot wrap), int64 otherwise.
             narrow = np.uint8 if s + 1 < 256 else np.int64
             levels = (reader.gamma(d, s + 1, dtype=narrow) - narrow(1)).astype(level_dtype)
-            positions = _codec.flatnonzero(levels)
-            magnitudes = None
-        # The reader's bits are 0/1 bytes: their bool view is exact (no copy).
-        negative = reader.bits(positions.size).view(np.bool_)
-        if magnitudes is None:  # dense: levels hold the magnitudes; negate the negative ones
-            magnitudes = _unsigned(levels[positions])
-            flip = positions[negative]
-            levels[flip] = -levels[flip]
-            gap_exp_sum = _exp_sum(_codec.gamma_exponents(_gaps(positions)))
+            # The levels are the magnitudes so far: one chunked scan gives the gaps and
+            # magnitudes of the non-zeros (for the stream-length check and the signs).
+            gaps, magnitudes = _nonzeros(levels)
+            magnitudes = _unsigned(magnitudes)
+            n = magnitudes.size
+            gap_exp_sum = _exp_sum(_codec.gamma_exponents(gaps))
             magnitude_exp_sum = _exp_sum(_codec.gamma_exponents(magnitudes))
-        else:
-            # Magnitudes are <= s, so they fit the (signed) level dtype: negate in place.
-            signed = magnitudes.astype(level_dtype)
-            np.negative(signed, out=signed, where=negative)
-            levels[positions] = signed
+        # The reader's bits are 0/1 bytes: their bool view is exact (no copy).
+        negative = reader.bits(n).view(np.bool_)
+        # Both codings: the gaps are >= 1 and every magnitude is >= 1, so the n signed
+        # magnitudes land exactly on the non-zeros (the dense branch rewrites them signed).
+        _scatter_sparse(levels, gaps, magnitudes, negative)
     else:
-        positions = np.zeros(0, dtype=np.int64)
+        n, use_sparse = 0, False
     reader.finish()
     payload = QSGDPayload(norms, levels, layout, s, template.bucket_size)
-    # The sparse branch's positions are ascending and unique (gaps >= 1) and every decoded
-    # magnitude is >= 1, so they are exactly the non-zeros of `levels` in both branches.
-    _check_canonical(norms, levels, payload, "from_bytes", positions)
+    _check_canonical(norms, levels, payload, "from_bytes", None)
     if d:
         dense, sparse = _stream_lengths(
             d,
-            positions.size,
+            n,
             gap_exp_sum,
             magnitude_exp_sum,
             _one_below_powers_of_two(magnitudes),
