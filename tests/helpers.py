@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.compressors import _codec
+from fedjax_lab.compressors._base import tree_layout
+from fedjax_lab.compressors.qsgd import QSGDPayload
 from fedjax_lab.data.federated import FederatedData
 
 # Round-record fields that say how a backend laid out the round (slot-steps computed, packed
@@ -191,3 +194,52 @@ def decode_or_reject(compressor, data: bytes, template) -> bool:
         return False
     assert compressor.to_bytes(payload) == data, "accepted bytes must be the canonical encoding"
     return True
+
+
+# ---- plain-Python bit strings: references for the host wire codecs --------------------------
+def bitstring_bytes(bitstring: str) -> bytes:
+    """A '0'/'1' string as bytes, MSB first, zero padded to whole bytes."""
+    bitstring += "0" * (-len(bitstring) % 8)
+    if not bitstring:
+        return b""
+    return int(bitstring, 2).to_bytes(len(bitstring) // 8, "big")
+
+
+def unary_bits(counts) -> str:
+    return "".join("0" * int(q) + "1" for q in counts)
+
+
+def gamma_bits(values) -> str:
+    """Elias-γ of ``values`` in the codec's separated order: every prefix, then every mantissa."""
+    values = [int(v) for v in values]
+    return unary_bits(v.bit_length() - 1 for v in values) + "".join(
+        format(v, "b")[1:] for v in values
+    )
+
+
+def qsgd_reference_stream(levels: np.ndarray) -> str:
+    """The bit section of a QSGD payload (flag, then the shorter coding), from Python ints."""
+    d = levels.size
+    if d == 0:
+        return ""
+    values = [int(v) for v in levels]
+    nonzero = [(i, v) for i, v in enumerate(values) if v]
+    signs = "".join("1" if v < 0 else "0" for _, v in nonzero)
+    dense = gamma_bits([abs(v) + 1 for v in values]) + signs
+    gaps, previous = [], -1
+    for i, _ in nonzero:
+        gaps.append(i - previous)
+        previous = i
+    count = format(len(nonzero), f"0{_codec.count_width(d)}b")
+    sparse = count + gamma_bits(gaps) + gamma_bits([abs(v) for _, v in nonzero]) + signs
+    return "1" + sparse if len(sparse) < len(dense) else "0" + dense
+
+
+def qsgd_payload(levels: np.ndarray, s: int, bucket: int | None = None):
+    """A QSGD payload of one flat leaf with unit norms and the given signed levels."""
+    d = levels.size
+    bucket = bucket or max(d, 1)
+    layout = tree_layout({"x": np.zeros(d, np.float32)}, what="test")
+    norms = np.ones(-(-d // bucket), np.float32)
+    dtype = np.int8 if s <= 127 else np.int16
+    return QSGDPayload(norms, levels.astype(dtype), layout, s, bucket)

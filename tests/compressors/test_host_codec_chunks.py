@@ -14,27 +14,14 @@ import pytest
 
 from fedjax_lab.compressors import _codec
 from fedjax_lab.compressors import qsgd as make_qsgd
-from fedjax_lab.compressors._base import tree_layout
-from fedjax_lab.compressors.qsgd import _NONZERO_CHUNK, _SCATTER_CHUNK, QSGDPayload
-
-
-def _to_bytes(bitstring: str) -> bytes:
-    bitstring += "0" * (-len(bitstring) % 8)
-    if not bitstring:
-        return b""
-    return int(bitstring, 2).to_bytes(len(bitstring) // 8, "big")
-
-
-def _unary_bits(counts) -> str:
-    return "".join("0" * int(q) + "1" for q in counts)
-
-
-def _gamma_bits(values) -> str:
-    # Separated order: every unary prefix, then every mantissa (see _codec's docstring).
-    values = [int(v) for v in values]
-    return _unary_bits(v.bit_length() - 1 for v in values) + "".join(
-        format(v, "b")[1:] for v in values
-    )
+from fedjax_lab.compressors.qsgd import _NONZERO_CHUNK, _SCATTER_CHUNK
+from tests.helpers import (
+    bitstring_bytes,
+    gamma_bits,
+    qsgd_payload,
+    qsgd_reference_stream,
+    unary_bits,
+)
 
 
 def _varwidth_bits(values, widths) -> str:
@@ -65,8 +52,8 @@ GAMMA_CASES = _gamma_cases()
 @pytest.mark.parametrize("name", sorted(GAMMA_CASES))
 def test_gamma_reader_across_chunks_matches_the_bit_string(name):
     values, max_value = GAMMA_CASES[name]
-    bits = "101" + _gamma_bits(values) + "11"  # odd offsets on both sides
-    reader = _codec.BitReader(memoryview(_to_bytes(bits)), "t")
+    bits = "101" + gamma_bits(values) + "11"  # odd offsets on both sides
+    reader = _codec.BitReader(memoryview(bitstring_bytes(bits)), "t")
     np.testing.assert_array_equal(reader.bits(3), [1, 0, 1])
     got = reader.gamma(values.size, max_value)
     np.testing.assert_array_equal(got, values)
@@ -78,16 +65,16 @@ def test_gamma_reader_across_chunks_matches_the_bit_string(name):
     writer.bits(np.array([1, 0, 1]))
     writer.gamma(values)
     writer.bits(np.array([1, 1]))
-    assert writer.to_bytes() == _to_bytes(bits)
+    assert writer.to_bytes() == bitstring_bytes(bits)
 
 
 def test_gamma_reader_rejects_hostile_fields_across_chunks():
     n = 3 * _codec._CHUNK_BITS
     values = np.full(n, 2)
-    field = _gamma_bits(values)
+    field = gamma_bits(values)
 
     def gamma(bits, n=n, max_value=3):
-        return _codec.BitReader(memoryview(_to_bytes(bits)), "t").gamma(n, max_value)
+        return _codec.BitReader(memoryview(bitstring_bytes(bits)), "t").gamma(n, max_value)
 
     np.testing.assert_array_equal(gamma(field), values)
     # A run of more than a chunk of zeros inside the prefix field: whole chunks without a
@@ -116,13 +103,13 @@ def test_gamma_reader_rejects_hostile_fields_across_chunks():
     with pytest.raises(ValueError, match="truncated or corrupt"):
         gamma("01" * (n - 1), max_value=2**20)
     # A value above the maximum in the last chunk only.
-    over = _gamma_bits(np.concatenate([values[:-1], [3]]))
+    over = gamma_bits(np.concatenate([values[:-1], [3]]))
     np.testing.assert_array_equal(gamma(over)[-1], 3)
     with pytest.raises(ValueError, match="exceeds its maximum 2"):
         gamma(over, max_value=2)
     # Trailing bytes and non-zero padding after a long field.
     for tail, message in (("0" * 8, "trailing byte"), ("1", "non-zero padding")):
-        reader = _codec.BitReader(memoryview(_to_bytes("101" + field + tail)), "t")
+        reader = _codec.BitReader(memoryview(bitstring_bytes("101" + field + tail)), "t")
         reader.bits(3)
         reader.gamma(n, 3)
         with pytest.raises(ValueError, match=message):
@@ -146,34 +133,12 @@ def test_writer_chunks_and_view_merges_match_the_bit_string(seed):
     writer.unary(counts[:-1])
     writer.unary(counts)
     writer.fixed(fixed, 13)
-    ref = "1" + _varwidth_bits(values, widths) + _unary_bits(counts[:-1]) + _unary_bits(counts)
+    ref = "1" + _varwidth_bits(values, widths) + unary_bits(counts[:-1]) + unary_bits(counts)
     ref += "".join(format(int(v), "013b") for v in fixed)
     assert writer.length == len(ref)
-    assert writer.to_bytes() == _to_bytes(ref)
+    assert writer.to_bytes() == bitstring_bytes(ref)
 
 
-def _reference_stream(levels: np.ndarray) -> str:
-    """The bit section of a QSGD payload (flag, then the shorter coding), from Python ints."""
-    values = [int(v) for v in levels]
-    nonzero = [(i, v) for i, v in enumerate(values) if v]
-    signs = "".join("1" if v < 0 else "0" for _, v in nonzero)
-    dense = _gamma_bits([abs(v) + 1 for v in values]) + signs
-    gaps, previous = [], -1
-    for i, _ in nonzero:
-        gaps.append(i - previous)
-        previous = i
-    count = format(len(nonzero), f"0{_codec.count_width(len(values))}b")
-    sparse = count + _gamma_bits(gaps) + _gamma_bits([abs(v) for _, v in nonzero]) + signs
-    return "1" + sparse if len(sparse) < len(dense) else "0" + dense
-
-
-def _payload(levels: np.ndarray, s: int, bucket: int | None = None) -> QSGDPayload:
-    d = levels.size
-    bucket = bucket or max(d, 1)
-    layout = tree_layout({"x": np.zeros(d, np.float32)}, what="test")
-    norms = np.ones(-(-d // bucket), np.float32)
-    dtype = np.int8 if s <= 127 else np.int16
-    return QSGDPayload(norms, levels.astype(dtype), layout, s, bucket)
 
 
 def _qsgd_cases():
@@ -199,10 +164,10 @@ QSGD_CASES = _qsgd_cases()
 def test_qsgd_bytes_across_chunks_match_the_bit_string_and_invert(name):
     levels, s = QSGD_CASES[name]
     c = make_qsgd(s, bucket_size=4096)
-    payload = _payload(np.asarray(levels), s, 4096)
+    payload = qsgd_payload(np.asarray(levels), s, 4096)
     data = c.to_bytes(payload)
     head = np.asarray(payload.norms, "<f4").tobytes()
-    assert data == head + _to_bytes(_reference_stream(np.asarray(levels)))
+    assert data == head + bitstring_bytes(qsgd_reference_stream(np.asarray(levels)))
     back = c.from_bytes(data, payload)
     np.testing.assert_array_equal(back.levels, payload.levels)
     assert back.levels.dtype == payload.levels.dtype
@@ -221,13 +186,13 @@ def test_qsgd_sparse_positions_past_the_end_are_rejected():
     d = _SCATTER_CHUNK + 10
     s = 16
     c = make_qsgd(s)
-    template = _payload(np.zeros(d, np.int64), s)
+    template = qsgd_payload(np.zeros(d, np.int64), s)
     head = np.asarray(template.norms, "<f4").tobytes()
     n = 3
     count = format(n, f"0{_codec.count_width(d)}b")
     for gaps, ok in (([1, d - 2, 1], True), ([1, d - 2, 2], False), ([d, d, d], False)):
-        bits = "1" + count + _gamma_bits(gaps) + _gamma_bits([1, 1, 1]) + "010"
-        data = head + _to_bytes(bits)
+        bits = "1" + count + gamma_bits(gaps) + gamma_bits([1, 1, 1]) + "010"
+        data = head + bitstring_bytes(bits)
         if ok:
             levels = c.from_bytes(data, template).levels
             np.testing.assert_array_equal(np.flatnonzero(levels), [0, d - 2, d - 1])

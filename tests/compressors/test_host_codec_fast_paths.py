@@ -13,48 +13,14 @@ import pytest
 
 from fedjax_lab.compressors import _codec
 from fedjax_lab.compressors import qsgd as make_qsgd
-from fedjax_lab.compressors._base import tree_layout
-from fedjax_lab.compressors.qsgd import QSGDPayload, _host_streams, _stream_lengths
-from tests.helpers import decode_or_reject
-
-
-def _gamma_bits(values) -> str:
-    # Separated order: every unary prefix, then every mantissa (see _codec's docstring).
-    values = [int(v) for v in values]
-    prefixes = "".join("0" * (v.bit_length() - 1) + "1" for v in values)
-    return prefixes + "".join(format(v, "b")[1:] for v in values)
-
-
-def _reference_stream(levels: np.ndarray) -> str:
-    """The bit section of a QSGD payload, built from Python ints and strings only."""
-    d = levels.size
-    if d == 0:
-        return ""
-    values = [int(v) for v in levels]
-    nonzero = [(i, v) for i, v in enumerate(values) if v]
-    signs = "".join("1" if v < 0 else "0" for _, v in nonzero)
-    dense = _gamma_bits([abs(v) + 1 for v in values]) + signs
-    gaps, previous = [], -1
-    for i, _ in nonzero:
-        gaps.append(i - previous)
-        previous = i
-    count = format(len(nonzero), f"0{_codec.count_width(d)}b")
-    sparse = count + _gamma_bits(gaps) + _gamma_bits([abs(v) for _, v in nonzero]) + signs
-    return "1" + sparse if len(sparse) < len(dense) else "0" + dense
-
-
-def _to_bytes(bitstring: str) -> bytes:
-    bitstring += "0" * (-len(bitstring) % 8)
-    return bytes(int(bitstring[i : i + 8], 2) for i in range(0, len(bitstring), 8))
-
-
-def _payload(levels: np.ndarray, s: int, bucket: int | None = None) -> QSGDPayload:
-    d = levels.size
-    bucket = bucket or max(d, 1)
-    layout = tree_layout({"x": np.zeros(d, np.float32)}, what="test")
-    norms = np.ones(-(-d // bucket), np.float32)
-    dtype = np.int8 if s <= 127 else np.int16
-    return QSGDPayload(norms, levels.astype(dtype), layout, s, bucket)
+from fedjax_lab.compressors.qsgd import _host_streams, _stream_lengths
+from tests.helpers import (
+    bitstring_bytes,
+    decode_or_reject,
+    gamma_bits,
+    qsgd_payload,
+    qsgd_reference_stream,
+)
 
 
 def _cases():
@@ -91,10 +57,10 @@ _COMPRESSORS = {s: make_qsgd(s) for s in {s for _, s in CASES.values()}}
 def test_bytes_match_the_bit_string_reference_and_invert(name):
     levels, s = CASES[name]
     c = _COMPRESSORS[s]
-    payload = _payload(np.asarray(levels), s)
+    payload = qsgd_payload(np.asarray(levels), s)
     data = c.to_bytes(payload)
     head = np.asarray(payload.norms, "<f4").tobytes()
-    assert data == head + _to_bytes(_reference_stream(np.asarray(levels)))
+    assert data == head + bitstring_bytes(qsgd_reference_stream(np.asarray(levels)))
     back = c.from_bytes(data, payload)
     np.testing.assert_array_equal(back.levels, payload.levels)
     np.testing.assert_array_equal(back.norms, payload.norms)
@@ -121,7 +87,7 @@ def test_stream_lengths_match_the_histogram_reference(name):
 def test_hostile_streams_are_rejected_or_canonical(name):
     levels, s = CASES[name]
     c = _COMPRESSORS[s]
-    template = _payload(np.asarray(levels), s)
+    template = qsgd_payload(np.asarray(levels), s)
     data = c.to_bytes(template)
     rng = np.random.default_rng(1)
     for cut in (len(data) - 1, len(data) // 2, 5, 4):
@@ -144,19 +110,19 @@ def test_the_longer_coding_is_rejected(name):
     levels, s = CASES[name]
     levels = np.asarray(levels)
     c = _COMPRESSORS[s]
-    template = _payload(levels, s)
-    chosen = _reference_stream(levels)
+    template = qsgd_payload(levels, s)
+    chosen = qsgd_reference_stream(levels)
     # The same levels in the other coding: a well-formed stream that is not the shortest.
     nonzero = [(i, int(v)) for i, v in enumerate(levels) if v]
     signs = "".join("1" if v < 0 else "0" for _, v in nonzero)
     if chosen[0] == "1":
-        other = "0" + _gamma_bits(np.abs(levels) + 1) + signs
+        other = "0" + gamma_bits(np.abs(levels) + 1) + signs
     else:
         gaps = np.diff([i for i, _ in nonzero], prepend=-1)
         count = format(len(nonzero), f"0{_codec.count_width(levels.size)}b")
-        other = "1" + count + _gamma_bits(gaps) + _gamma_bits([abs(v) for _, v in nonzero])
+        other = "1" + count + gamma_bits(gaps) + gamma_bits([abs(v) for _, v in nonzero])
         other += signs
-    data = np.asarray(template.norms, "<f4").tobytes() + _to_bytes(other)
+    data = np.asarray(template.norms, "<f4").tobytes() + bitstring_bytes(other)
     if len(data) <= template.max_bits // 8:
         with pytest.raises(ValueError, match="longer of the two codings"):
             c.from_bytes(data, template)
@@ -193,7 +159,7 @@ def test_gamma_with_given_exponents_matches_the_reference(values):
     computed.bits(np.array([1, 0, 1]))
     given.gamma(values, exps)
     computed.gamma(values)
-    assert given.to_bytes() == computed.to_bytes() == _to_bytes("101" + _gamma_bits(values))
+    assert given.to_bytes() == computed.to_bytes() == bitstring_bytes("101" + gamma_bits(values))
 
 
 @pytest.mark.parametrize("d", [0, 1, 3, 4, 5, 4099])
@@ -202,4 +168,4 @@ def test_terngrad_trit_packing_matches_the_bit_string(d):
 
     trits = np.random.default_rng(d).integers(-1, 2, d).astype(np.int8)
     bits = "".join(("1" + ("1" if t < 0 else "0")) if t else "00" for t in trits.tolist())
-    assert _pack_trits(trits) == _to_bytes(bits)
+    assert _pack_trits(trits) == bitstring_bytes(bits)
