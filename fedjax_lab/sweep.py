@@ -110,7 +110,7 @@ def resolve_execution(
       (``padding > PADDING_LIMIT``, skewed client sizes): then ``host``, whose rounds keep
       their own step counts. FedProx Synthetic(1,1)'s natural partition (1000 clients,
       median 76 and max 20148 examples) pads 6.2x: logistic regression's sweep of 16 points
-      without compile took 1.23x the 16 sequential runs vmapped and 0.46x on the host; the
+      without compile took 1.2-1.3x the 16 sequential runs vmapped and 0.46x on the host; the
       digits population pads 1.3x;
     * CPU, larger dense models: ``host`` with the clients unrolled (up to ``UNROLL_LIMIT``
       clients x local steps). XLA:CPU's dots batched over points x clients, and even over
@@ -182,7 +182,8 @@ def _host_runs(init_c, round_c, hvals, params0, roots, cohort_arrays, round_step
             carry = init_c(h, params)
             history = []
             for xs in per_round:
-                carry, metrics = round_c[xs[2].shape[1]](h, carry, xs, root, table, eval_arrays)
+                steps = xs[2].shape[1]  # the round's own local steps
+                carry, metrics = round_c[steps](h, carry, xs, root, table, eval_arrays)
                 history.append(metrics)
             point_metrics.append(jax.tree.map(lambda *v: jnp.stack(v), *history))
             point_params.append(carry[0].params)
@@ -573,11 +574,11 @@ def sweep(
             # on skewed populations most rounds are far shorter than the longest, and padded
             # steps cost full compute.
             round_c = {}
-            for s, r in np.ndindex(*cohorts["steps"].shape):
+            for count in np.unique(cohorts["steps"]):
+                s, r = np.argwhere(cohorts["steps"] == count)[0]
                 xs0 = _round_inputs(cohort_arrays, cohorts["steps"], s, r)
-                if xs0[2].shape[1] not in round_c:
-                    round_c[xs0[2].shape[1]] = round_fn.lower(
-                        h0, carry0, xs0, roots[0], table, eval_arrays).compile()
+                round_c[int(count)] = round_fn.lower(
+                    h0, carry0, xs0, roots[0], table, eval_arrays).compile()
         else:
             over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None))
             args = (hvals, params0, roots, *cohort_arrays, table, eval_arrays)

@@ -35,7 +35,7 @@ _BINS = 1 << _DIGIT
 _TOP = np.uint32(0xFFFFFFFF)  # NaN keys are clamped below this
 # From this many coordinates on, "auto" selects by radix histograms (see top_k_indices).
 RADIX_MIN_SIZE = 1 << 14
-# Keys sampled to bracket the threshold (see _threshold).
+# Keys sampled to bracket the threshold (see _sample_bracket).
 _SAMPLE = 1 << 15
 # Up to this many flag words, _expand finds the non-zero ones with jnp.nonzero.
 _DIRECT_WORDS = 1 << 12
@@ -229,10 +229,16 @@ def _threshold(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The k-th largest key ``T`` and ``count(key > T)``.
 
     From :func:`_sample_bracket` where its bracket holds; otherwise (adversarial or heavily
-    tied data) from :func:`_whole_vector_threshold`: the result is exact either way, only the
-    time differs. The scatter-add histogram of every key that the bracket avoids costs ~35 ms
-    at 10M coordinates on XLA:CPU, the sample and the two counting passes a fraction of that.
+    tied data, or fewer than ``2 * _SAMPLE`` keys) from :func:`_whole_vector_threshold`: the
+    result is exact either way, only the time differs. The scatter-add histogram of every
+    key that the bracket avoids costs ~35 ms at 10M coordinates on XLA:CPU, the sample and
+    the two counting passes a fraction of that.
     """
+    if keys.shape[0] < 2 * _SAMPLE:
+        # The "sample" would be every key: its histogram is the whole-vector one, and the
+        # bracket's counting passes and buffer only add work (2x under vmap over 1000 vectors
+        # of 16384 coordinates).
+        return _whole_vector_threshold(keys, k)
     ok, found, greater = _sample_bracket(keys, k)
 
     def whole(carry):
