@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.compressors import _codec
+from fedjax_lab.compressors import _codec, _select
 from fedjax_lab.compressors._base import tree_layout
-from fedjax_lab.compressors.qsgd import QSGDPayload
+from fedjax_lab.compressors.qsgd import QSGDPayload, _gap_exponents
 from fedjax_lab.data.federated import FederatedData
 
 # Round-record fields that say how a backend laid out the round (slot-steps computed, packed
@@ -243,3 +243,17 @@ def qsgd_payload(levels: np.ndarray, s: int, bucket: int | None = None):
     norms = np.ones(-(-d // bucket), np.float32)
     dtype = np.int8 if s <= 127 else np.int16
     return QSGDPayload(norms, levels.astype(dtype), layout, s, bucket)
+
+
+# Reference for QSGD's packed gap accounting (qsgd._gap_exponents) on any magnitudes.
+def sparse_code_bits(lv: jax.Array) -> jax.Array:
+    """``Σ_{l_i > 0} γ(i - previous non-zero) + 1 + γ(l_i)`` for int32 magnitudes ``lv`` (int32).
+
+    The sparse stream's per-non-zero part for any magnitudes, ``3 n + 2 (Σ e(gap) + Σ e(l))``,
+    with the gaps from the library's packed-word ``qsgd._gap_exponents``.
+    """
+    words = _select._pack_words(lv > 0)
+    n = jnp.sum(jax.lax.population_count(words).astype(jnp.int32))
+    gaps = jnp.sum(_gap_exponents(words))
+    magnitudes = jnp.sum(jnp.where(lv > 0, _codec.floor_log2(jnp.maximum(lv, 1)), 0))
+    return 3 * n + 2 * (gaps + magnitudes)

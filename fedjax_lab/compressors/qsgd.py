@@ -350,19 +350,6 @@ def _gap_exponents(words: jax.Array) -> jax.Array:
     return within + jnp.where(words != 0, _codec.floor_log2(jnp.maximum(first_gap, 1)), 0)
 
 
-def _sparse_code_bits(lv: jax.Array) -> jax.Array:
-    """``Σ_{l_i > 0} γ(i - previous non-zero) + 1 + γ(l_i)`` for int32 magnitudes ``lv`` (int32).
-
-    The sparse stream's per-non-zero part for any magnitudes (``bits`` uses the narrower
-    :func:`_stream_lengths_jit` for levels bounded by ``s``): ``3 n + 2 (Σ e(gap) + Σ e(l))``.
-    """
-    words = _select._pack_words(lv > 0)
-    n = jnp.sum(jax.lax.population_count(words).astype(jnp.int32))
-    gaps = jnp.sum(_gap_exponents(words))
-    magnitudes = jnp.sum(jnp.where(lv > 0, _codec.floor_log2(jnp.maximum(lv, 1)), 0))
-    return 3 * n + 2 * (gaps + magnitudes)
-
-
 def _host_streams(
     levels: np.ndarray, d: int, nonzero_pos: np.ndarray | None = None
 ) -> tuple[int, int, np.ndarray, np.ndarray]:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from fedjax_lab.compressors import _bernoulli, qsgd, terngrad
-from fedjax_lab.compressors.qsgd import _host_streams, _sparse_code_bits
+from fedjax_lab.compressors.qsgd import _host_streams
 from fedjax_lab.compressors.testing import FAST_COMPILE, check_compressor
+from tests.helpers import sparse_code_bits
 
 NUM_KEYS = 10_000
 
@@ -116,7 +117,7 @@ def test_packed_sparse_code_length_matches_the_host_stream(d):
     spike = np.zeros(d, np.int32)
     spike[-1] = 7  # the only non-zero in the last bit of the last word
     patterns.append(spike)
-    compute = jax.jit(_sparse_code_bits)
+    compute = jax.jit(sparse_code_bits)
     for lv in patterns:
         lv = lv.astype(np.int32)
         _, sparse, _, _ = _host_streams(lv, d)

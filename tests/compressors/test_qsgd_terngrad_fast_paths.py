@@ -14,8 +14,9 @@ import pytest
 
 from fedjax_lab.compressors import _once, _threefry, qsgd, terngrad
 from fedjax_lab.compressors._base import tree_layout
-from fedjax_lab.compressors.qsgd import QSGDPayload, _host_streams, _sparse_code_bits
+from fedjax_lab.compressors.qsgd import QSGDPayload, _host_streams
 from fedjax_lab.compressors.testing import FAST_COMPILE
+from tests.helpers import sparse_code_bits
 
 KEYS = [jax.random.key(0), jax.random.key(2**31 + 5), jax.random.PRNGKey(7)]
 
@@ -223,7 +224,7 @@ def test_sparse_code_bits_for_large_magnitudes_and_gaps():
     lv = np.zeros(d, np.int32)
     lv[[5, 6, 40, 33_000, 69_999]] = [1, 2**20, 3, 2**15 + 1, 7]
     _, sparse, _, _ = _host_streams(lv, d)
-    assert int(jax.jit(_sparse_code_bits)(jnp.asarray(lv))) + d.bit_length() == sparse
+    assert int(jax.jit(sparse_code_bits)(jnp.asarray(lv))) + d.bit_length() == sparse
 
 
 @pytest.mark.parametrize("bucket", [None, 5, 64])
