@@ -17,6 +17,11 @@ with ties broken towards the lower index. This module finds it in O(d) passes:
    with ``key == T``, read out of 32-bit words of flags (one word per 32 coordinates) in
    ascending order.
 
+The score may come in parts (:func:`top_k_parts`, e.g. one per leaf of an update): every pass
+then runs over the parts, whose flag words are concatenated in a *padded index space* where each
+part starts at a multiple of 32, so the update is never flattened into one d-long vector (on
+XLA:CPU writing that vector costs more than the selection's own passes at 10M coordinates).
+
 The output equals ``jnp.sort(lax.top_k(score, k)[1])`` for NaN-free scores (tests pin this on
 adversarial inputs). NaN scores are ordered above every number (their bit patterns are clamped
 to one key); callers poison their payload on non-finite input anyway.
@@ -29,6 +34,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedjax_lab.compressors import _leafwise
 
 _DIGIT = 16  # bits per radix digit: two digits cover a 32-bit key
 _BINS = 1 << _DIGIT
@@ -162,22 +169,96 @@ def _rank_in(keys: jax.Array, valid: jax.Array, rank: jax.Array) -> tuple[jax.Ar
     return (high << _DIGIT) | low, c_high + c_low
 
 
-def _whole_vector_threshold(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def _layout(sizes: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Flat offsets and padded-space starts (each a multiple of 32) of parts of ``sizes``."""
+    offsets, starts, flat, padded = [], [], 0, 0
+    for size in sizes:
+        offsets.append(flat)
+        starts.append(padded)
+        flat += size
+        padded += -(-size // 32) * 32
+    return tuple(offsets), tuple(starts)
+
+
+class _Keys:
+    """Sort keys (:func:`sortable_keys`) given in parts, addressed in the padded index space.
+
+    Part ``l`` (flat offset ``offsets[l]``, size ``sizes[l]``) occupies positions
+    ``starts[l] ..`` with every ``starts[l]`` a multiple of 32, so each part packs into whole
+    flag words of its own and the concatenated words are the flags of the padded space (the
+    padding bits are zero). One part is the flat vector itself.
+    """
+
+    def __init__(self, parts: list[jax.Array]):
+        self.parts = [part for part in parts if part.shape[0]]
+        self.sizes = tuple(part.shape[0] for part in self.parts)
+        self.size = sum(self.sizes)
+        self.offsets, self.starts = _layout(self.sizes)
+        # One past the last part's last position: what unused slots point at.
+        self.end = self.starts[-1] + self.sizes[-1] if self.sizes else 0
+
+    def words(self, flag_fn) -> jax.Array:
+        """Packed flag words of ``flag_fn(keys)``, part by part."""
+        words = [_pack_words(flag_fn(part)) for part in self.parts]
+        return words[0] if len(words) == 1 else jnp.concatenate(words)
+
+    def histogram(self, digit_fn) -> jax.Array:
+        """:func:`_histogram` of ``digit_fn(keys)`` over every part."""
+        hist = jnp.zeros((_BINS,), jnp.int32)
+        for part in self.parts:
+            hist = hist.at[digit_fn(part)].add(1, mode="drop")
+        return hist
+
+    def sample(self, stride: int) -> jax.Array:
+        """``keys[::stride]`` of the flat order: each part from its first multiple of stride."""
+        pieces = [
+            part[-offset % stride :: stride]
+            for part, offset in zip(self.parts, self.offsets, strict=True)
+        ]
+        pieces = [piece for piece in pieces if piece.shape[0]]
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+    def gather(self, positions: jax.Array, valid: jax.Array) -> jax.Array:
+        """Keys at the valid ones of ascending padded ``positions`` (others: any value)."""
+        positions = jnp.where(valid, positions, self.end)
+        return _leafwise.gather_parts(self.parts, self.starts, positions)
+
+    def to_flat(self, positions: jax.Array) -> jax.Array:
+        """Flat indices of padded positions inside the parts."""
+        if len(self.parts) == 1:
+            return positions
+        shift = np.array(self.starts) - np.array(self.offsets)  # non-decreasing
+        part = jnp.searchsorted(jnp.asarray(self.starts[1:], jnp.int32), positions, side="right")
+        return positions - jnp.asarray(shift, jnp.int32)[part]
+
+
+def _as_keys(keys: _Keys | jax.Array) -> _Keys:
+    """One vector of keys is a single part."""
+    return keys if isinstance(keys, _Keys) else _Keys([keys])
+
+
+def _whole_vector_threshold(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The k-th largest key ``T`` and ``count(key > T)`` from histograms of every key."""
-    d = keys.shape[0]
-    high, c_high = _digit_of_rank(_histogram((keys >> _DIGIT).astype(jnp.int32)), jnp.int32(k))
-    in_bin = (keys >> _DIGIT) == high
-    bin_count = jnp.sum(in_bin, dtype=jnp.int32)
+    keys = _as_keys(keys)
+    d = keys.size
+    high, c_high = _digit_of_rank(
+        keys.histogram(lambda part: (part >> _DIGIT).astype(jnp.int32)), jnp.int32(k)
+    )
+    in_bin = keys.words(lambda part: (part >> _DIGIT) == high)
     # Low digit: histogram of the bin's keys, from a compacted buffer when the bin fits in it.
     cap = min(d, max(1024, d // 256))
-    positions, valid = _expand(_pack_words(in_bin), cap)
-    low_digits = jnp.where(valid, keys[positions] & np.uint32(_BINS - 1), _BINS)
-    fits = bin_count <= cap
+    positions, valid = _expand(in_bin, cap)
+    low_digits = jnp.where(valid, keys.gather(positions, valid) & np.uint32(_BINS - 1), _BINS)
+    fits = _count(in_bin) <= cap
 
     def whole(carry):
         del carry
-        low = jnp.where(in_bin, keys & np.uint32(_BINS - 1), _BINS).astype(jnp.int32)
-        return jnp.bool_(True), _histogram(low)
+
+        def digits(part):
+            in_part_bin = (part >> _DIGIT) == high
+            return jnp.where(in_part_bin, part & np.uint32(_BINS - 1), _BINS).astype(jnp.int32)
+
+        return jnp.bool_(True), keys.histogram(digits)
 
     # A loop of at most one step rather than lax.cond: under vmap a cond runs both branches,
     # a while loop runs only while some client's bin did not fit.
@@ -188,7 +269,7 @@ def _whole_vector_threshold(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     return (high << _DIGIT) | low, c_high + c_low
 
 
-def _sample_bracket(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _sample_bracket(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(ok, T, count(key > T))`` from a bracket around the k-th largest key ``T``.
 
     A strided sample of about :data:`_SAMPLE` keys gives, from one small histogram of its high
@@ -199,9 +280,10 @@ def _sample_bracket(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.
     for the expected range; then they are compacted and ``T`` is found exactly among them.
     Where ``ok`` is false the other two results are meaningless.
     """
-    d = keys.shape[0]
+    keys = _as_keys(keys)
+    d = keys.size
     stride = max(1, d // _SAMPLE)
-    sample = keys[::stride]
+    sample = keys.sample(stride)
     m = sample.shape[0]
     expected = k * m / d  # rank of T within the sample, from the top
     margin = 4.0 * math.sqrt(expected) + 1.0
@@ -216,16 +298,16 @@ def _sample_bracket(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.
     lo = _digit_of_rank(hist, jnp.int32(lo_rank))[0] << _DIGIT if lo_rank <= m else jnp.uint32(0)
     # Keys in the bracket: ~(lo_rank - hi_rank) sample strides, plus the two partial end bins.
     cap = min(d, 2 * (lo_rank - max(hi_rank, 0) + 2) * stride + 4096)
-    c_above = _count(_pack_words(keys > hi))
-    inside_words = _pack_words((keys >= lo) & (keys <= hi))
+    c_above = _count(keys.words(lambda part: part > hi))
+    inside_words = keys.words(lambda part: (part >= lo) & (part <= hi))
     c_inside = _count(inside_words)
     positions, valid = _expand(inside_words, cap)
-    found, c_found = _rank_in(keys[positions], valid, k - c_above)
+    found, c_found = _rank_in(keys.gather(positions, valid), valid, k - c_above)
     ok = (c_above < k) & (k <= c_above + c_inside) & (c_inside <= cap)
     return ok, found, c_above + c_found
 
 
-def _threshold(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def _threshold(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The k-th largest key ``T`` and ``count(key > T)``.
 
     From :func:`_sample_bracket` where its bracket holds; otherwise (adversarial or heavily
@@ -234,7 +316,8 @@ def _threshold(keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     key that the bracket avoids costs ~35 ms at 10M coordinates on XLA:CPU, the sample and
     the two counting passes a fraction of that.
     """
-    if keys.shape[0] < 2 * _SAMPLE:
+    keys = _as_keys(keys)
+    if keys.size < 2 * _SAMPLE:
         # The "sample" would be every key: its histogram is the whole-vector one, and the
         # bracket's counting passes and buffer only add work (2x under vmap over 1000 vectors
         # of 16384 coordinates).
@@ -271,23 +354,43 @@ def top_k_indices(score: jax.Array, k: int, *, method: str = "auto") -> jax.Arra
       int32 ``[k]``, strictly increasing; equal to ``jnp.sort(lax.top_k(score, k)[1])`` for
       NaN-free ``score``.
     """
-    d = score.shape[0]
+    return top_k_parts([score], k, method=method)
+
+
+def top_k_parts(parts: list[jax.Array], k: int, *, method: str = "auto") -> jax.Array:
+    """:func:`top_k_indices` of ``concat(parts)``, without forming the concatenation.
+
+    Args:
+      parts: float32 vectors (e.g. one per leaf of an update; empty ones allowed).
+      k: static count, ``1 <= k <= d`` (``d`` the parts' total size).
+      method: as in :func:`top_k_indices`.
+
+    Returns:
+      int32 ``[k]`` flat indices into ``concat(parts)``, strictly increasing.
+    """
+    d = sum(part.shape[0] for part in parts)
     if not 1 <= k <= d:
         raise ValueError(f"top_k_indices: k={k} must be in [1, {d}].")
     if method not in ("auto", "radix", "sort"):
         raise ValueError(f"top_k_indices: method must be 'auto', 'radix' or 'sort', got {method!r}")
-    keys = sortable_keys(score)
     if method == "sort" or (method == "auto" and d < RADIX_MIN_SIZE):
+        score = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         # The same keys as signed integers keep their order; lax.top_k puts equal values'
         # lower index first, the tie rule of the radix path.
-        signed = jax.lax.bitcast_convert_type(keys ^ np.uint32(0x80000000), jnp.int32)
+        keys = sortable_keys(score) ^ np.uint32(0x80000000)
+        signed = jax.lax.bitcast_convert_type(keys, jnp.int32)
         return jnp.sort(jax.lax.top_k(signed, k)[1]).astype(jnp.int32)
 
+    sizes = tuple(part.shape[0] for part in parts if part.shape[0])
+    if _layout(sizes)[1][-1] + sizes[-1] > np.iinfo(np.int32).max:
+        # The padded space would overflow int32 positions (d within 31 per part of 2^31).
+        parts = [jnp.concatenate(parts)]
+    keys = _Keys([sortable_keys(part) for part in parts])
     threshold, greater = _threshold(keys, k)
-    above = _pack_words(keys > threshold)
-    ties = _pack_words(keys == threshold)
+    above = keys.words(lambda part: part > threshold)
+    ties = keys.words(lambda part: part == threshold)
     tie_counts = jax.lax.population_count(ties).astype(jnp.int32)
     before = jnp.cumsum(tie_counts) - tie_counts
     keep = jnp.clip(k - greater - before, 0, tie_counts)
-    indices, _ = _expand(above | _first_bits(ties, keep), k)
-    return indices
+    positions, _ = _expand(above | _first_bits(ties, keep), k)
+    return keys.to_flat(positions)

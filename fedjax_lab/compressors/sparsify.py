@@ -66,7 +66,8 @@ def _shell(layout: TreeLayout, k_spec: int | float, scaled: bool, name: str) -> 
 
 
 def _sparsifier(k_spec: int | float, *, scaled: bool, name: str, select) -> Compressor:
-    # select(x, k, key) returns the k kept indices in ascending order.
+    # select(parts, k, key) returns the k kept flat indices in ascending order; the parts are
+    # the update's leaves as float32 vectors (never concatenated: see _leafwise).
     validate_count_spec(k_spec, what=name)
 
     def init(params):
@@ -76,12 +77,13 @@ def _sparsifier(k_spec: int | float, *, scaled: bool, name: str, select) -> Comp
     def encode(updates, state, *, key):
         layout = tree_layout(updates, what=f"{name}.encode(updates)")
         shell = _shell(layout, k_spec, scaled, name)
-        x = layout.flatten(updates)
+        parts = _leafwise.leaves(layout, updates)
         if shell.k:
-            indices = select(x, shell.k, key).astype(jnp.int32)
+            indices = select(parts, shell.k, key).astype(jnp.int32)
+            values = _leafwise.gather_flat(parts, indices)
         else:
-            indices = jnp.zeros((0,), jnp.int32)
-        values = poison(x[indices], _leafwise.all_finite(_leafwise.leaves(layout, updates)))
+            indices, values = jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32)
+        values = poison(values, _leafwise.all_finite(parts))
         return shell.replace(indices=indices, values=values), state
 
     def decode(payload: SparsePayload):
@@ -137,8 +139,8 @@ def rand_k(k: int | float) -> Compressor:
       A stateless :class:`Compressor`.
     """
 
-    def select(x, count, key):
-        d = x.shape[0]
+    def select(parts, count, key):
+        d = sum(part.shape[0] for part in parts)
         key_bits, key_shift = jax.random.split(key)
         # 30 random bits reinterpreted as a positive finite float32 keep their order.
         random_bits = jax.random.bits(key_bits, (d,), jnp.uint32) >> 2
@@ -169,10 +171,10 @@ def top_k(k: int | float) -> Compressor:
       A stateless :class:`Compressor`.
     """
 
-    def select(x, count, key):
+    def select(parts, count, key):
         del key  # deterministic
         # Exact k largest |x| in ascending order, by radix selection instead of a sort.
-        return _select.top_k_indices(jnp.abs(x), count)
+        return _select.top_k_parts([jnp.abs(part) for part in parts], count)
 
     return _sparsifier(k, scaled=False, name="top_k", select=select)
 

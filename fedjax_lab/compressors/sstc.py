@@ -203,8 +203,8 @@ def sstc(
         spec = _spec(updates, "sstc.encode(updates)")
         layout = spec.layout
         leaves = [jnp.asarray(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(updates)]
-        x = layout.flatten(updates)
-        finite = _leafwise.all_finite(_leafwise.leaves(layout, updates))
+        parts = _leafwise.leaves(layout, updates)
+        finite = _leafwise.all_finite(parts)
 
         conv_mats = {i: jnp.abs(leaves[i]).reshape(spec.kernel_size, -1) for i in spec.conv_leaves}
         if spec.num_keep:
@@ -223,9 +223,7 @@ def sstc(
                 scores.append(jnp.where(kept[None, :], conv_mats[i], -1.0).reshape(-1))
             else:
                 scores.append(jnp.abs(leaf).reshape(-1))
-        score = _leafwise.concat_into(layout, scores, jnp.float32)
-
-        mu, positions, signs = ternarize_top(x, score, spec.union_k)
+        mu, positions, signs = ternarize_top(parts, scores, spec.union_k)
         # The kept coordinates are read off `positions` (union_k of them, ascending) instead
         # of scattering a d-long ternary vector and slicing, transposing and concatenating
         # its leaves: each of those was a pass over d.

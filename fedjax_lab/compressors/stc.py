@@ -54,20 +54,26 @@ def ternary_stream_max(cap: int, d: int, golomb_b: int) -> int:
     return _codec.count_width(cap) + cap * (2 + golomb_b) + (d >> golomb_b)
 
 
-def ternarize_top(x: jax.Array, score: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ternarize_top(
+    x: list[jax.Array], score: list[jax.Array], k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """STC core: keeps the ``k`` largest ``score`` entries, ternarizes them with ``μ``.
 
-    Returns ``(mu, positions[k], signs[k])`` with ascending ``positions`` (ties in ``score``
-    keep the lower position) and ``μ = mean |x|`` over the kept entries, computed as
-    ``max · mean(|x|/max)`` so it cannot overflow (``μ = 0`` when ``k = 0``).
+    ``x`` and ``score`` are given in parts (the update's leaves as float32 vectors, matching
+    in size) and stand for their concatenations, which are never formed (see
+    ``_leafwise.gather_flat``). Returns ``(mu, positions[k], signs[k])`` with ascending flat
+    ``positions`` (ties in ``score`` keep the lower position) and ``μ = mean |x|`` over the kept
+    entries, computed as ``max · mean(|x|/max)`` so it cannot overflow (``μ = 0`` when
+    ``k = 0``).
     """
     if k == 0:
         return jnp.float32(0), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int8)
-    positions = _select.top_k_indices(score, k)
-    magnitude = jnp.abs(x[positions])
+    positions = _select.top_k_parts(score, k)
+    kept = _leafwise.gather_flat(x, positions)
+    magnitude = jnp.abs(kept)
     peak = jnp.max(magnitude)
     mu = peak * jnp.mean(magnitude / jnp.where(peak > 0, peak, 1.0))
-    return mu, positions, jnp.sign(x[positions]).astype(jnp.int8)
+    return mu, positions, jnp.sign(kept).astype(jnp.int8)
 
 
 def compact(positions: jax.Array, signs: jax.Array, sentinel: int) -> tuple[jax.Array, jax.Array]:
@@ -176,10 +182,10 @@ def stc(sparsity: float) -> Compressor:
         del key  # deterministic
         layout = tree_layout(updates, what="stc.encode(updates)")
         shell = _shell(layout)
-        x = layout.flatten(updates)
-        mu, positions, signs = ternarize_top(x, jnp.abs(x), shell.k)
+        parts = _leafwise.leaves(layout, updates)
+        mu, positions, signs = ternarize_top(parts, [jnp.abs(part) for part in parts], shell.k)
         indices, signs = compact_ascending(positions, signs)
-        mu = poison(mu, _leafwise.all_finite(_leafwise.leaves(layout, updates)))
+        mu = poison(mu, _leafwise.all_finite(parts))
         return shell.replace(mu=mu, indices=indices, signs=signs), state
 
     def decode(payload: STCPayload):

@@ -165,3 +165,34 @@ def test_scatter_add_leaves_poisons_a_decreasing_order():
     idx = jnp.asarray([7, 2], jnp.int32)
     got = _leafwise.scatter_add_leaves(layout, idx, jnp.ones(2, jnp.float32), idx)
     assert all(np.isnan(np.asarray(leaf)).all() for leaf in jax.tree.leaves(got))
+
+
+def test_gather_flat_equals_indexing_the_concatenation():
+    # Leaves of every relation to the index count n: empty, shorter than n, longer than n.
+    sizes = [15, 0, 40, 12, 1, 300]
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal(size).astype(np.float32) for size in sizes]
+    parts[2][[0, 39]] = [-0.0, np.nan]
+    flat = np.concatenate(parts)
+    d = flat.size
+    run = jax.jit(_leafwise.gather_flat)
+    for n in (1, 2, 13, 41, d):
+        for _ in range(10):
+            idx = np.sort(rng.choice(d, n, replace=False)).astype(np.int32)
+            got = np.asarray(run([jnp.asarray(p) for p in parts], jnp.asarray(idx)))
+            np.testing.assert_array_equal(got.view(np.uint32), flat[idx].view(np.uint32))
+    # Every index at a leaf boundary.
+    bounds = np.cumsum([0, *sizes])
+    idx = np.unique(np.concatenate([bounds[:-1], bounds[1:] - 1]).clip(0, d - 1))
+    got = np.asarray(run([jnp.asarray(p) for p in parts], jnp.asarray(idx, jnp.int32)))
+    np.testing.assert_array_equal(got.view(np.uint32), flat[idx].view(np.uint32))
+
+
+def test_gather_parts_reads_zero_between_and_past_the_parts():
+    # Padded-space use (_select): positions in the gaps between parts or past the last one
+    # (the unused-slot sentinel, repeated) read 0.
+    parts = [jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0])]
+    starts = (0, 32)
+    positions = jnp.asarray([0, 2, 3, 31, 32, 33, 34, 34, 34], jnp.int32)
+    got = jax.jit(_leafwise.gather_parts, static_argnums=1)(parts, starts, positions)
+    np.testing.assert_array_equal(np.asarray(got), [1, 3, 0, 0, 4, 5, 0, 0, 0])

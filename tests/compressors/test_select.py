@@ -203,3 +203,89 @@ def test_expand_matches_flatnonzero_on_both_sides_of_the_recursion(words):
             want = np.flatnonzero(flags)[:size]
             np.testing.assert_array_equal(np.asarray(valid), np.arange(size) < want.size)
             np.testing.assert_array_equal(np.asarray(positions)[: want.size], want)
+
+
+def _split(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    assert sum(sizes) == x.size
+    return np.split(x, np.cumsum(sizes)[:-1])
+
+
+# Part sizes around the 32-coordinate flag words: empty parts, parts shorter than a word,
+# unaligned parts (the padded space has gaps between them) and one aligned part.
+_SMALL_PARTS = [0, 1, 31, 0, 33, 64, 5, 1000, 17, 3816]  # 5000 coordinates
+
+
+@pytest.mark.parametrize("method", ["radix", "sort"])
+def test_parts_match_the_concatenation_on_adversarial_inputs(method):
+    # d = 5000: the whole-vector path (bin buffer 1024) with keys split over unaligned parts;
+    # the tie rule (lower flat index) must hold across part boundaries (all_equal, few_values).
+    d = sum(_SMALL_PARTS)
+    rng = np.random.default_rng(11)
+    inputs = {name: x.astype(np.float32) for name, x in _inputs(d, rng).items()}
+    for k in (1, 2, 40, d // 2, d - 1, d):
+        select = jax.jit(
+            functools.partial(_select.top_k_parts, k=k, method=method),
+            compiler_options=FAST_COMPILE,
+        )
+        for name, x in inputs.items():
+            for score in (x, np.abs(x)):
+                got = np.asarray(select(_split(score, _SMALL_PARTS)))
+                np.testing.assert_array_equal(got, _reference(score, k), err_msg=f"{name} k={k}")
+
+
+@pytest.mark.parametrize("k_fraction", [0.01, 0.5])
+def test_parts_match_the_concatenation_at_strided_sizes(k_fraction):
+    # d = 2^17 + 1000 in unaligned parts: the strided sample runs across part boundaries, the
+    # bracket's buffer gathers keys from several parts, and strided outliers force the
+    # whole-vector fallback on the parts.
+    sizes = [40_001, 0, 7, 65_536, 17, 25_000, 1]
+    sizes.append((1 << 17) + 1000 - sum(sizes))
+    d = sum(sizes)
+    k = max(1, round(k_fraction * d))
+    rng = np.random.default_rng(12)
+    inputs = {
+        name: _inputs(d, rng)[name].astype(np.float32)
+        for name in ("normal", "few_values", "all_equal", "one_bin", "mostly_zero")
+    }
+    inputs["strided_outliers"] = _strided_outliers(d, rng).astype(np.float32)
+    select = jax.jit(functools.partial(_select.top_k_parts, k=k), compiler_options=FAST_COMPILE)
+    for name, x in inputs.items():
+        score = np.abs(x)
+        got = np.asarray(select(_split(score, sizes)))
+        np.testing.assert_array_equal(got, _reference(score, k), err_msg=f"{name} k={k}")
+
+
+def test_parts_sample_is_the_flat_strided_sample():
+    # The bracket's sample (and so which path runs) is exactly keys[::stride] of the flat order.
+    sizes = [0, 13, 100, 1, 64, 333]
+    keys = np.arange(sum(sizes), dtype=np.uint32)
+    parts = _select._Keys([jnp.asarray(p) for p in _split(keys, sizes)])
+    for stride in (1, 2, 7, 32, 500):
+        np.testing.assert_array_equal(np.asarray(parts.sample(stride)), keys[::stride])
+
+
+def test_vmapped_parts_match_the_concatenation():
+    sizes = [20_000, 0, 31, 45_505]
+    d, k = sum(sizes), 655
+    rng = np.random.default_rng(13)
+    rows = [rng.standard_normal(d), _strided_outliers(d, rng), np.full(d, -1.0)]
+    rows = np.stack(rows).astype(np.float32)
+    select = jax.jit(
+        jax.vmap(lambda *parts: _select.top_k_parts(list(parts), k)),
+        compiler_options=FAST_COMPILE,
+    )
+    got = np.asarray(select(*_split_rows(rows, sizes)))
+    for row, indices in zip(rows, got, strict=True):
+        np.testing.assert_array_equal(indices, _reference(row, k))
+
+
+def _split_rows(rows: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(rows, np.cumsum(sizes)[:-1], axis=1)
+
+
+def test_parts_near_the_int32_limit_fall_back_to_one_vector():
+    # Padding each part to whole words would put positions past 2^31 - 1: traced without error.
+    parts = [jax.ShapeDtypeStruct((2**30 + 1,), jnp.float32)] * 2
+    parts[1] = jax.ShapeDtypeStruct((2**30 - 2,), jnp.float32)
+    out = jax.eval_shape(lambda *p: _select.top_k_parts(list(p), 3), *parts)
+    assert out.shape == (3,) and out.dtype == jnp.int32
