@@ -208,9 +208,7 @@ def sstc(
 
         conv_mats = {i: jnp.abs(leaves[i]).reshape(spec.kernel_size, -1) for i in spec.conv_leaves}
         if spec.num_keep:
-            kernel_scores = jnp.concatenate(
-                [jnp.mean(conv_mats[i], axis=0) for i in spec.conv_leaves]
-            )
+            kernel_scores = jnp.concatenate([_row_mean(conv_mats[i]) for i in spec.conv_leaves])
             kernel_ids = _select.top_k_indices(kernel_scores, spec.num_keep)
             keep = jnp.zeros((spec.num_kernels,), bool).at[kernel_ids].set(True)
         else:
@@ -244,6 +242,30 @@ def sstc(
         return payload, state
 
     return Compressor(init, encode, _decode, _bits, _to_bytes, _from_bytes)
+
+
+# Above this many columns XLA:CPU reduces ``[H W, C F]`` over its rows in row order with a
+# scalar loop; at or below it, a vectorised reduction in another order (measured, jax 0.10).
+_SEQUENTIAL_REDUCE_COLUMNS = 32768
+
+
+def _row_mean(mat: jax.Array) -> jax.Array:
+    """``jnp.mean(mat, axis=0)`` with the same bits on XLA:CPU, fast for wide ``mat``.
+
+    Above :data:`_SEQUENTIAL_REDUCE_COLUMNS` columns XLA:CPU's reduction adds the rows in order
+    one column at a time (13-28 ms for the 3.5M kernel coordinates of the 10M benchmark tree);
+    ``H W - 1`` adds of whole rows in the same order vectorise (under 1 ms) and give the same
+    bits, including the mean's division (both become a multiplication by ``1 / H W``). Tests
+    pin the equality on both sides of the switch. Other backends reduce in their own order, so
+    their last bit may differ from their ``jnp.mean``; it only matters for kernel scores
+    within one ulp of each other.
+    """
+    if mat.shape[1] <= _SEQUENTIAL_REDUCE_COLUMNS:
+        return jnp.mean(mat, axis=0)
+    total = mat[0]
+    for row in range(1, mat.shape[0]):
+        total = total + mat[row]
+    return total / jnp.float32(mat.shape[0])
 
 
 def _locate(spec: SSTCSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

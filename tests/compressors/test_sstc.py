@@ -196,3 +196,26 @@ def test_bad_fractions():
         sstc(0.1, 0.0)
     with pytest.raises(ValueError, match=r"sstc: sparsity must be a float in \(0, 1\]"):
         sstc(2.0, 0.5)
+
+
+@pytest.mark.parametrize("kernel_size", [(1, 1), (2, 2), (3, 3), (5, 5), (7, 7)])
+def test_kernel_scores_equal_the_mean_over_rows_bit_for_bit(kernel_size):
+    # SSTC ranks kernels by mean |Δ| over the H x W rows; wide layers take the vectorised row
+    # adds, which must give the bits of jnp.mean (XLA:CPU's reduction) on both sides of the
+    # switch and at the switch itself.
+    from fedjax_lab.compressors.sstc import _SEQUENTIAL_REDUCE_COLUMNS, _row_mean
+
+    rng = np.random.default_rng(sum(kernel_size))
+    hw = kernel_size[0] * kernel_size[1]
+    mean = jax.jit(lambda m: jnp.mean(m, axis=0))
+    for columns in (
+        4099,
+        _SEQUENTIAL_REDUCE_COLUMNS,
+        _SEQUENTIAL_REDUCE_COLUMNS + 1,
+        3 * _SEQUENTIAL_REDUCE_COLUMNS + 5,
+    ):
+        scale = 10.0 ** rng.integers(-3, 4, (hw, columns))
+        mat = np.abs(rng.standard_normal((hw, columns)) * scale).astype(np.float32)
+        got = np.asarray(jax.jit(_row_mean)(mat))
+        want = np.asarray(mean(mat))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=columns)
