@@ -15,7 +15,9 @@ with ties broken towards the lower index. This module finds it in O(d) passes:
    sample, only the time does.
 3. The result is every index with ``key > T`` plus the first ``k - count(key > T)`` indices
    with ``key == T``, read out of 32-bit words of flags (one word per 32 coordinates) in
-   ascending order.
+   ascending order. With a bracket, those words are the words of ``key > hi`` (its first
+   counting pass) plus one bit per selected buffer entry; without, two more passes over every
+   key flag ``key > T`` and ``key == T``.
 
 The score may come in parts (:func:`top_k_parts`, e.g. one per leaf of an update): every pass
 then runs over the parts, whose flag words are concatenated in a *padded index space* where each
@@ -269,8 +271,10 @@ def _whole_vector_threshold(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array,
     return (high << _DIGIT) | low, c_high + c_low
 
 
-def _sample_bracket(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(ok, T, count(key > T))`` from a bracket around the k-th largest key ``T``.
+def _sample_bracket(
+    keys: _Keys | jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(ok, T, count(key > T), words)`` from a bracket around the k-th largest key ``T``.
 
     A strided sample of about :data:`_SAMPLE` keys gives, from one small histogram of its high
     digits, a key range ``[lo, hi]`` expected to hold ``T`` with a margin of 4 standard
@@ -278,7 +282,12 @@ def _sample_bracket(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     keys above ``hi`` and inside the range. ``ok`` says that ``T`` is provably inside
     (``count(key > hi) < k <= count(key >= lo)``) and that the range's keys fit a buffer sized
     for the expected range; then they are compacted and ``T`` is found exactly among them.
-    Where ``ok`` is false the other two results are meaningless.
+
+    ``words`` are the flag words of the selection (:func:`_threshold_words`), built from what
+    the bracket already has: the words of ``key > hi`` plus the buffer's keys above ``T`` and
+    its first ties, set one bit each. Every key outside the buffer is ``> hi`` or ``< lo``, so
+    the two passes over all keys that :func:`_threshold_words` makes are not needed.
+    Where ``ok`` is false the other results are meaningless.
     """
     keys = _as_keys(keys)
     d = keys.size
@@ -298,39 +307,59 @@ def _sample_bracket(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     lo = _digit_of_rank(hist, jnp.int32(lo_rank))[0] << _DIGIT if lo_rank <= m else jnp.uint32(0)
     # Keys in the bracket: ~(lo_rank - hi_rank) sample strides, plus the two partial end bins.
     cap = min(d, 2 * (lo_rank - max(hi_rank, 0) + 2) * stride + 4096)
-    c_above = _count(keys.words(lambda part: part > hi))
+    above_words = keys.words(lambda part: part > hi)
+    c_above = _count(above_words)
     inside_words = keys.words(lambda part: (part >= lo) & (part <= hi))
     c_inside = _count(inside_words)
     positions, valid = _expand(inside_words, cap)
-    found, c_found = _rank_in(keys.gather(positions, valid), valid, k - c_above)
+    inside = keys.gather(positions, valid)
+    found, c_found = _rank_in(inside, valid, k - c_above)
+    greater = c_above + c_found
+    # The buffer is in ascending position order, so its first k - greater ties are the
+    # selection's (lower index first).
+    tie = valid & (inside == found)
+    take = valid & ((inside > found) | (tie & (jnp.cumsum(tie, dtype=jnp.int32) <= k - greater)))
+    bits = jnp.where(take, jnp.uint32(1) << (positions & 31).astype(jnp.uint32), jnp.uint32(0))
+    # Distinct bits of words that have none of them yet: adding them is or-ing them.
+    words = above_words.at[positions >> 5].add(bits, mode="drop")
     ok = (c_above < k) & (k <= c_above + c_inside) & (c_inside <= cap)
-    return ok, found, c_above + c_found
+    return ok, found, greater, words
 
 
-def _threshold(keys: _Keys | jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """The k-th largest key ``T`` and ``count(key > T)``.
+def _threshold_words(keys: _Keys, k: int, threshold: jax.Array, greater: jax.Array) -> jax.Array:
+    """Flag words of every key ``> T`` and the first ``k - count(key > T)`` keys ``== T``."""
+    above = keys.words(lambda part: part > threshold)
+    ties = keys.words(lambda part: part == threshold)
+    tie_counts = jax.lax.population_count(ties).astype(jnp.int32)
+    before = jnp.cumsum(tie_counts) - tie_counts
+    keep = jnp.clip(k - greater - before, 0, tie_counts)
+    return above | _first_bits(ties, keep)
+
+
+def _selected_words(keys: _Keys | jax.Array, k: int) -> jax.Array:
+    """Flag words (padded space) of the ``k`` largest keys, ties to the lower position.
 
     From :func:`_sample_bracket` where its bracket holds; otherwise (adversarial or heavily
-    tied data, or fewer than ``2 * _SAMPLE`` keys) from :func:`_whole_vector_threshold`: the
-    result is exact either way, only the time differs. The scatter-add histogram of every
-    key that the bracket avoids costs ~35 ms at 10M coordinates on XLA:CPU, the sample and
-    the two counting passes a fraction of that.
+    tied data, or fewer than ``2 * _SAMPLE`` keys) from :func:`_whole_vector_threshold` and
+    :func:`_threshold_words`: the result is exact either way, only the time differs. The
+    scatter-add histogram of every key that the bracket avoids costs ~35 ms at 10M
+    coordinates on XLA:CPU, the sample and the two counting passes a fraction of that.
     """
     keys = _as_keys(keys)
+
+    def whole(carry):
+        del carry
+        return jnp.bool_(True), _threshold_words(keys, k, *_whole_vector_threshold(keys, k))
+
     if keys.size < 2 * _SAMPLE:
         # The "sample" would be every key: its histogram is the whole-vector one, and the
         # bracket's counting passes and buffer only add work (2x under vmap over 1000 vectors
         # of 16384 coordinates).
-        return _whole_vector_threshold(keys, k)
-    ok, found, greater = _sample_bracket(keys, k)
-
-    def whole(carry):
-        del carry
-        return (jnp.bool_(True), *_whole_vector_threshold(keys, k))
-
+        return whole(None)[1]
+    ok, _, _, words = _sample_bracket(keys, k)
     # At most one step (see _whole_vector_threshold on why not lax.cond).
-    _, threshold, greater = jax.lax.while_loop(lambda carry: ~carry[0], whole, (ok, found, greater))
-    return threshold, greater
+    _, words = jax.lax.while_loop(lambda carry: ~carry[0], whole, (ok, words))
+    return words
 
 
 def top_k_indices(score: jax.Array, k: int, *, method: str = "auto") -> jax.Array:
@@ -386,11 +415,5 @@ def top_k_parts(parts: list[jax.Array], k: int, *, method: str = "auto") -> jax.
         # The padded space would overflow int32 positions (d within 31 per part of 2^31).
         parts = [jnp.concatenate(parts)]
     keys = _Keys([sortable_keys(part) for part in parts])
-    threshold, greater = _threshold(keys, k)
-    above = keys.words(lambda part: part > threshold)
-    ties = keys.words(lambda part: part == threshold)
-    tie_counts = jax.lax.population_count(ties).astype(jnp.int32)
-    before = jnp.cumsum(tie_counts) - tie_counts
-    keep = jnp.clip(k - greater - before, 0, tie_counts)
-    positions, _ = _expand(above | _first_bits(ties, keep), k)
+    positions, _ = _expand(_selected_words(keys, k), k)
     return keys.to_flat(positions)

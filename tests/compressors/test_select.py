@@ -148,26 +148,35 @@ def test_bracket_holds_on_typical_data_and_falls_back_where_it_cannot():
         "strided_outliers": (np.abs(_strided_outliers(d, rng)), False),
         # One key everywhere: the bracket holds T but all d keys, more than its buffer.
         "all_equal": (np.full(d, 2.5), False),
+        # Few distinct values: T has many ties inside the bracket, which fits its buffer.
+        "few_values": (rng.integers(0, 400, d) * 1.0, True),
     }
-    run = jax.jit(
-        lambda keys: (
+
+    def run(keys):
+        whole = _select._whole_vector_threshold(keys, k)
+        return (
             _select._sample_bracket(keys, k),
-            _select._threshold(keys, k),
-            _select._whole_vector_threshold(keys, k),
-        ),
-        compiler_options=FAST_COMPILE,
-    )
+            _select._selected_words(keys, k),
+            whole,
+            _select._threshold_words(_select._as_keys(keys), k, *whole),
+        )
+
+    run = jax.jit(run, compiler_options=FAST_COMPILE)
     for name, (x, expect_ok) in cases.items():
         keys = _select.sortable_keys(jnp.asarray(x, jnp.float32))
-        (ok, found, found_greater), got, want = run(keys)
+        (ok, found, found_greater, bracket_words), got_words, want, want_words = run(keys)
         assert bool(ok) == expect_ok, name
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(got_words), np.asarray(want_words), name)
         if expect_ok:
             assert (int(found), int(found_greater)) == tuple(int(w) for w in want), name
-        # The definition: T is the k-th largest key, `greater` counts the keys above it.
+            np.testing.assert_array_equal(np.asarray(bracket_words), np.asarray(want_words), name)
+        # The definitions: T is the k-th largest key, `greater` counts the keys above it, the
+        # words flag every key above T and the lowest-index ties up to k.
         ordered = np.sort(np.asarray(keys).astype(np.int64))[::-1]
-        assert int(got[0]) == ordered[k - 1], name
-        assert int(got[1]) == int(np.sum(ordered > ordered[k - 1])), name
+        assert int(want[0]) == ordered[k - 1], name
+        assert int(want[1]) == int(np.sum(ordered > ordered[k - 1])), name
+        flags = np.unpackbits(np.asarray(want_words).view(np.uint8), bitorder="little")[:d]
+        np.testing.assert_array_equal(np.flatnonzero(flags), _reference(x, k), name)
 
 
 def test_vmapped_rows_some_bracketed_some_falling_back():
