@@ -189,15 +189,33 @@ class _Keys:
     ``starts[l] ..`` with every ``starts[l]`` a multiple of 32, so each part packs into whole
     flag words of its own and the concatenated words are the flags of the padded space (the
     padding bits are zero). One part is the flat vector itself.
+
+    The keys may be given as ``sources`` and ``key_fn(i, sources[i])`` (elementwise, cheap):
+    :meth:`fresh` then recomputes them from the sources. A fallback inside a while loop must
+    use fresh keys: keys captured by the loop body are loop operands, which XLA materialises
+    (a 40 MB write at 10M coordinates, on every call, though the loop rarely runs), where the
+    sources are usually buffers already (the update's leaves).
     """
 
-    def __init__(self, parts: list[jax.Array]):
-        self.parts = [part for part in parts if part.shape[0]]
+    def __init__(self, sources: list[jax.Array], key_fn=None):
+        self._sources = [(i, source) for i, source in enumerate(sources) if source.shape[0]]
+        self._key_fn = key_fn
+        self.parts = [
+            source if key_fn is None else key_fn(i, source) for i, source in self._sources
+        ]
         self.sizes = tuple(part.shape[0] for part in self.parts)
         self.size = sum(self.sizes)
         self.offsets, self.starts = _layout(self.sizes)
         # One past the last part's last position: what unused slots point at.
         self.end = self.starts[-1] + self.sizes[-1] if self.sizes else 0
+
+    def fresh(self) -> _Keys:
+        """The same keys, recomputed from the sources (see the class docstring)."""
+        if self._key_fn is None:
+            return self
+        sources = [source for _, source in self._sources]
+        ids = [i for i, _ in self._sources]
+        return _Keys(sources, lambda j, source: self._key_fn(ids[j], source))
 
     def words(self, flag_fn) -> jax.Array:
         """Packed flag words of ``flag_fn(keys)``, part by part."""
@@ -349,7 +367,8 @@ def _selected_words(keys: _Keys | jax.Array, k: int) -> jax.Array:
 
     def whole(carry):
         del carry
-        return jnp.bool_(True), _threshold_words(keys, k, *_whole_vector_threshold(keys, k))
+        fresh = keys.fresh()
+        return jnp.bool_(True), _threshold_words(fresh, k, *_whole_vector_threshold(fresh, k))
 
     if keys.size < 2 * _SAMPLE:
         # The "sample" would be every key: its histogram is the whole-vector one, and the
@@ -386,13 +405,18 @@ def top_k_indices(score: jax.Array, k: int, *, method: str = "auto") -> jax.Arra
     return top_k_parts([score], k, method=method)
 
 
-def top_k_parts(parts: list[jax.Array], k: int, *, method: str = "auto") -> jax.Array:
+def top_k_parts(
+    parts: list[jax.Array], k: int, *, method: str = "auto", score=None
+) -> jax.Array:
     """:func:`top_k_indices` of ``concat(parts)``, without forming the concatenation.
 
     Args:
       parts: float32 vectors (e.g. one per leaf of an update; empty ones allowed).
       k: static count, ``1 <= k <= d`` (``d`` the parts' total size).
       method: as in :func:`top_k_indices`.
+      score: optional ``score(i, parts[i])``, an elementwise-cheap function giving part
+        ``i``'s scores (e.g. ``|x|``); the selection then ranks the scores. It is re-applied
+        wherever the scores are read instead of being materialised.
 
     Returns:
       int32 ``[k]`` flat indices into ``concat(parts)``, strictly increasing.
@@ -403,17 +427,24 @@ def top_k_parts(parts: list[jax.Array], k: int, *, method: str = "auto") -> jax.
     if method not in ("auto", "radix", "sort"):
         raise ValueError(f"top_k_indices: method must be 'auto', 'radix' or 'sort', got {method!r}")
     if method == "sort" or (method == "auto" and d < RADIX_MIN_SIZE):
-        score = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        if score is not None:
+            parts = [score(i, part) for i, part in enumerate(parts)]
+        flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         # The same keys as signed integers keep their order; lax.top_k puts equal values'
         # lower index first, the tie rule of the radix path.
-        keys = sortable_keys(score) ^ np.uint32(0x80000000)
+        keys = sortable_keys(flat) ^ np.uint32(0x80000000)
         signed = jax.lax.bitcast_convert_type(keys, jnp.int32)
         return jnp.sort(jax.lax.top_k(signed, k)[1]).astype(jnp.int32)
 
     sizes = tuple(part.shape[0] for part in parts if part.shape[0])
     if _layout(sizes)[1][-1] + sizes[-1] > np.iinfo(np.int32).max:
         # The padded space would overflow int32 positions (d within 31 per part of 2^31).
-        parts = [jnp.concatenate(parts)]
-    keys = _Keys([sortable_keys(part) for part in parts])
+        if score is not None:
+            parts = [score(i, part) for i, part in enumerate(parts)]
+        parts, score = [jnp.concatenate(parts)], None
+    if score is None:
+        keys = _Keys(parts, lambda i, part: sortable_keys(part))
+    else:
+        keys = _Keys(parts, lambda i, part: sortable_keys(score(i, part)))
     positions, _ = _expand(_selected_words(keys, k), k)
     return keys.to_flat(positions)

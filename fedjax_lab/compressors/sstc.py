@@ -202,26 +202,32 @@ def sstc(
         del key  # deterministic
         spec = _spec(updates, "sstc.encode(updates)")
         layout = spec.layout
-        leaves = [jnp.asarray(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(updates)]
         parts = _leafwise.leaves(layout, updates)
         finite = _leafwise.all_finite(parts)
 
-        conv_mats = {i: jnp.abs(leaves[i]).reshape(spec.kernel_size, -1) for i in spec.conv_leaves}
+        def conv_mat(i):  # HWIO kernel leaf i as [H W, C F]: column = kernel, row = element
+            return jnp.abs(parts[i]).reshape(spec.kernel_size, -1)
+
+        keep = {}
         if spec.num_keep:
-            kernel_scores = jnp.concatenate([_row_mean(conv_mats[i]) for i in spec.conv_leaves])
+            kernel_scores = jnp.concatenate([_row_mean(conv_mat(i)) for i in spec.conv_leaves])
             kernel_ids = _select.top_k_indices(kernel_scores, spec.num_keep)
-            keep = jnp.zeros((spec.num_kernels,), bool).at[kernel_ids].set(True)
+            kept = jnp.zeros((spec.num_kernels,), bool).at[kernel_ids].set(True)
+            offsets = spec.kernel_offsets
+            for n, i in enumerate(spec.conv_leaves):
+                keep[i] = kept[offsets[n] : offsets[n + 1]]
         else:
             kernel_ids = jnp.zeros((0,), jnp.int32)
-        scores, offsets = [], spec.kernel_offsets
-        for i, leaf in enumerate(leaves):
-            if i in conv_mats:
-                n = spec.conv_leaves.index(i)
-                kept = keep[offsets[n] : offsets[n + 1]]
-                scores.append(jnp.where(kept[None, :], conv_mats[i], -1.0).reshape(-1))
-            else:
-                scores.append(jnp.abs(leaf).reshape(-1))
-        mu, positions, signs = ternarize_top(parts, scores, spec.union_k)
+
+        def score(i, part):
+            # |Δ| of the union U: kept kernels and non-conv coordinates; -1 ranks the
+            # other kernels' coordinates below all of U.
+            if i not in keep:
+                return jnp.abs(part)
+            mat = jnp.abs(part).reshape(spec.kernel_size, -1)
+            return jnp.where(keep[i][None, :], mat, -1.0).reshape(-1)
+
+        mu, positions, signs = ternarize_top(parts, spec.union_k, score)
         # The kept coordinates are read off `positions` (union_k of them, ascending) instead
         # of scattering a d-long ternary vector and slicing, transposing and concatenating
         # its leaves: each of those was a pass over d.
