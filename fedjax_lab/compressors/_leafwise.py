@@ -128,8 +128,10 @@ def scatter_add_leaves(
             window_values = jax.lax.dynamic_slice(padded_values, (starts[leaf],), (window,))
         local = window_indices - offset
         local = jnp.where((local >= 0) & (local < size), local, size)  # size: dropped
-        part = jnp.zeros((size,), jnp.float32).at[local].add(window_values, mode="drop")
-        part = jnp.where(ordered, part, jnp.nan)
+        # A broken order starts every leaf from NaN (NaN + anything stays NaN): one fill, where
+        # selecting NaN after the scatter was another pass over the leaf.
+        fill = jnp.where(ordered, jnp.float32(0), jnp.float32(jnp.nan))
+        part = jnp.full((size,), fill).at[local].add(window_values, mode="drop")
         leaves.append(part.reshape(shape).astype(dtype))
     return jax.tree.unflatten(layout.treedef, leaves)
 
