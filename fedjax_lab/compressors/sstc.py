@@ -303,11 +303,18 @@ def _decode(payload: SSTCPayload):
     mu = payload.mu
     leaves: list[Any] = [None] * len(layout.shapes)
     if spec.conv_leaves:
-        values = jnp.zeros((spec.num_kernels, spec.kernel_size), jnp.float32)
-        values = values.at[payload.kernel_ids].add(payload.kernel_trits.astype(jnp.float32) * mu)
-        offsets = spec.kernel_offsets
+        # Each kept kernel is a column of its leaf viewed as [H W, C F]: scattered there
+        # directly, instead of into a [kernels, H W] buffer that every leaf then transposes
+        # (two more passes over the conv coordinates).
+        columns = (payload.kernel_trits.astype(jnp.float32) * mu).T
+        ids, offsets = payload.kernel_ids, spec.kernel_offsets
         for n, i in enumerate(spec.conv_leaves):
-            leaves[i] = values[offsets[n] : offsets[n + 1]].T.reshape(layout.shapes[i])
+            cols = spec.conv_channels[n]
+            local = ids - offsets[n]
+            local = jnp.where((local >= 0) & (local < cols), local, cols)  # cols: dropped
+            leaf = jnp.zeros((spec.kernel_size, cols), jnp.float32)
+            leaf = leaf.at[:, local].add(columns, mode="drop")
+            leaves[i] = leaf.reshape(layout.shapes[i])
     if spec.nc_leaves:
         # The non-conv leaves as a layout of their own: their entries scatter straight into
         # them (no nc_size-long buffer to slice), zero-sign padding only into the first.
