@@ -26,16 +26,21 @@ Executions (``execution=``, all computing the same runs; :func:`resolve_executio
   own steps instead of the sweep's longest) called from Python for every (seed, point, round),
   dispatched asynchronously; its clients follow the round's own plan rule
   (``backends.vmap.resolve_plan``: vmapped, or for conv models on CPU a traced loop with
-  unrolled local steps). It is 16 sequential runs' execution with one compilation instead of
-  16 and without the runner's per-round host work;
+  unrolled local steps). Or, with ``packing``, each round packed like the vmap backend packs
+  it (``backends.packed``: clients back to back in slots, a segment of steps per call; the
+  runner's cost model picks at most two layouts for the whole sweep, so a few programs are
+  compiled once). It is 16 sequential runs' execution with one compilation instead of 16 and
+  without the runner's per-round host work;
 * ``auto`` (default): on CPU ``host`` for conv models, ``vmap`` for small dense models
-  (``host`` where skewed client sizes make padding to the longest round cost > 2x the steps)
-  and ``host`` with unrolled clients for larger ones; ``vmap`` off CPU.
+  (``host`` where skewed client sizes make padding to the longest round cost > 2x the steps;
+  its rounds packed where padding to each round's longest client costs > 2x) and ``host``
+  with packed rounds for larger ones; ``vmap`` off CPU.
 
 Scope: float hyperparameters only (integer ones change shapes), the vmap round without
-chunking, no availability/time model. Memory of ``vmap`` grows with seeds x points (every
-run's cohort computation is batched), which suits the small/medium models sweeps are used for;
-``host`` and ``map`` with one point hold one run's working set.
+chunking, no availability/time model; only the ``host`` execution packs. Memory of ``vmap``
+grows with seeds x points (every run's cohort computation is batched), which suits the
+small/medium models sweeps are used for; ``host`` and ``map`` with one point hold one run's
+working set.
 
 Speed (``benchmarks/sweep_speedup.py`` and ``benchmarks/sweep_breakdown.py``, numbers in
 docs/design.md "Sweep executions"): every execution saves the N-1 extra compilations; once
@@ -105,7 +110,7 @@ PACKING_LIMIT = 2.0
 
 def resolve_execution(
     execution: str, points_per_batch: int | None, client_plan: str, params: Params,
-    clients: int, steps: int, num_points: int, padding: float = 1.0,
+    clients: int, steps: int, num_points: int, padding: float = 1.0, *, packable: bool = False,
 ) -> tuple[str, int | None, str]:
     """The concrete ``(execution, points_per_batch, client_plan)`` a sweep runs.
 
@@ -164,12 +169,42 @@ def resolve_execution(
         return "vmap", None, plan
     if has_conv(params):
         return "host", None, plan
-    size = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    if size <= VMAP_PARAMETER_LIMIT:
+    if model_size(params) <= VMAP_PARAMETER_LIMIT:
         return ("vmap" if padding <= PADDING_LIMIT else "host"), None, plan
-    if client_plan == "auto" and clients * steps <= UNROLL_LIMIT:
+    if client_plan == "auto" and clients * steps <= UNROLL_LIMIT and not packable:
         plan = "unrolled"  # XLA:CPU: C small dots beat one dot batched over C (the MLP)
     return "host", None, plan
+
+
+def model_size(params: Params) -> int:
+    """Parameters of one run (``params`` may be shapes)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def resolve_packing(packing: str, execution: str, params: Params, round_padding: float) -> str:
+    """The packing policy mode (``"on"``, ``"auto"`` or ``"off"``) of a sweep's rounds.
+
+    Only the ``host`` execution packs (the scanned executions need one shape for every round).
+    Under ``packing="auto"`` (the rule of :func:`resolve_execution`, measured there): on CPU,
+    dense models above ``VMAP_PARAMETER_LIMIT`` parameters are always packed (``"on"``: the
+    cost model picks the layout, one slot on CPU), other models when their rounds padded to
+    each round's longest client compute more than ``PACKING_LIMIT`` x the real steps
+    (``"auto"``: the cost model may still keep the padded rounds).
+
+    Args:
+      packing: the user's ``"auto"``, ``"on"`` or ``"off"``.
+      execution: the resolved execution.
+      params: one run's parameters (or their shapes).
+      round_padding: clients x each round's own local steps over the real local steps (>= 1).
+    """
+    if execution != "host" or packing == "off":
+        return "off"
+    if packing == "on":
+        return "on"
+    if (jax.default_backend() == "cpu" and not has_conv(params)
+            and model_size(params) > VMAP_PARAMETER_LIMIT):
+        return "on"
+    return "auto" if round_padding > PACKING_LIMIT else "off"
 
 
 def _round_inputs(cohort_arrays, round_steps, s: int, r: int) -> tuple:
@@ -210,10 +245,9 @@ def plan_packed_rounds(
     The runner's own machinery decides: ``VmapBackend.plan_rounds`` with every round's client
     steps (the cost model of ``backends.packed.PackingPolicy`` picks at most two layouts, or
     the padded rounds), then ``VmapBackend.layout`` packs each round. A layout's compilation
-    is paid once per sweep but its steps by every grid point's run, so the schedule is counted
-    ``num_points`` times. Under ``packing="auto"`` rounds are packed only when running each at
-    its own step count computes more than ``PACKING_LIMIT`` x the real local steps (see
-    :func:`resolve_execution`).
+    is paid once per sweep but its steps by every grid point's run, so the policy plans with
+    its cost model's compile seconds divided by ``num_points`` (a copy: ``policy`` itself is
+    left as given). Whether to pack at all is :func:`resolve_packing`'s rule.
 
     Args:
       probe: the algorithm built for one grid point (its client update and shapes).
@@ -227,18 +261,18 @@ def plan_packed_rounds(
     """
     mask = cohorts["mask"]
     num_seeds, rounds, clients = mask.shape[:3]
-    none: list[list[PackedLayout | None]] = [[None] * rounds for _ in range(num_seeds)]
+    layouts: list[list[PackedLayout | None]] = [[None] * rounds for _ in range(num_seeds)]
     if policy.packing == "off" or not is_local_update(probe.client_update):
-        return none
+        return layouts
     real = client_steps(cohorts)
     own = cohorts["steps"]
-    chosen = policy.packing == "on" or policy.slots is not None
-    if not chosen and own.sum() * clients <= PACKING_LIMIT * max(int(real.sum()), 1):
-        return none
-    backend = VmapBackend("vmap", packing=policy)
+    cost = policy.cost_model()
+    backend = VmapBackend("vmap", packing=packed.PackingPolicy(
+        policy.packing, slots=policy.slots, segment_steps=policy.segment_steps,
+        cost=dataclasses.replace(cost, compile_seconds=cost.compile_seconds / num_points),
+        max_layouts=policy.max_layouts))
     pairs = [(s, r) for s in range(num_seeds) for r in range(rounds)]
-    backend.plan_rounds([real[s, r] for s, r in pairs] * num_points,
-                        [int(own[s, r]) for s, r in pairs] * num_points)
+    backend.plan_rounds([real[s, r] for s, r in pairs], [int(own[s, r]) for s, r in pairs])
     server_state = jax.eval_shape(probe.init, params)
     initial = jax.eval_shape(probe.client_init, params)
     states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((clients, *x.shape), x.dtype), initial)
@@ -247,8 +281,8 @@ def plan_packed_rounds(
         cohort = Cohort(arrays=table, index=cohorts["index"][s, r, :, :steps],
                         mask=mask[s, r, :, :steps], weight=cohorts["weight"][s, r],
                         client_ids=cohorts["client_ids"][s, r])
-        none[s][r] = backend.layout(probe, server_state, states, cohort, client_plan)
-    return none
+        layouts[s][r] = backend.layout(probe, server_state, states, cohort, client_plan)
+    return layouts
 
 
 def _host_runs(programs, hvals, params0, roots, seed_rounds, table, eval_arrays):
@@ -598,10 +632,10 @@ def sweep(
         argument (closed-over arrays would be embedded in the program as constants: slow to
         compile for a dataset).
       packing: whether the ``host`` execution packs each round's clients into slots like the
-        vmap backend (``backends.packed.PACKING``): ``"auto"`` (when padding is costly, see
-        :func:`resolve_execution`; the runner's cost model picks the layouts), ``"on"`` (pack
-        every round; only with the ``host`` execution) or ``"off"``; or a
-        ``backends.packed.PackingPolicy`` (e.g. fixed slots and segment length). Same runs
+        vmap backend (``backends.packed.PACKING``): ``"auto"`` (:func:`resolve_packing`; the
+        runner's cost model picks the layouts), ``"on"`` (pack every round; only with the
+        ``host`` execution) or ``"off"``; or a ``backends.packed.PackingPolicy`` used as
+        given by the ``host`` execution (e.g. fixed slots and segment length). Same runs
         either way; ``SweepResult.computed_steps`` says what was computed.
 
     Returns:
@@ -621,8 +655,6 @@ def sweep(
     if not isinstance(packing, packed.PackingPolicy) and packing not in packed.PACKING:
         raise ValueError(f"packing must be one of {packed.PACKING} or a PackingPolicy, got "
                          f"{packing!r}")
-    policy = packing if isinstance(packing, packed.PackingPolicy) else packed.PackingPolicy(
-        packing)
     if points_per_batch is not None and execution in ("vmap", "host"):
         raise ValueError(f"points_per_batch groups points for execution='map' (or 'auto'); "
                          f"drop it or use execution='map', got execution={execution!r}")
@@ -651,12 +683,21 @@ def sweep(
     steps = int(cohorts["mask"].shape[3])
     one_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params0)
     padding = cohorts["steps"].size * steps / cohorts["steps"].sum()
+    given = packing if isinstance(packing, packed.PackingPolicy) else None
+    packable = is_local_update(probe.client_update) and (
+        given.packing if given is not None else packing) != "off"
     execution, points_per_batch, client_plan = resolve_execution(
         execution, points_per_batch, client_plan, one_params, slots, steps, len(points),
-        padding)
-    if (policy.packing == "on" or policy.slots is not None) and execution != "host":
+        padding, packable=packable)
+    if (packing == "on" or (given is not None and (given.packing == "on" or given.slots))) and (
+            execution != "host"):
         raise ValueError(f"packing='on' packs the rounds of execution='host' (the scanned "
                          f"executions need one shape for every round); got {execution!r}")
+    round_padding = slots * cohorts["steps"].sum() / max(int(client_steps(cohorts).sum()), 1)
+    # A given policy is the host execution's as it is; a mode goes through the measured rule.
+    policy = given if given is not None and execution == "host" else packed.PackingPolicy(
+        resolve_packing("off" if given is not None else packing, execution, one_params,
+                        round_padding))
     backend = VmapBackend("vmap")
     t0 = time.perf_counter()
     layouts = (plan_packed_rounds(probe, policy, client_plan, one_params, table, cohorts,
@@ -772,7 +813,8 @@ def sweep(
                                                              s, r)))
                     continue
                 per_round.append(HostRound(
-                    (jnp.int32(r), cohort_arrays[2][s, r], cohort_arrays[3][s, r]),
+                    (jnp.int32(r), jnp.asarray(cohorts["weight"][s, r]),
+                     jnp.asarray(cohorts["client_ids"][s, r])),
                     layout.slots,
                     tuple(jax.tree.map(jnp.asarray, packed.segment_inputs(piece))
                           for piece in split_layout(layout))))

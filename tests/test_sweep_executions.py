@@ -13,7 +13,13 @@ from fedjax_lab.backends.packed import PackingPolicy
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import top_k, with_error_feedback
 from fedjax_lab.runner import run
-from fedjax_lab.sweep import PACKING_LIMIT, VMAP_PARAMETER_LIMIT, resolve_execution, sweep
+from fedjax_lab.sweep import (
+    PACKING_LIMIT,
+    VMAP_PARAMETER_LIMIT,
+    resolve_execution,
+    resolve_packing,
+    sweep,
+)
 from tests.helpers import LinearModel, make_population
 
 DATA = make_population([7, 12, 3, 9, 15, 5, 8, 10], seed=1)
@@ -270,3 +276,24 @@ def test_auto_packing_leaves_evenly_sized_rounds_padded():
 def test_bad_packing_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         run_sweep("dense", **kwargs)
+
+
+def test_packing_rule():
+    small, large = _shapes((64, 10), (10,)), _shapes((VMAP_PARAMETER_LIMIT, 2))
+    conv = _shapes((5, 5, 1, 32), (32,))
+    # Only the host execution packs; "on"/"off" are obeyed there.
+    assert resolve_packing("on", "vmap", large, 10.0) == "off"
+    assert resolve_packing("off", "host", large, 10.0) == "off"
+    assert resolve_packing("on", "host", small, 1.0) == "on"
+    # Padding under the limit: rounds stay padded; above it the cost model decides.
+    assert resolve_packing("auto", "host", small, PACKING_LIMIT) == "off"
+    assert resolve_packing("auto", "host", small, 2 * PACKING_LIMIT) == "auto"
+    assert resolve_packing("auto", "host", conv, 2 * PACKING_LIMIT) == "auto"
+    if jax.default_backend() == "cpu":
+        # A packable update keeps a larger dense model's clients vmapped (to be packed: one
+        # slot on CPU, clients back to back) instead of unrolling them.
+        assert resolve_execution("auto", None, "auto", large, 10, 2, 16, packable=True) == (
+            "host", None, "vmap")
+        assert resolve_packing("auto", "host", large, 1.0) == "on"
+        assert resolve_execution("auto", None, "auto", large, 10, 2, 16) == (
+            "host", None, "unrolled")
