@@ -15,8 +15,9 @@ the runner packs; a sweep pads every round to the longest round of the sweep). F
   cached.
 * sweep: ``fedjax_lab.sweep.sweep`` over the same N learning rates with each execution of
   ``--executions``: ``vmap_all_points`` (the old default), ``points_per_batch_1`` (points
-  looped inside the one program), ``host`` (one compiled round called per point and round) and
-  ``auto`` (the rule of ``fedjax_lab.sweep.resolve_execution``). ``with_compile`` = host
+  looped inside the one program), ``host`` (one compiled round called per point and round;
+  ``host_padded``/``host_packed`` with its rounds' packing forced off/on) and ``auto`` (the
+  rule of ``fedjax_lab.sweep.resolve_execution``). ``with_compile`` = host
   cohort preparation + compile + execution; ``without_compile`` = preparation + execution.
 
 Both sides include their host-side cohort construction and exclude evaluation. Reports the
@@ -59,6 +60,8 @@ EXECUTIONS = {
     "vmap_all_points": {"execution": "vmap"},
     "points_per_batch_1": {"execution": "map", "points_per_batch": 1},
     "host": {"execution": "host"},
+    "host_padded": {"execution": "host", "packing": "off"},
+    "host_packed": {"execution": "host", "packing": "on"},
     "host_unrolled": {"execution": "host", "client_plan": "unrolled"},
     "vmap_unrolled": {"execution": "vmap", "client_plan": "unrolled"},
     "auto": {"execution": "auto"},
@@ -85,7 +88,7 @@ def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: lis
     def make(lr):
         return fedavg(model, optax.sgd(lr), batch_size=BATCH, local_epochs=EPOCHS)
 
-    seq_first, seq_again, seq_params = [], [], []
+    seq_first, seq_again, seq_params, seq_steps = [], [], [], []
     for lr in lrs:
         algorithm, backend = make(lr), VmapBackend()
         kwargs = {"rounds": rounds, "clients_per_round": PER_ROUND, "seed": seed}
@@ -98,6 +101,8 @@ def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: lis
         jax.block_until_ready(again.server_state.params)
         seq_again.append(time.perf_counter() - t0)
         seq_params.append(jax.device_get(result.server_state.params))
+        seq_steps.append((result.real_steps, result.computed_steps,
+                          [list(d) for d in backend.packing.layouts or ()]))
 
     seq_with, seq_without = float(sum(seq_first)), float(sum(seq_again))
     sizes = np.asarray(data.sizes)
@@ -117,6 +122,9 @@ def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: lis
             "without_compile_seconds": seq_without,
             "per_run_with_compile_seconds": seq_first,
             "per_run_without_compile_seconds": seq_again,
+            "real_steps": float(sum(r for r, _, _ in seq_steps)),
+            "computed_steps": float(sum(c for _, c, _ in seq_steps)),
+            "layouts_of_first_run": seq_steps[0][2],
         },
         "sweeps": {},
         "target_ratio_with_compile": 0.5,
@@ -145,6 +153,9 @@ def bench_model(model_name: str, n: int, rounds: int, seed: int, executions: lis
             "prepare_seconds": res.prepare_seconds,
             "compile_seconds": res.compile_seconds,
             "run_seconds": res.run_seconds,
+            "real_steps": res.real_steps,
+            "computed_steps": res.computed_steps,
+            "packed_layouts": [list(d) for d in res.packed_layouts],
             "ratio_with_compile": sweep_with / seq_with,
             "ratio_without_compile": sweep_without / seq_without,
             "per_run_max_abs_param_difference": diffs,
@@ -212,6 +223,7 @@ def main() -> None:
     if not executions or set(executions) - set(EXECUTIONS):
         parser.error(f"--executions must be a comma list of {', '.join(EXECUTIONS)}, got "
                      f"{args.executions!r}")
+    load_at_start = list(os.getloadavg())
     repeats = []
     for _ in range(args.repeats):
         repeats.append([
@@ -225,6 +237,7 @@ def main() -> None:
         "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "load_average_at_start": load_at_start,
         "load_average_at_end": list(os.getloadavg()),
         "summary": summarize(repeats),
         "repeats": repeats,

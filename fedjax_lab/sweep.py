@@ -26,16 +26,21 @@ Executions (``execution=``, all computing the same runs; :func:`resolve_executio
   own steps instead of the sweep's longest) called from Python for every (seed, point, round),
   dispatched asynchronously; its clients follow the round's own plan rule
   (``backends.vmap.resolve_plan``: vmapped, or for conv models on CPU a traced loop with
-  unrolled local steps). It is 16 sequential runs' execution with one compilation instead of
-  16 and without the runner's per-round host work;
+  unrolled local steps). Or, with ``packing``, each round packed like the vmap backend packs
+  it (``backends.packed``: clients back to back in slots, a segment of steps per call; the
+  runner's cost model picks at most two layouts for the whole sweep, so a few programs are
+  compiled once). It is 16 sequential runs' execution with one compilation instead of 16 and
+  without the runner's per-round host work;
 * ``auto`` (default): on CPU ``host`` for conv models, ``vmap`` for small dense models
-  (``host`` where skewed client sizes make padding to the longest round cost > 2x the steps)
-  and ``host`` with unrolled clients for larger ones; ``vmap`` off CPU.
+  (``host`` where skewed client sizes make padding to the longest round cost > 2x the steps;
+  its rounds packed where padding to each round's longest client costs > 2x) and ``host``
+  with packed rounds for larger ones; ``vmap`` off CPU.
 
 Scope: float hyperparameters only (integer ones change shapes), the vmap round without
-chunking, no availability/time model. Memory of ``vmap`` grows with seeds x points (every
-run's cohort computation is batched), which suits the small/medium models sweeps are used for;
-``host`` and ``map`` with one point hold one run's working set.
+chunking, no availability/time model; only the ``host`` execution packs. Memory of ``vmap``
+grows with seeds x points (every run's cohort computation is batched), which suits the
+small/medium models sweeps are used for; ``host`` and ``map`` with one point hold one run's
+working set.
 
 Speed (``benchmarks/sweep_speedup.py`` and ``benchmarks/sweep_breakdown.py``, numbers in
 docs/design.md "Sweep executions"): every execution saves the N-1 extra compilations; once
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -58,18 +64,27 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.backends.vmap import VmapBackend, has_conv, resolve_plan, unrolled_clients
+from fedjax_lab.backends import packed
+from fedjax_lab.backends.vmap import (
+    VmapBackend,
+    has_conv,
+    packing_mode,
+    resolve_plan,
+    unrolled_clients,
+)
 from fedjax_lab.core import rng as rng_lib
+from fedjax_lab.core.local import is_local_update
 from fedjax_lab.core.types import Algorithm, Cohort, Params
 from fedjax_lab.data.budget import check_cohort_memory
 from fedjax_lab.data.cohort import CohortBuilder
 from fedjax_lab.data.federated import FederatedData, sample_clients
+from fedjax_lab.data.packing import PackedLayout, active_steps, split_layout
 from fedjax_lab.io.run_folder import RunFolder
 from fedjax_lab.io.writers import write_json
 
@@ -88,11 +103,14 @@ VMAP_PARAMETER_LIMIT = 8192
 # "auto" leaves the one-scan executions when padding rounds to the longest one costs more than
 # this factor in local steps (see resolve_execution).
 PADDING_LIMIT = 2.0
+# The host execution packs its rounds (packing="auto") when their clients padded to each
+# round's longest one cost more than this factor in local steps (see resolve_execution).
+PACKING_LIMIT = 2.0
 
 
 def resolve_execution(
     execution: str, points_per_batch: int | None, client_plan: str, params: Params,
-    clients: int, steps: int, num_points: int, padding: float = 1.0,
+    clients: int, steps: int, num_points: int, padding: float = 1.0, *, packable: bool = False,
 ) -> tuple[str, int | None, str]:
     """The concrete ``(execution, points_per_batch, client_plan)`` a sweep runs.
 
@@ -108,14 +126,24 @@ def resolve_execution(
       loop overhead dominate, so batching every point wins: logistic regression), unless
       padding every round to the sweep's longest round more than doubles the local steps
       (``padding > PADDING_LIMIT``, skewed client sizes): then ``host``, whose rounds keep
-      their own step counts. FedProx Synthetic(1,1)'s natural partition (1000 clients,
-      median 76 and max 20148 examples) pads 6.2x: logistic regression's sweep of 16 points
-      without compile took 1.2-1.3x the 16 sequential runs vmapped and 0.46x on the host; the
-      digits population pads 1.3x;
-    * CPU, larger dense models: ``host`` with the clients unrolled (up to ``UNROLL_LIMIT``
+      their own step counts, and are packed (:func:`resolve_packing`) when the clients
+      padded to each round's longest one still cost more than ``PACKING_LIMIT`` x the real
+      steps and the runner's cost model finds packing cheaper. FedProx Synthetic(1,1)'s
+      natural partition (1000 clients, median 76 and max 20148 examples) pads 6.2x to the
+      longest round and 7.3x within rounds: logistic regression's sweep of 16 points
+      without compile took 1.2-1.3x the 16 sequential runs vmapped, 0.65x on the host with
+      padded rounds and 0.29x with packed ones; the digits population pads 1.3x and 1.6x,
+      where packed host rounds took 1.31x (dispatch per segment call dominates a small
+      model; ~0.25x padded on the host, 0.16x vmapped);
+    * CPU, larger dense models: ``host`` with packed rounds when the client update can be
+      packed (``packable``; on CPU the cost model packs one slot: the clients back to back,
+      unbatched dots, no padding), else with the clients unrolled (up to ``UNROLL_LIMIT``
       clients x local steps). XLA:CPU's dots batched over points x clients, and even over
       clients alone, run slower per FLOP than separate per-client dots (the MLP), so the
-      fastest program is the straight-line round of one point, compiled once.
+      fastest program is one point's round compiled once with its clients one at a time.
+      The MLP's 16-point sweep without compile: on Synthetic(1,1) 0.74x the sequential runs
+      packed vs 5.8x with padded vmapped clients; on digits 0.81x packed vs 0.95x unrolled
+      (interleaved: run 1.14 vs 1.37 s, compile 2.9 vs 7.9 s).
 
     The client plan (``client_plan="auto"``) is the round's own rule
     (``backends.vmap.resolve_plan``), except for the larger dense models just named.
@@ -129,6 +157,8 @@ def resolve_execution(
       num_points: grid points.
       padding: the sweep's padded local steps over the rounds' own (``rounds x steps /
         sum of each round's steps``, >= 1).
+      packable: the host execution will pack the rounds (a ``LocalUpdate`` and packing not
+        ``"off"``): larger dense models then keep their clients vmapped, to be packed.
 
     Returns:
       ``(execution, points_per_batch, client_plan)``; ``points_per_batch`` is None unless
@@ -151,12 +181,42 @@ def resolve_execution(
         return "vmap", None, plan
     if has_conv(params):
         return "host", None, plan
-    size = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    if size <= VMAP_PARAMETER_LIMIT:
+    if model_size(params) <= VMAP_PARAMETER_LIMIT:
         return ("vmap" if padding <= PADDING_LIMIT else "host"), None, plan
-    if client_plan == "auto" and clients * steps <= UNROLL_LIMIT:
+    if client_plan == "auto" and clients * steps <= UNROLL_LIMIT and not packable:
         plan = "unrolled"  # XLA:CPU: C small dots beat one dot batched over C (the MLP)
     return "host", None, plan
+
+
+def model_size(params: Params) -> int:
+    """Parameters of one run (``params`` may be shapes)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def resolve_packing(packing: str, execution: str, params: Params, round_padding: float) -> str:
+    """The packing policy mode (``"on"``, ``"auto"`` or ``"off"``) of a sweep's rounds.
+
+    Only the ``host`` execution packs (the scanned executions need one shape for every round).
+    Under ``packing="auto"`` (the rule of :func:`resolve_execution`, measured there): on CPU,
+    dense models above ``VMAP_PARAMETER_LIMIT`` parameters are always packed (``"on"``: the
+    cost model picks the layout, one slot on CPU), other models when their rounds padded to
+    each round's longest client compute more than ``PACKING_LIMIT`` x the real steps
+    (``"auto"``: the cost model may still keep the padded rounds).
+
+    Args:
+      packing: the user's ``"auto"``, ``"on"`` or ``"off"``.
+      execution: the resolved execution.
+      params: one run's parameters (or their shapes).
+      round_padding: clients x each round's own local steps over the real local steps (>= 1).
+    """
+    if execution != "host" or packing == "off":
+        return "off"
+    if packing == "on":
+        return "on"
+    if (jax.default_backend() == "cpu" and not has_conv(params)
+            and model_size(params) > VMAP_PARAMETER_LIMIT):
+        return "on"
+    return "auto" if round_padding > PACKING_LIMIT else "off"
 
 
 def _round_inputs(cohort_arrays, round_steps, s: int, r: int) -> tuple:
@@ -166,24 +226,107 @@ def _round_inputs(cohort_arrays, round_steps, s: int, r: int) -> tuple:
     return jnp.int32(r), index[:, :steps], mask[:, :steps], weight, client_ids
 
 
-def _host_runs(init_c, round_c, hvals, params0, roots, cohort_arrays, round_steps, table,
-               eval_arrays, rounds):
-    """The ``host`` execution: every (seed, point) run as ``rounds`` calls of the round compiled
-    for that round's local steps (``round_c[steps]``), dispatched asynchronously (no host sync
-    until the end)."""
+def client_steps(cohorts: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``[seeds, rounds, C]`` real local steps of every client slot of :func:`prepare_cohorts`."""
+    mask = cohorts["mask"]
+    return active_steps(mask.reshape(-1, *mask.shape[3:])).sum(axis=1).reshape(mask.shape[:3])
+
+
+class HostRound(NamedTuple):
+    """One round of the ``host`` execution, its device inputs shared by every grid point.
+
+    Attributes:
+      xs: padded round: ``(r, index [C, S, B], mask, weight, client_ids)`` with the round's own
+        ``S``; packed round: ``(r, weight, client_ids)``.
+      slots: the packed layout's slot count ``P``, 0 for the padded round.
+      pieces: the packed layout's segment calls (``backends.packed.segment_inputs`` of each
+        ``data.packing.split_layout`` piece); empty for the padded round.
+    """
+
+    xs: tuple
+    slots: int = 0
+    pieces: tuple = ()
+
+
+def plan_packed_rounds(
+    probe: Algorithm, policy: packed.PackingPolicy, client_plan: str, params: Params,
+    table: Any, cohorts: Mapping[str, np.ndarray], num_points: int,
+) -> list[list[PackedLayout | None]]:
+    """Per seed and round, the packed layout the ``host`` execution runs (None: padded).
+
+    The runner's own machinery decides: ``VmapBackend.plan_rounds`` with every round's client
+    steps (the cost model of ``backends.packed.PackingPolicy`` picks at most two layouts, or
+    the padded rounds), then ``VmapBackend.layout`` packs each round. A layout's compilation
+    is paid once per sweep but its steps by every grid point's run, so the policy plans with
+    its cost model's compile seconds divided by ``num_points`` (a copy: ``policy`` itself is
+    left as given). Whether to pack at all is :func:`resolve_packing`'s rule.
+
+    Args:
+      probe: the algorithm built for one grid point (its client update and shapes).
+      policy: the packing policy (``"auto"``, ``"on"`` or ``"off"``, fixed slots...); its
+        planned layouts are set by this call.
+      client_plan: ``"vmap"`` or ``"unrolled"`` (the packed step order follows it).
+      params: one run's parameters (or their shapes).
+      table: the device example table.
+      cohorts: :func:`prepare_cohorts`' host arrays.
+      num_points: grid points.
+    """
+    mask = cohorts["mask"]
+    num_seeds, rounds, clients = mask.shape[:3]
+    layouts: list[list[PackedLayout | None]] = [[None] * rounds for _ in range(num_seeds)]
+    if policy.packing == "off" or not is_local_update(probe.client_update):
+        return layouts
+    real = client_steps(cohorts)
+    own = cohorts["steps"]
+    cost = policy.cost_model()
+    backend = VmapBackend("vmap", packing=packed.PackingPolicy(
+        policy.packing, slots=policy.slots, segment_steps=policy.segment_steps,
+        cost=dataclasses.replace(cost, compile_seconds=cost.compile_seconds / num_points),
+        max_layouts=policy.max_layouts))
+    pairs = [(s, r) for s in range(num_seeds) for r in range(rounds)]
+    backend.plan_rounds([real[s, r] for s, r in pairs], [int(own[s, r]) for s, r in pairs])
+    server_state = jax.eval_shape(probe.init, params)
+    initial = jax.eval_shape(probe.client_init, params)
+    states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((clients, *x.shape), x.dtype), initial)
+    for s, r in pairs:
+        steps = int(own[s, r])
+        cohort = Cohort(arrays=table, index=cohorts["index"][s, r, :, :steps],
+                        mask=mask[s, r, :, :steps], weight=cohorts["weight"][s, r],
+                        client_ids=cohorts["client_ids"][s, r])
+        layouts[s][r] = backend.layout(probe, server_state, states, cohort, client_plan)
+    return layouts
+
+
+def _host_runs(programs, hvals, params0, roots, seed_rounds, table, eval_arrays):
+    """The ``host`` execution: every (seed, point) run as calls of the programs compiled for
+    each round's shape, dispatched asynchronously (no host sync until the end).
+
+    ``programs``: ``init``, ``padded[steps]`` (a whole padded round), and for packed rounds
+    ``packed_init[P]``, ``segment[P, length]`` and ``finish``; ``seed_rounds``: per seed, its
+    :class:`HostRound` list.
+    """
     num_points = next(iter(hvals.values())).shape[0]
     per_seed_metrics, per_seed_params = [], []
-    for s in range(roots.shape[0]):
+    for s, per_round in enumerate(seed_rounds):
         params, root = jax.tree.map(lambda x, s=s: x[s], params0), roots[s]
-        per_round = [_round_inputs(cohort_arrays, round_steps, s, r) for r in range(rounds)]
         point_metrics, point_params = [], []
         for g in range(num_points):
             h = {n: v[g] for n, v in hvals.items()}
-            carry = init_c(h, params)
+            carry = programs["init"](h, params)
             history = []
-            for xs in per_round:
-                steps = xs[2].shape[1]  # the round's own local steps
-                carry, metrics = round_c[steps](h, carry, xs, root, table, eval_arrays)
+            for rnd in per_round:
+                if not rnd.slots:
+                    steps = rnd.xs[2].shape[1]  # the round's own local steps
+                    carry, metrics = programs["padded"][steps](h, carry, rnd.xs, root, table,
+                                                               eval_arrays)
+                else:
+                    slot, buffer, ctx = programs["packed_init"][rnd.slots](h, carry, rnd.xs,
+                                                                           root)
+                    for piece in rnd.pieces:
+                        slot, buffer = programs["segment"][rnd.slots, piece[1].shape[0]](
+                            h, carry[0], ctx, slot, buffer, table, *piece)
+                    carry, metrics = programs["finish"](h, carry, buffer, rnd.xs, root,
+                                                        eval_arrays)
                 history.append(metrics)
             point_metrics.append(jax.tree.map(lambda *v: jnp.stack(v), *history))
             point_params.append(carry[0].params)
@@ -192,6 +335,45 @@ def _host_runs(init_c, round_c, hvals, params0, roots, cohort_arrays, round_step
         per_seed_params.append(jax.tree.map(stack, *point_params))
     stack = lambda *xs: jnp.stack(xs)  # noqa: E731
     return jax.tree.map(stack, *per_seed_metrics), jax.tree.map(stack, *per_seed_params)
+
+
+def _compile_host_programs(seed_rounds, hvals, params0, roots, table, eval_arrays, *, init,
+                           padded, packed_init, segment, finish) -> dict[str, Any]:
+    """Compiles, before any run, every program the ``host`` execution calls (one per shape
+    that its rounds use; the hyperparameters are arguments, so one compilation serves every
+    grid point). The functions are those of :func:`sweep`; see :func:`_host_runs`."""
+    h0 = {n: v[0] for n, v in hvals.items()}
+    p0 = jax.tree.map(lambda x: x[0], params0)
+    init_jit = jax.jit(init)
+    carry0 = jax.eval_shape(init_jit, h0, p0)
+    programs: dict[str, Any] = {"init": init_jit.lower(h0, p0).compile(), "padded": {},
+                                "packed_init": {}, "segment": {}, "finish": None}
+    padded_jit = jax.jit(padded, donate_argnums=(1,))
+    segment_jit = jax.jit(segment, donate_argnums=(3, 4))  # the slots' carries and the buffer
+    finish_jit = jax.jit(finish, donate_argnums=(1,))
+    packed_shapes = {}
+    for rnd in (rnd for per_seed in seed_rounds for rnd in per_seed):
+        if not rnd.slots:
+            steps = rnd.xs[2].shape[1]
+            if steps not in programs["padded"]:
+                programs["padded"][steps] = padded_jit.lower(
+                    h0, carry0, rnd.xs, roots[0], table, eval_arrays).compile()
+            continue
+        if rnd.slots not in programs["packed_init"]:
+            init_p = jax.jit(functools.partial(packed_init, rnd.slots))
+            programs["packed_init"][rnd.slots] = init_p.lower(h0, carry0, rnd.xs,
+                                                              roots[0]).compile()
+            packed_shapes[rnd.slots] = jax.eval_shape(init_p, h0, carry0, rnd.xs, roots[0])
+        slot, buffer, ctx = packed_shapes[rnd.slots]
+        for piece in rnd.pieces:
+            key = (rnd.slots, piece[1].shape[0])
+            if key not in programs["segment"]:
+                programs["segment"][key] = segment_jit.lower(
+                    h0, carry0[0], ctx, slot, buffer, table, *piece).compile()
+        if programs["finish"] is None:
+            programs["finish"] = finish_jit.lower(h0, carry0, buffer, rnd.xs, roots[0],
+                                                  eval_arrays).compile()
+    return programs
 
 
 @dataclass
@@ -212,6 +394,10 @@ class SweepResult:
       execution: the execution that ran (``"vmap"``, ``"map"`` or ``"host"``, see
         :func:`resolve_execution`); points_per_batch: its group size (``map`` only);
         client_plan: how its rounds ran their clients (``"vmap"`` or ``"unrolled"``).
+      real_steps: local steps with a real example, summed over every run and round.
+      computed_steps: client slot-steps the programs computed, summed likewise (a padded
+        round costs clients x its steps, a packed one slots x its length).
+      packed_layouts: the ``(slots, segment)`` layouts of the packed rounds (empty: none).
     """
 
     names: tuple[str, ...]
@@ -227,6 +413,9 @@ class SweepResult:
     execution: str = ""
     points_per_batch: int | None = None
     client_plan: str = ""
+    real_steps: int = 0
+    computed_steps: int = 0
+    packed_layouts: tuple[tuple[int, int], ...] = ()
 
     def rows(self) -> list[dict[str, float]]:
         """One row per (seed, grid point): hyperparameters, seed, final metrics."""
@@ -417,6 +606,7 @@ def sweep(
     client_plan: str = "auto",
     round_eval: Callable[[Params, Any, jax.Array], Mapping[str, jax.Array]] | None = None,
     round_eval_data: Any = None,
+    packing: str | packed.PackingPolicy = "auto",
 ) -> SweepResult:
     """Trains one run per (seed, grid point) in a single compiled program.
 
@@ -439,7 +629,8 @@ def sweep(
         :func:`resolve_execution`): ``"vmap"`` (every point vmapped in one scan over rounds),
         ``"map"`` (groups of ``points_per_batch`` points, default 1, one after another in that
         program), ``"host"`` (one compiled round, hyperparameters as arguments, called per
-        point and round from Python; its clients follow the round's own plan rule) or
+        point and round from Python; its clients follow the round's own plan rule, or the
+        round is packed, see ``packing``) or
         ``"auto"`` (a rule measured on this machine). Every execution computes the same runs.
       client_plan: how each round runs its clients, in every execution (:data:`CLIENT_PLANS`):
         ``"vmap"`` (vmapped, local steps a scan), ``"unrolled"`` (a traced loop with unrolled
@@ -453,6 +644,12 @@ def sweep(
       round_eval_data: a pytree of arrays for ``round_eval``, passed to the program as an
         argument (closed-over arrays would be embedded in the program as constants: slow to
         compile for a dataset).
+      packing: whether the ``host`` execution packs each round's clients into slots like the
+        vmap backend (``backends.packed.PACKING``): ``"auto"`` (:func:`resolve_packing`; the
+        runner's cost model picks the layouts), ``"on"`` (pack every round; only with the
+        ``host`` execution) or ``"off"``; or a ``backends.packed.PackingPolicy`` used as
+        given by the ``host`` execution (e.g. fixed slots and segment length). Same runs
+        either way; ``SweepResult.computed_steps`` says what was computed.
 
     Returns:
       A :class:`SweepResult` with per-round metrics ``[seeds, points, rounds]``.
@@ -468,6 +665,9 @@ def sweep(
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     if client_plan not in CLIENT_PLANS:
         raise ValueError(f"client_plan must be one of {CLIENT_PLANS}, got {client_plan!r}")
+    if not isinstance(packing, packed.PackingPolicy) and packing not in packed.PACKING:
+        raise ValueError(f"packing must be one of {packed.PACKING} or a PackingPolicy, got "
+                         f"{packing!r}")
     if points_per_batch is not None and execution in ("vmap", "host"):
         raise ValueError(f"points_per_batch groups points for execution='map' (or 'auto'); "
                          f"drop it or use execution='map', got execution={execution!r}")
@@ -496,10 +696,34 @@ def sweep(
     steps = int(cohorts["mask"].shape[3])
     one_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params0)
     padding = cohorts["steps"].size * steps / cohorts["steps"].sum()
+    given = packing if isinstance(packing, packed.PackingPolicy) else None
+    packable = is_local_update(probe.client_update) and (
+        given.packing if given is not None else packing) != "off"
     execution, points_per_batch, client_plan = resolve_execution(
         execution, points_per_batch, client_plan, one_params, slots, steps, len(points),
-        padding)
+        padding, packable=packable)
+    if (packing == "on" or (given is not None and (given.packing == "on" or given.slots))) and (
+            execution != "host"):
+        raise ValueError(f"packing='on' packs the rounds of execution='host' (the scanned "
+                         f"executions need one shape for every round); got {execution!r}")
+    round_padding = slots * cohorts["steps"].sum() / max(int(client_steps(cohorts).sum()), 1)
+    # A given policy is the host execution's as it is; a mode goes through the measured rule.
+    policy = given if given is not None and execution == "host" else packed.PackingPolicy(
+        resolve_packing("off" if given is not None else packing, execution, one_params,
+                        round_padding))
     backend = VmapBackend("vmap")
+    t0 = time.perf_counter()
+    layouts = (plan_packed_rounds(probe, policy, client_plan, one_params, table, cohorts,
+                                  len(points))
+               if execution == "host" else [[None] * rounds for _ in seeds])
+    prepare_seconds += time.perf_counter() - t0
+    real_steps = int(client_steps(cohorts).sum()) * len(points)
+    computed_steps = len(points) * sum(
+        (layout.computed_steps if layout is not None
+         else slots * int(cohorts["steps"][s, r] if execution == "host" else steps))
+        for s, per_seed in enumerate(layouts) for r, layout in enumerate(per_seed))
+    packed_layouts = tuple(sorted({(layout.slots, layout.segment) for per_seed in layouts
+                                   for layout in per_seed if layout is not None}))
 
     def build(h):
         algorithm = _build_algorithm(make_algorithm, h)
@@ -518,29 +742,39 @@ def sweep(
         )
         return algorithm.init(params), population
 
-    def round_step(algorithm, carry, xs, root, table, eval_data):
+    def gather_states(population, ids):
+        if not jax.tree.leaves(population):
+            return ()
+        return jax.tree.map(lambda p: p[jnp.where(ids >= 0, ids, 0)], population)
+
+    def round_client_keys(root, r):
+        return rng_lib.client_keys(rng_lib.round_key(root, r), slots)
+
+    def close_round(algorithm, carry, outputs, new_states, r, ids, eval_data):
+        """Aggregate, server update, round evaluation, client states back to the table."""
         server_state, population = carry
-        stateful = bool(jax.tree.leaves(population))
-        r, idx, m, w, ids = xs
-        cohort = Cohort(arrays=table, index=idx, mask=m, weight=w, client_ids=ids)
-        keys = rng_lib.client_keys(rng_lib.round_key(root, r), slots)
-        states = (jax.tree.map(lambda p: p[jnp.where(ids >= 0, ids, 0)], population)
-                  if stateful else ())
-        if client_plan == "vmap":
-            outputs, new_states = backend.client_outputs(
-                algorithm, server_state, states, cohort, keys)
-        else:
-            outputs, new_states = unrolled_clients(algorithm, server_state, states, cohort, keys)
         server_state, metrics = algorithm.server_update(server_state,
                                                         algorithm.aggregate(outputs))
         if round_eval is not None:
             metrics = {**metrics, **round_eval(server_state.params, eval_data, r)}
-        if stateful:  # padded slots (id -1) point past the table and are dropped
+        if jax.tree.leaves(population):  # padded slots (id -1) point past the table: dropped
             target = jnp.where(ids >= 0, ids, num_clients)
             population = jax.tree.map(
                 lambda p, s: p.at[target].set(s, mode="drop"), population, new_states
             )
         return (server_state, population), metrics
+
+    def round_step(algorithm, carry, xs, root, table, eval_data):
+        r, idx, m, w, ids = xs
+        cohort = Cohort(arrays=table, index=idx, mask=m, weight=w, client_ids=ids)
+        keys = round_client_keys(root, r)
+        states = gather_states(carry[1], ids)
+        if client_plan == "vmap":
+            outputs, new_states = backend.client_outputs(
+                algorithm, carry[0], states, cohort, keys)
+        else:
+            outputs, new_states = unrolled_clients(algorithm, carry[0], states, cohort, keys)
+        return close_round(algorithm, carry, outputs, new_states, r, ids, eval_data)
 
     def one_run(h, params, root, index, mask, weight, client_ids, table, eval_data):
         algorithm = build(h)
@@ -557,28 +791,57 @@ def sweep(
         # Groups of points vmapped, groups one after another: bounds the working set.
         return jax.lax.map(lambda hp: one_run(hp, *shared), h, batch_size=points_per_batch)
 
+    # The packed round as the vmap backend runs it (``VmapBackend.packed_round``: init, one
+    # call per segment, finish), each program taking the hyperparameters as arguments.
+    def packed_init(num_slots, h, carry, xs, root):
+        local = build(h).client_update
+        r, w, ids = xs
+        return packed.init_fn(local, num_slots)(carry[0], gather_states(carry[1], ids), w,
+                                                round_client_keys(root, r))
+
+    def packed_segment(h, server_state, ctx, slot_carry, buffer, table, *inputs):
+        local = build(h).client_update
+        return packed.segment_fn(local, packing_mode(client_plan), backend.step_unroll)(
+            server_state, ctx, slot_carry, buffer, table, *inputs)
+
+    def packed_finish(h, carry, buffer, xs, root, eval_data):
+        algorithm = build(h)
+        r, w, ids = xs
+        outputs, new_states = packed.finish_clients(
+            algorithm.client_update, carry[0], gather_states(carry[1], ids), buffer, w,
+            round_client_keys(root, r))
+        return close_round(algorithm, carry, outputs, new_states, r, ids, eval_data)
+
     eval_arrays = jax.tree.map(jnp.asarray, round_eval_data)
     cohort_arrays = (jnp.asarray(cohorts["index"], jnp.int32), jnp.asarray(cohorts["mask"]),
                      jnp.asarray(cohorts["weight"]), jnp.asarray(cohorts["client_ids"]))
     t0 = time.perf_counter()
+    if execution == "host":
+        seed_rounds = []
+        for s, per_seed in enumerate(layouts):
+            per_round = []
+            for r, layout in enumerate(per_seed):
+                if layout is None:
+                    per_round.append(HostRound(_round_inputs(cohort_arrays, cohorts["steps"],
+                                                             s, r)))
+                    continue
+                per_round.append(HostRound(
+                    (jnp.int32(r), jnp.asarray(cohorts["weight"][s, r]),
+                     jnp.asarray(cohorts["client_ids"][s, r])),
+                    layout.slots,
+                    tuple(jax.tree.map(jnp.asarray, packed.segment_inputs(piece))
+                          for piece in split_layout(layout))))
+            seed_rounds.append(per_round)
+    prepare_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
     try:
         if execution == "host":
-            init_fn = jax.jit(lambda h, params: init_carry(build(h), params))
-            round_fn = jax.jit(lambda h, carry, xs, root, table, eval_data: round_step(
-                build(h), carry, xs, root, table, eval_data), donate_argnums=(1,))
-            h0 = {n: v[0] for n, v in hvals.items()}
-            p0 = jax.tree.map(lambda x: x[0], params0)
-            init_c = init_fn.lower(h0, p0).compile()
-            carry0 = jax.eval_shape(init_fn, h0, p0)
-            # One compilation per distinct local-step count (CohortBuilder's ladder has few):
-            # on skewed populations most rounds are far shorter than the longest, and padded
-            # steps cost full compute.
-            round_c = {}
-            for count in np.unique(cohorts["steps"]):
-                s, r = np.argwhere(cohorts["steps"] == count)[0]
-                xs0 = _round_inputs(cohort_arrays, cohorts["steps"], s, r)
-                round_c[int(count)] = round_fn.lower(
-                    h0, carry0, xs0, roots[0], table, eval_arrays).compile()
+            programs = _compile_host_programs(
+                seed_rounds, hvals, params0, roots, table, eval_arrays,
+                init=lambda h, params: init_carry(build(h), params),
+                padded=lambda h, carry, xs, root, table, eval_data: round_step(
+                    build(h), carry, xs, root, table, eval_data),
+                packed_init=packed_init, segment=packed_segment, finish=packed_finish)
         else:
             over_seeds = jax.vmap(over_points, in_axes=(None, 0, 0, 0, 0, 0, 0, None, None))
             args = (hvals, params0, roots, *cohort_arrays, table, eval_arrays)
@@ -591,9 +854,8 @@ def sweep(
     compile_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     if execution == "host":
-        metrics, final_params = _host_runs(init_c, round_c, hvals, params0, roots,
-                                           cohort_arrays, cohorts["steps"], table,
-                                           eval_arrays, rounds)
+        metrics, final_params = _host_runs(programs, hvals, params0, roots, seed_rounds, table,
+                                           eval_arrays)
     else:
         metrics, final_params = compiled(*args)
     metrics, final_params = jax.block_until_ready((metrics, final_params))
@@ -615,6 +877,7 @@ def sweep(
         params=final_params if keep_params else None, prepare_seconds=prepare_seconds,
         compile_seconds=compile_seconds, run_seconds=run_seconds, eval_seconds=eval_seconds,
         execution=execution, points_per_batch=points_per_batch, client_plan=client_plan,
+        real_steps=real_steps, computed_steps=computed_steps, packed_layouts=packed_layouts,
     )
 
 

@@ -9,10 +9,17 @@ import optax
 import pytest
 
 from fedjax_lab.algorithms.fedavg import fedavg
+from fedjax_lab.backends.packed import PackingPolicy
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.compressors import top_k, with_error_feedback
 from fedjax_lab.runner import run
-from fedjax_lab.sweep import VMAP_PARAMETER_LIMIT, resolve_execution, sweep
+from fedjax_lab.sweep import (
+    PACKING_LIMIT,
+    VMAP_PARAMETER_LIMIT,
+    resolve_execution,
+    resolve_packing,
+    sweep,
+)
 from tests.helpers import LinearModel, make_population
 
 DATA = make_population([7, 12, 3, 9, 15, 5, 8, 10], seed=1)
@@ -194,3 +201,99 @@ def test_host_rounds_keep_their_own_steps_on_skewed_sizes():
                   model.init(jax.random.key(1)), rounds=6, clients_per_round=2, seed=5)
         chex.assert_trees_all_close(jax.tree.map(lambda x, g=g: x[0, g], res.params),
                                     ref.server_state.params, atol=1e-5, rtol=0)
+
+
+SKEWED = make_population([60, 1, 2, 3, 1, 2, 3, 1, 30, 5, 4, 2], seed=4)
+
+
+@pytest.mark.parametrize(
+    ("packing", "compressor", "client_plan"),
+    [
+        ("on", None, "vmap"),  # the cost model's layout (one slot on CPU: clients in a row)
+        (PackingPolicy(slots=2, segment_steps=4), None, "vmap"),  # vmapped slots, tail calls
+        (PackingPolicy(slots=2, segment_steps=4), "error_feedback", "vmap"),  # client states
+        (PackingPolicy(slots=2, segment_steps=2), None, "unrolled"),  # straight-line steps
+    ],
+    ids=["on", "two_slots", "two_slots_error_feedback", "two_slots_unrolled"],
+)
+def test_packed_host_rounds_equal_the_runner(packing, compressor, client_plan):
+    # A heavy-tailed population (one client 15 steps at batch 4, most one step): the host
+    # execution packs each round's clients into slots like the vmap backend, and every
+    # (seed, point) run still equals runner.run, with the stateful algorithm's residuals
+    # gathered and scattered by client id around the packed round.
+    model = MODELS["dense"]
+    comp = with_error_feedback(top_k(3)) if compressor else None
+    seeds, lrs = [5, 6], [0.1, 0.3]
+    res = sweep(lambda h: make_algorithm(model, h["client_lr"], 1.0, comp), {"client_lr": lrs},
+                SKEWED, lambda s: model.init(jax.random.key(s)), seeds=seeds, rounds=6,
+                clients_per_round=4, execution="host", packing=packing, client_plan=client_plan)
+    assert res.packed_layouts and res.client_plan == client_plan
+    for s, seed in enumerate(seeds):
+        for g, lr in enumerate(lrs):
+            ref = run(make_algorithm(model, lr, 1.0, comp), VmapBackend("vmap", packing="off"),
+                      SKEWED, model.init(jax.random.key(seed)), rounds=6, clients_per_round=4,
+                      seed=seed)
+            chex.assert_trees_all_close(jax.tree.map(lambda x, s=s, g=g: x[s, g], res.params),
+                                        ref.server_state.params, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(res.history["train_loss"][s, g],
+                                       [rec["train_loss"] for rec in ref.history], atol=1e-5,
+                                       rtol=0)
+
+
+def test_packed_host_rounds_compute_fewer_steps_than_padded_ones():
+    model = MODELS["dense"]
+
+    def host(packing):
+        return sweep(lambda h: make_algorithm(model, h["client_lr"], 1.0), {"client_lr": [0.2]},
+                     SKEWED, model.init(jax.random.key(1)), seeds=[5], rounds=6,
+                     clients_per_round=4, execution="host", packing=packing)
+
+    padded, packed = host("off"), host(PackingPolicy(slots=2, segment_steps=4))
+    assert padded.packed_layouts == () and packed.packed_layouts == ((2, 4),)
+    assert padded.real_steps == packed.real_steps > 0
+    # Padded: 4 clients x each round's own steps; packed: 2 slots x each layout's length.
+    assert packed.computed_steps < 0.6 * padded.computed_steps
+    chex.assert_trees_all_close(packed.params, padded.params, atol=1e-5, rtol=0)
+
+
+def test_auto_packing_leaves_evenly_sized_rounds_padded():
+    # DATA's clients have 1-4 steps: the rounds' own padding stays under PACKING_LIMIT, so the
+    # host execution keeps its one program per step count (no cost-model probe, no layouts).
+    res = run_sweep("dense", execution="host")
+    assert res.packed_layouts == ()
+    assert res.computed_steps <= PACKING_LIMIT * res.real_steps
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"packing": "always"}, "packing must be one of"),
+        ({"execution": "vmap", "packing": "on"}, "packs the rounds of execution='host'"),
+        ({"execution": "map", "packing": PackingPolicy(slots=2)}, "packs the rounds"),
+    ],
+    ids=["unknown", "vmap_on", "map_slots"],
+)
+def test_bad_packing_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_sweep("dense", **kwargs)
+
+
+def test_packing_rule():
+    small, large = _shapes((64, 10), (10,)), _shapes((VMAP_PARAMETER_LIMIT, 2))
+    conv = _shapes((5, 5, 1, 32), (32,))
+    # Only the host execution packs; "on"/"off" are obeyed there.
+    assert resolve_packing("on", "vmap", large, 10.0) == "off"
+    assert resolve_packing("off", "host", large, 10.0) == "off"
+    assert resolve_packing("on", "host", small, 1.0) == "on"
+    # Padding under the limit: rounds stay padded; above it the cost model decides.
+    assert resolve_packing("auto", "host", small, PACKING_LIMIT) == "off"
+    assert resolve_packing("auto", "host", small, 2 * PACKING_LIMIT) == "auto"
+    assert resolve_packing("auto", "host", conv, 2 * PACKING_LIMIT) == "auto"
+    if jax.default_backend() == "cpu":
+        # A packable update keeps a larger dense model's clients vmapped (to be packed: one
+        # slot on CPU, clients back to back) instead of unrolling them.
+        assert resolve_execution("auto", None, "auto", large, 10, 2, 16, packable=True) == (
+            "host", None, "vmap")
+        assert resolve_packing("auto", "host", large, 1.0) == "on"
+        assert resolve_execution("auto", None, "auto", large, 10, 2, 16) == (
+            "host", None, "unrolled")
