@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/encoder_ab.py --json OUT [--baseline 7cb5f7a] [--size 10M] [--repeats 7]
+                                   [--clients N]
 
 On a shared machine only ratios measured side by side mean anything, so each repeat times the
 memory pass (``2 u + 1``) right before every variant's jitted ``decode(encode(u))`` plus
@@ -12,6 +13,9 @@ time and the median memory-pass ratio. The baseline compressors are the modules 
 temporary directory and imported next to this checkout's shared helpers), so old and new run in
 one process on the same input. Each old/new pair with the same statistics is also checked bit
 for bit (payload, decoded update and bits); ``rounding_bits='hash'`` rows have no baseline.
+With ``--clients N`` the round trip is ``jax.vmap``-ed over N updates (the tree scaled by
+``1 + i / N`` for client ``i``, one key each), as a round compresses its cohort, and the memory
+pass runs over the same N trees.
 """
 
 from __future__ import annotations
@@ -117,13 +121,12 @@ def variants(old: dict, tree) -> dict[str, tuple]:
     }
 
 
-def round_trip(c):
-    @jax.jit
+def round_trip(c, clients: int | None = None):
     def run(updates, key):
         payload, _ = c.encode(updates, (), key=key)
         return payload, c.decode(payload), c.bits(payload)
 
-    return run
+    return jax.jit(run if clients is None else jax.vmap(run))
 
 
 def _same_bits(a, b) -> bool:
@@ -143,17 +146,28 @@ def main() -> None:
     parser.add_argument("--size", default="10M", choices=[*B.SIZES, *B.MODELS])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="*", default=None, help="subset of variant names")
+    parser.add_argument(
+        "--clients", type=int, default=None, help="vmap the round trip over this many updates"
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         print("error: --repeats must be >= 1", file=sys.stderr)
         sys.exit(2)
-    tree = jax.device_put(B.make_tree(args.size, np.random.default_rng(0)))
-    key = jax.random.key(0)
+    if args.clients is not None and args.clients < 1:
+        print("error: --clients must be >= 1", file=sys.stderr)
+        sys.exit(2)
+    single = B.make_tree(args.size, np.random.default_rng(0))
+    tree, key = single, jax.random.key(0)
+    if args.clients is not None:
+        n = args.clients
+        tree = jax.tree.map(lambda x: np.stack([x * (1 + i / n) for i in range(n)]), single)
+        key = jax.random.split(key, n)
+    tree = jax.device_put(tree)
     with tempfile.TemporaryDirectory() as directory:
-        table = variants(load_baseline(args.baseline, directory), tree)
+        table = variants(load_baseline(args.baseline, directory), single)
     if args.only:
         table = {n: v for n, v in table.items() if n in args.only}
-    runs = {name: round_trip(c) for name, (c, _) in table.items()}
+    runs = {name: round_trip(c, args.clients) for name, (c, _) in table.items()}
     outputs = {name: jax.device_get(run(tree, key)) for name, run in runs.items()}
     identical = {
         name: _same_bits(outputs[name], outputs[twin])
@@ -179,6 +193,7 @@ def main() -> None:
         "benchmark": "encoder_ab",
         "baseline": args.baseline,
         "size": args.size,
+        "clients": args.clients,
         "params": int(sum(x.size for x in jax.tree.leaves(tree))),
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),

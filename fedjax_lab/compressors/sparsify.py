@@ -182,7 +182,7 @@ def top_k(k: int | float) -> Compressor:
     def select(parts, count, key):
         del key  # deterministic
         # Exact k largest |x| in ascending order, by radix selection instead of a sort.
-        return _select.top_k_parts(parts, count, score=lambda i, part: jnp.abs(part))
+        return _select.top_k_parts(parts, count, score=lambda i, part, aux: jnp.abs(part))
 
     return _sparsifier(k, scaled=False, name="top_k", select=select)
 

@@ -219,7 +219,7 @@ def sstc(
         else:
             kernel_ids = jnp.zeros((0,), jnp.int32)
 
-        def score(i, part):
+        def score(i, part, keep):
             # |Δ| of the union U: kept kernels and non-conv coordinates; -1 ranks the
             # other kernels' coordinates below all of U.
             if i not in keep:
@@ -227,7 +227,7 @@ def sstc(
             mat = jnp.abs(part).reshape(spec.kernel_size, -1)
             return jnp.where(keep[i][None, :], mat, -1.0).reshape(-1)
 
-        mu, positions, signs = ternarize_top(parts, spec.union_k, score)
+        mu, positions, signs = ternarize_top(parts, spec.union_k, score, keep)
         # The kept coordinates are read off `positions` (union_k of them, ascending) instead
         # of scattering a d-long ternary vector and slicing, transposing and concatenating
         # its leaves: each of those was a pass over d.

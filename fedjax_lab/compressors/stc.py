@@ -54,11 +54,13 @@ def ternary_stream_max(cap: int, d: int, golomb_b: int) -> int:
     return _codec.count_width(cap) + cap * (2 + golomb_b) + (d >> golomb_b)
 
 
-def ternarize_top(x: list[jax.Array], k: int, score) -> tuple[jax.Array, jax.Array, jax.Array]:
+def ternarize_top(
+    x: list[jax.Array], k: int, score, aux=None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """STC core: keeps the ``k`` largest ``score`` entries, ternarizes them with ``μ``.
 
     ``x`` is given in parts (the update's leaves as float32 vectors) and stands for their
-    concatenation, which is never formed (see ``_leafwise.gather_flat``); ``score(i, x[i])``
+    concatenation, which is never formed (see ``_leafwise.gather_flat``); ``score(i, x[i], aux)``
     gives part ``i``'s scores, elementwise and cheap (``_select.top_k_parts``).
 
     Returns ``(mu, positions[k], signs[k])`` with ascending flat ``positions`` (ties in
@@ -67,7 +69,7 @@ def ternarize_top(x: list[jax.Array], k: int, score) -> tuple[jax.Array, jax.Arr
     """
     if k == 0:
         return jnp.float32(0), jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int8)
-    positions = _select.top_k_parts(x, k, score=score)
+    positions = _select.top_k_parts(x, k, score=score, aux=aux)
     kept = _leafwise.gather_flat(x, positions)
     magnitude = jnp.abs(kept)
     peak = jnp.max(magnitude)
@@ -182,7 +184,7 @@ def stc(sparsity: float) -> Compressor:
         layout = tree_layout(updates, what="stc.encode(updates)")
         shell = _shell(layout)
         parts = _leafwise.leaves(layout, updates)
-        mu, positions, signs = ternarize_top(parts, shell.k, lambda i, part: jnp.abs(part))
+        mu, positions, signs = ternarize_top(parts, shell.k, lambda i, part, aux: jnp.abs(part))
         indices, signs = compact_ascending(positions, signs)
         mu = poison(mu, _leafwise.all_finite(parts))
         return shell.replace(mu=mu, indices=indices, signs=signs), state

@@ -298,3 +298,34 @@ def test_parts_near_the_int32_limit_fall_back_to_one_vector():
     parts[1] = jax.ShapeDtypeStruct((2**30 - 2,), jnp.float32)
     out = jax.eval_shape(lambda *p: _select.top_k_parts(list(p), 3), *parts)
     assert out.shape == (3,) and out.dtype == jnp.int32
+
+
+def test_vmapped_selection_loops_with_unbatched_parts_and_nested_vmaps():
+    # From LOOP_MIN_SIZE coordinates a vmapped selection runs as a loop over the batch: an
+    # unbatched part is broadcast, a nested vmap nests the loops, and every row's indices
+    # are the row's own selection.
+    sizes = [40_000, 33, _select.LOOP_MIN_SIZE - 40_000]
+    d, k = sum(sizes), 300
+    rng = np.random.default_rng(14)
+    rows = rng.standard_normal((2, 3, d)).astype(np.float32)
+    rows[0, 1] = _strided_outliers(d, rng)  # this row takes the fallback inside the loop
+    shared = rows[0, 0, sizes[0] : sizes[0] + sizes[1]]
+    rows[:, :, sizes[0] : sizes[0] + sizes[1]] = shared
+
+    def select(a, b, c):
+        def score(i, part, aux):
+            return jnp.abs(part) * aux
+
+        return _select.top_k_parts([a, b, c], k, score=score, aux=jnp.float32(2.0))
+
+    a, _, c = _split_rows(rows.reshape(6, d), sizes)
+    nested = jax.jit(jax.vmap(jax.vmap(select, in_axes=(0, None, 0)), in_axes=(0, None, 0)))
+    got = np.asarray(nested(a.reshape(2, 3, -1), shared, c.reshape(2, 3, -1)))
+    for row, indices in zip(rows.reshape(6, d), got.reshape(6, k), strict=True):
+        np.testing.assert_array_equal(indices, _reference(np.abs(row), k))
+    # The loop over the batch is a lax.map: one scan more than the selection's own.
+    def scans(jaxpr):
+        return str(jaxpr).count("scan[")
+
+    unbatched = scans(jax.make_jaxpr(select)(a[0], shared, c[0]))
+    assert scans(jax.make_jaxpr(jax.vmap(select, in_axes=(0, None, 0)))(a, shared, c)) > unbatched
