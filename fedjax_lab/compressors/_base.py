@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.compressors import _once
+
 Params = Any
 Updates = Any
 Payload = Any
@@ -90,10 +92,22 @@ class TreeLayout:
         return int(sum(self.sizes))
 
     def flatten(self, tree: Updates) -> jax.Array:
-        """Concatenates the leaves of ``tree`` into one float32 vector."""
+        """Concatenates the leaves of ``tree`` into one float32 vector.
+
+        Vmapped (a round compresses its cohort's updates), an update of at least
+        ``_once.LOOP_MIN_SIZE`` coordinates is flattened one batch element at a time
+        (:func:`~fedjax_lab.compressors._once.looped_under_vmap`): slice updates of a batched
+        buffer ran ~2x slower on XLA:CPU (10 FEMNIST CNN updates: QSGD's round trip 139 vs
+        94 ms, identity's 108 vs 54 ms).
+        """
         flat = [jnp.ravel(jnp.asarray(leaf)).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
         if len(flat) == 1:
             return flat[0]
+        if self.size >= _once.LOOP_MIN_SIZE:
+            return _once.looped_under_vmap(self._concatenate)(flat)
+        return self._concatenate(flat)
+
+    def _concatenate(self, flat: list[jax.Array]) -> jax.Array:
         # In-place slice updates: XLA:CPU runs a large concatenate 2-3x slower than this.
         vector = jnp.zeros((self.size,), jnp.float32)
         for offset, leaf in zip(self.offsets, flat, strict=True):

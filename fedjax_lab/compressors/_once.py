@@ -1,4 +1,7 @@
-"""Evaluate a per-coordinate computation once into memory, however many fusions read it.
+"""Evaluation strategies XLA:CPU does not pick itself: compute once, loop over a batch.
+
+:func:`computed_once` evaluates a per-coordinate computation once into memory, however many
+fusions read it; :func:`looped_under_vmap` runs a function once per element of a vmapped batch.
 
 XLA:CPU fuses an element-wise producer into every consumer fusion that reads it (duplicating
 the work) unless the producer contains an op it deems expensive; integer hashing is not. A
@@ -46,3 +49,33 @@ def computed_once(pred: jax.Array, fn: Callable[..., Any], *args: Any) -> Any:
         return out, jax.tree.map(lambda _: True, out)
 
     return run(pred, args)
+
+
+# Updates of at least this many coordinates are worth a loop over a vmapped batch: below it
+# a loop's per-iteration cost outweighs what batching loses (the statistical tests vmap 10^4
+# draws of small vectors).
+LOOP_MIN_SIZE = 1 << 16
+
+
+def looped_under_vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(*args)``, whose ``jax.vmap`` runs ``fn`` once per batch element (``lax.map``).
+
+    For work on one large update that XLA:CPU runs slower batched than one element at a time
+    (gathers and scatters with batched indices, prefix sums, slice updates of a batched
+    buffer; measured in ``_select.top_k_parts`` and ``TreeLayout.flatten``). Unbatched
+    arguments are broadcast along the batch; nested vmaps nest the loops. The values are
+    ``fn``'s whichever way it runs.
+    """
+    run = jax.custom_batching.custom_vmap(fn)
+
+    @run.def_vmap
+    def batched(axis_size, in_batched, *args):
+        args = jax.tree.map(
+            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
+            args,
+            tuple(in_batched),
+        )
+        out = jax.lax.map(lambda a: run(*a), args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return run

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.compressors import _leafwise
+from fedjax_lab.compressors import _leafwise, _once
 
 _DIGIT = 16  # bits per radix digit: two digits cover a 32-bit key
 _BINS = 1 << _DIGIT
@@ -46,8 +46,6 @@ _TOP = np.uint32(0xFFFFFFFF)  # NaN keys are clamped below this
 RADIX_MIN_SIZE = 1 << 14
 # Keys sampled to bracket the threshold (see _sample_bracket).
 _SAMPLE = 1 << 15
-# From this many coordinates on, a vmapped selection loops over the batch (see top_k_parts).
-LOOP_MIN_SIZE = 1 << 16
 # Up to this many flag words, _expand finds the non-zero ones with jnp.nonzero.
 _DIRECT_WORDS = 1 << 12
 
@@ -413,8 +411,8 @@ def top_k_parts(
     """:func:`top_k_indices` of ``concat(parts)``, without forming the concatenation.
 
     Under ``jax.vmap`` (e.g. over a round's clients) a selection of at least
-    :data:`LOOP_MIN_SIZE` coordinates runs once per batch element in a ``lax.map`` loop
-    rather than vectorised over the batch: batched, its gathers, scatters and prefix sums
+    ``_once.LOOP_MIN_SIZE`` (2^16) coordinates runs once per batch element in a ``lax.map``
+    loop rather than vectorised over the batch: batched, its gathers, scatters and prefix sums
     over packed words ran ~3x slower on XLA:CPU (10 FEMNIST CNN updates, STC 1 %: 191 vs
     61 ms per round trip). Smaller selections (e.g. the statistical tests' 10^4 vmapped
     draws) stay vectorised.
@@ -451,8 +449,8 @@ def top_k_parts(
     def select(parts, aux):
         return _radix_parts(parts, aux, k, score)
 
-    if d >= LOOP_MIN_SIZE:
-        select = _looped_under_vmap(select)
+    if d >= _once.LOOP_MIN_SIZE:
+        select = _once.looped_under_vmap(select)
     return select(list(parts), aux)
 
 
@@ -471,23 +469,3 @@ def _radix_parts(parts: list[jax.Array], aux, k: int, score) -> jax.Array:
     keys = _Keys(parts, lambda i, part: sortable_keys(score(i, part, aux)))
     positions, _ = _expand(_selected_words(keys, k), k)
     return keys.to_flat(positions)
-
-
-def _looped_under_vmap(fn):
-    """``fn(*args)``, whose ``vmap`` runs ``fn`` once per batch element (``lax.map``).
-
-    Unbatched arguments are broadcast along the batch; nested vmaps nest the loops.
-    """
-    run = jax.custom_batching.custom_vmap(fn)
-
-    @run.def_vmap
-    def batched(axis_size, in_batched, *args):
-        args = jax.tree.map(
-            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
-            args,
-            tuple(in_batched),
-        )
-        out = jax.lax.map(lambda a: run(*a), args)
-        return out, jax.tree.map(lambda _: True, out)
-
-    return run

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lab.compressors import _select
+from fedjax_lab.compressors import _once, _select
 from fedjax_lab.compressors.testing import FAST_COMPILE
 
 
@@ -304,7 +304,7 @@ def test_vmapped_selection_loops_with_unbatched_parts_and_nested_vmaps():
     # From LOOP_MIN_SIZE coordinates a vmapped selection runs as a loop over the batch: an
     # unbatched part is broadcast, a nested vmap nests the loops, and every row's indices
     # are the row's own selection.
-    sizes = [40_000, 33, _select.LOOP_MIN_SIZE - 40_000]
+    sizes = [40_000, 33, _once.LOOP_MIN_SIZE - 40_000]
     d, k = sum(sizes), 300
     rng = np.random.default_rng(14)
     rows = rng.standard_normal((2, 3, d)).astype(np.float32)
