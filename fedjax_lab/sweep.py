@@ -647,9 +647,10 @@ def sweep(
       packing: whether the ``host`` execution packs each round's clients into slots like the
         vmap backend (``backends.packed.PACKING``): ``"auto"`` (:func:`resolve_packing`; the
         runner's cost model picks the layouts), ``"on"`` (pack every round; only with the
-        ``host`` execution) or ``"off"``; or a ``backends.packed.PackingPolicy`` used as
-        given by the ``host`` execution (e.g. fixed slots and segment length). Same runs
-        either way; ``SweepResult.computed_steps`` says what was computed.
+        ``host`` execution, which ``execution="auto"`` then selects) or ``"off"``; or a
+        ``backends.packed.PackingPolicy`` used as given by the ``host`` execution (e.g. fixed
+        slots and segment length). Same runs either way; ``SweepResult.computed_steps``
+        says what was computed.
 
     Returns:
       A :class:`SweepResult` with per-round metrics ``[seeds, points, rounds]``.
@@ -697,13 +698,16 @@ def sweep(
     one_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params0)
     padding = cohorts["steps"].size * steps / cohorts["steps"].sum()
     given = packing if isinstance(packing, packed.PackingPolicy) else None
+    wants_packing = packing == "on" or (given is not None and (given.packing == "on"
+                                                               or bool(given.slots)))
+    if execution == "auto" and points_per_batch is None and wants_packing:
+        execution = "host"  # the only execution that packs: asking to pack selects it
     packable = is_local_update(probe.client_update) and (
         given.packing if given is not None else packing) != "off"
     execution, points_per_batch, client_plan = resolve_execution(
         execution, points_per_batch, client_plan, one_params, slots, steps, len(points),
         padding, packable=packable)
-    if (packing == "on" or (given is not None and (given.packing == "on" or given.slots))) and (
-            execution != "host"):
+    if wants_packing and execution != "host":
         raise ValueError(f"packing='on' packs the rounds of execution='host' (the scanned "
                          f"executions need one shape for every round); got {execution!r}")
     round_padding = slots * cohorts["steps"].sum() / max(int(client_steps(cohorts).sum()), 1)
@@ -907,8 +911,9 @@ class SweepConfig:
     """A FedAvg learning-rate sweep; every field is a ``--flag-name`` CLI flag.
 
     ``client_lrs``/``server_lrs`` are comma lists or ``geom:LO:HI:N``; runs use seeds
-    ``seed, seed+1, ..., seed+seeds-1`` (the partition uses ``seed``). ``points_per_batch``
-    and ``execution`` (``auto``, ``vmap``, ``map``, ``host``): see :func:`sweep`.
+    ``seed, seed+1, ..., seed+seeds-1`` (the partition uses ``seed``). ``points_per_batch``,
+    ``execution`` (``auto``, ``vmap``, ``map``, ``host``) and ``packing`` (``auto``, ``on``,
+    ``off``; ``on`` selects the ``host`` execution under ``auto``): see :func:`sweep`.
     """
 
     dataset: str = "digits"
@@ -927,6 +932,7 @@ class SweepConfig:
     seed: int = 0
     points_per_batch: int | None = None
     execution: str = "auto"
+    packing: str = "auto"
     out: str = "runs/sweep"
 
     def validate(self) -> None:
@@ -949,6 +955,14 @@ class SweepConfig:
         if self.points_per_batch is not None and self.execution in ("vmap", "host"):
             raise ValueError(f"--points-per-batch groups points for --execution map (or auto); "
                              f"drop it or use --execution map, got --execution {self.execution}")
+        if self.packing not in packed.PACKING:
+            raise ValueError(f"--packing must be one of {', '.join(packed.PACKING)}, got "
+                             f"{self.packing!r}")
+        if self.packing == "on" and (self.execution in ("vmap", "map")
+                                     or self.points_per_batch is not None):
+            raise ValueError("--packing on packs the rounds of --execution host (or auto, "
+                             "which it then selects); the scanned executions need one shape "
+                             "for every round: drop --packing or use --execution host")
         if self.seed < 0 or self.seed + self.seeds - 1 > MAX_SEED:
             raise ValueError(
                 f"--seed must be >= 0 and --seed + --seeds - 1 <= 2**32 - 1, got --seed "
@@ -994,7 +1008,7 @@ def _run_sweep_experiment(cfg: SweepConfig, start: float) -> dict[str, Any]:
         lambda s: model.init(jax.random.key(s)),
         seeds=[cfg.seed + i for i in range(cfg.seeds)], rounds=cfg.rounds,
         clients_per_round=cfg.clients_per_round, evaluate=evaluate, keep_params=False,
-        points_per_batch=cfg.points_per_batch, execution=cfg.execution,
+        points_per_batch=cfg.points_per_batch, execution=cfg.execution, packing=cfg.packing,
     )
     os.makedirs(cfg.out, exist_ok=True)
     result.write_csv(os.path.join(cfg.out, "results.csv"))
@@ -1010,6 +1024,9 @@ def _run_sweep_experiment(cfg: SweepConfig, start: float) -> dict[str, Any]:
         "grid_points": len(result.points),
         "execution": result.execution,
         "points_per_batch": result.points_per_batch,
+        "packed_layouts": [list(layout) for layout in result.packed_layouts],
+        "real_steps": result.real_steps,
+        "computed_steps": result.computed_steps,
         "seeds": list(result.seeds),
         "best": best,
         "prepare_seconds": result.prepare_seconds,
@@ -1037,6 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = summary["best"]
     # The host execution calls one compiled round per point and round (see resolve_execution).
     how = "with one compiled round" if summary["execution"] == "host" else "in one program"
+    if summary["packed_layouts"]:
+        how += (f", rounds packed ({summary['computed_steps']} slot-steps computed for "
+                f"{summary['real_steps']} real)")
     print(
         f"{summary['runs']} runs ({summary['grid_points']} points x {len(summary['seeds'])} "
         f"seeds) {how} ({summary['execution']} execution): compile "

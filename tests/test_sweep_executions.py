@@ -175,8 +175,11 @@ def test_bad_execution_raises(kwargs, match):
     [
         (["--execution", "scan"], "--execution must be one of auto, vmap, map, host"),
         (["--execution", "host", "--points-per-batch", "2"], "--points-per-batch groups"),
+        (["--packing", "yes"], "--packing must be one of auto, on, off"),
+        (["--packing", "on", "--execution", "vmap"], "--packing on packs the rounds of"),
+        (["--packing", "on", "--points-per-batch", "2"], "--packing on packs the rounds of"),
     ],
-    ids=["unknown", "host_per_batch"],
+    ids=["unknown", "host_per_batch", "packing_unknown", "packing_vmap", "packing_per_batch"],
 )
 def test_cli_execution_flag_is_validated(argv, message, capsys):
     from fedjax_lab.sweep import main
@@ -297,3 +300,8 @@ def test_packing_rule():
         assert resolve_packing("auto", "host", large, 1.0) == "on"
         assert resolve_execution("auto", None, "auto", large, 10, 2, 16) == (
             "host", None, "unrolled")
+
+
+def test_packing_on_selects_the_host_execution_under_auto():
+    res = run_sweep("dense", packing="on")
+    assert res.execution == "host" and res.packed_layouts

@@ -45,3 +45,26 @@ def test_cli_writes_table_summary_json_and_heatmap(tmp_path):
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_packing_flag_packs_host_rounds_with_the_same_runs(tmp_path, capsys):
+    # --packing on selects the host execution under --execution auto and packs every round;
+    # the runs are the padded host execution's (same seeds, same cohorts), to float rounding.
+    outs = {}
+    for packing in ("on", "off"):
+        out = tmp_path / packing
+        assert main([*TINY, "--execution", "auto" if packing == "on" else "host",
+                     "--packing", packing, "--out", str(out)]) == 0
+        outs[packing] = json.loads((out / "results.json").read_text())
+    printed = capsys.readouterr().out
+    assert "(host execution)" in printed and "rounds packed (" in printed
+    on, off = outs["on"], outs["off"]
+    assert on["execution"] == off["execution"] == "host"
+    assert on["packed_layouts"] and not off["packed_layouts"]
+    assert on["real_steps"] == off["real_steps"] > 0
+    assert on["config"]["packing"] == "on"
+    for a, b in zip(on["rows"], off["rows"], strict=True):
+        assert (a["client_lr"], a["server_lr"], a["seed"]) == (b["client_lr"], b["server_lr"],
+                                                               b["seed"])
+        assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], abs=1e-5)
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
