@@ -4,7 +4,10 @@ Workload: FedAvg on the embedded digits data (Dirichlet-per-class partition, alp
 clients, 10 per round, batch 20, 1 local epoch), N client learning rates log-spaced in
 [0.01, 10], one seed, R rounds (``--rounds`` for logistic regression and the MLP,
 ``--cnn-rounds`` for the FEMNIST CNN, whose digits input is 8x8 or resized by
-``--cnn-image-size``). ``--population synthetic_natural`` runs the dense models on FedProx's
+``--cnn-image-size``). ``--population digits_heavy_tailed`` gives the same 50 clients
+lognormal(0, 1.5) sizes (a few large clients, many of a handful of examples; labels mixed by
+Dirichlet 0.5), the skewed case for every model including the CNN.
+``--population synthetic_natural`` runs the dense models on FedProx's
 Synthetic(1,1) instead: 1000 clients with their natural, heavy-tailed sizes (the skewed case
 the runner packs; a sweep pads every round to the longest round of the sweep). For each model:
 
@@ -47,13 +50,18 @@ from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.backends.vmap import VmapBackend
 from fedjax_lab.data.datasets import federate, load_dataset
 from fedjax_lab.data.datasets.synthetic import synthetic
+from fedjax_lab.data.federated import FederatedData
+from fedjax_lab.data.partition import dirichlet_label_mix
 from fedjax_lab.models import get_model
 from fedjax_lab.runner import run
 from fedjax_lab.sweep import sweep
 
 CLIENTS, PER_ROUND, BATCH, EPOCHS = 50, 10, 20, 1
 SYNTHETIC_CLIENTS = 1000
-POPULATIONS = ("digits_dirichlet", "synthetic_natural")
+POPULATIONS = ("digits_dirichlet", "digits_heavy_tailed", "synthetic_natural")
+# digits_heavy_tailed: client sizes proportional to lognormal(0, HEAVY_TAIL_SIGMA) draws (at
+# least one example each), labels mixed by Dirichlet(0.5) (dirichlet_label_mix with sizes).
+HEAVY_TAIL_SIGMA = 1.5
 # "before" = the executions the sweep had (all points vmapped was the default), "after" adds
 # the host execution and the automatic choice.
 EXECUTIONS = {
@@ -75,6 +83,15 @@ def population(name: str, seed: int, image_size: int):
         return dataset, federate(dataset, "natural", None, seed=seed)
     dataset = (load_dataset("digits", resize=(image_size, image_size)) if image_size != 8
                else load_dataset("digits"))
+    if name == "digits_heavy_tailed":
+        rng = np.random.default_rng(seed)
+        labels = np.asarray(dataset.train["y"])
+        weights = rng.lognormal(0.0, HEAVY_TAIL_SIGMA, CLIENTS)
+        sizes = 1 + np.floor(weights / weights.sum() * (labels.size - CLIENTS)).astype(int)
+        sizes[np.argmax(sizes)] += labels.size - sizes.sum()  # every example assigned once
+        parts = dirichlet_label_mix(labels, CLIENTS, 0.5, rng, sizes=sizes.tolist())
+        return dataset, FederatedData.from_partition(dataset.train, parts,
+                                                     num_classes=dataset.num_classes)
     return dataset, federate(dataset, "dirichlet_per_class", CLIENTS, seed=seed, alpha=0.5)
 
 
@@ -205,9 +222,11 @@ def main() -> None:
                         help="repeat everything; the summary reports median ratios")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--population", default="digits_dirichlet", choices=POPULATIONS,
-                        help="digits_dirichlet (50 clients, Dirichlet 0.5 per class) or "
-                             "synthetic_natural (FedProx Synthetic(1,1), 1000 clients, "
-                             "heavy-tailed natural sizes; dense models only)")
+                        help="digits_dirichlet (50 clients, Dirichlet 0.5 per class), "
+                             "digits_heavy_tailed (50 clients, lognormal(0, 1.5) sizes, "
+                             "Dirichlet 0.5 label mix) or synthetic_natural (FedProx "
+                             "Synthetic(1,1), 1000 clients, heavy-tailed natural sizes; dense "
+                             "models only)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
