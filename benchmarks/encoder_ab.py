@@ -12,7 +12,8 @@ time and the median memory-pass ratio. The baseline compressors are the modules 
 ``fedjax_lab/compressors`` at git revision ``--baseline`` (read with ``git show`` into a
 temporary directory and imported next to this checkout's shared helpers), so old and new run in
 one process on the same input. Each old/new pair with the same statistics is also checked bit
-for bit (payload, decoded update and bits); ``rounding_bits='hash'`` rows have no baseline.
+for bit (payload, decoded update and bits); ``rounding_bits='hash'`` rows have one only if
+the baseline has that mode.
 With ``--clients N`` the round trip is ``jax.vmap``-ed over N updates (the tree scaled by
 ``1 + i / N`` for client ``i``, one key each), as a round compresses its cohort, and the memory
 pass runs over the same N trees.
@@ -104,12 +105,12 @@ def variants(old: dict, tree) -> dict[str, tuple]:
         "qsgd_s4": (C.qsgd(4), "qsgd_s4 (baseline)"),
         "qsgd_s4_rb8 (baseline)": (old["qsgd"].qsgd(4, rounding_bits=8), None),
         "qsgd_s4_rb8": (C.qsgd(4, rounding_bits=8), "qsgd_s4_rb8 (baseline)"),
-        "qsgd_s4_hash": (C.qsgd(4, rounding_bits="hash"), None),
+        **_hashed("qsgd_s4_hash", lambda m: m.qsgd(4, rounding_bits="hash"), old["qsgd"], C),
         "qsgd_s16_bucket512 (baseline)": (old["qsgd"].qsgd(16, bucket_size=512), None),
         "qsgd_s16_bucket512": (C.qsgd(16, bucket_size=512), "qsgd_s16_bucket512 (baseline)"),
         "terngrad (baseline)": (old["terngrad"].terngrad(), None),
         "terngrad": (C.terngrad(), "terngrad (baseline)"),
-        "terngrad_hash": (C.terngrad(rounding_bits="hash"), None),
+        **_hashed("terngrad_hash", lambda m: m.terngrad(rounding_bits="hash"), old["terngrad"], C),
         "top_k_1pct (baseline)": (old["sparsify"].top_k(0.01), None),
         "top_k_1pct": (C.top_k(0.01), "top_k_1pct (baseline)"),
         "rand_k_1pct (baseline)": (old["sparsify"].rand_k(0.01), None),
@@ -119,6 +120,15 @@ def variants(old: dict, tree) -> dict[str, tuple]:
         "sstc_1pct_kf0.1 (baseline)": (old["sstc"].sstc(0.01, 0.1, is_conv=is_conv), None),
         "sstc_1pct_kf0.1": (C.sstc(0.01, 0.1, is_conv=is_conv), "sstc_1pct_kf0.1 (baseline)"),
     }
+
+
+def _hashed(name: str, make, old_module, new_module) -> dict[str, tuple]:
+    """A ``rounding_bits='hash'`` row, with its baseline twin if the baseline has the mode."""
+    try:
+        baseline = make(old_module)
+    except ValueError:  # a revision from before rounding_bits="hash"
+        return {name: (make(new_module), None)}
+    return {f"{name} (baseline)": (baseline, None), name: (make(new_module), f"{name} (baseline)")}
 
 
 def round_trip(c, clients: int | None = None):

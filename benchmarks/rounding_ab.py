@@ -8,9 +8,16 @@ On a shared machine only ratios measured side by side mean anything, so each rep
 memory pass (``2 u + 1``) and then every variant, and reports per variant the median over
 repeats of memory-pass time / round-trip time (``memory_pass_ratio``, as in
 ``compressor_throughput.py``) and the median round-trip time. Variants: QSGD s=4 and TernGrad
-with the default rounding and with ``rounding_bits`` 16 and 8. (The before/after of QSGD's bit
-accounting in the README was measured with a version of this script that also ran the earlier
-cumulative-max ``bits`` as a baseline.)
+with the default rounding, with ``rounding_bits`` 16 and 8 and with ``"hash"``. (The
+before/after of QSGD's bit accounting in the README was measured with a version of this script
+that also ran the earlier cumulative-max ``bits`` as a baseline.)
+
+Floors, timed the same way: the default rounding's draws alone, one threefry word per
+coordinate (``compressors.random_uniform`` of ``d`` floats, written; and the sum of
+``random_bits`` of ``d`` words, nothing written: the hash's compute alone), and
+``jax.random.uniform`` (JAX's own lowering). A default-rounding round trip computes at least
+those words, so ``memory_pass_ratio`` of the compute-only floor bounds the ratio any
+implementation of the default rounding (same outputs) can reach on the machine.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +53,20 @@ def main() -> None:
         "terngrad (default rounding)": C.terngrad(),
         "terngrad rounding_bits=16": C.terngrad(rounding_bits=16),
         "terngrad rounding_bits=8": C.terngrad(rounding_bits=8),
+        "qsgd_s4 rounding_bits=hash": C.qsgd(4, rounding_bits="hash"),
+        "terngrad rounding_bits=hash": C.terngrad(rounding_bits="hash"),
+    }
+    d = sum(x.size for x in jax.tree.leaves(tree))
+    floors = {
+        "floor: random_uniform of d (written)": jax.jit(
+            lambda updates, key: C.random_uniform(key, (d,))
+        ),
+        "floor: sum of random_bits of d (compute only)": jax.jit(
+            lambda updates, key: jnp.sum(C.random_bits(key, (d,)) >> jnp.uint32(31))
+        ),
+        "floor: jax.random.uniform of d (JAX's lowering)": jax.jit(
+            lambda updates, key: jax.random.uniform(key, (d,))
+        ),
     }
 
     def round_trip(c):
@@ -55,7 +77,7 @@ def main() -> None:
 
         return run
 
-    runs = {name: round_trip(c) for name, c in variants.items()}
+    runs = {**{name: round_trip(c) for name, c in variants.items()}, **floors}
     memory_pass = jax.jit(lambda u: jax.tree.map(lambda x: 2 * x + 1, u))
     updates, key = jax.device_put(tree), jax.random.key(0)
     jax.block_until_ready(memory_pass(updates))
@@ -74,7 +96,7 @@ def main() -> None:
             seconds[name].append(end - middle)
     results = {
         "size": args.size,
-        "params": sum(x.size for x in jax.tree.leaves(tree)),
+        "params": d,
         "repeats": args.repeats,
         "load_average": os.getloadavg(),
         "variants": {

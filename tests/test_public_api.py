@@ -195,6 +195,8 @@ PUBLIC = {
         "per_leaf",
         "qsgd",
         "rand_k",
+        "random_bits",
+        "random_uniform",
         "scaled_sign",
         "sign",
         "sstc",

@@ -172,13 +172,18 @@ def qsgd(
         finite = _leafwise.all_finite(parts)
         peak = _leafwise.peak(parts)
         safe = jnp.where(peak > 0, peak, 1.0)
-        squares = [jnp.sum(jnp.square(jnp.abs(part) / safe)) for part in parts if part.size]
+        # (-x / peak)² and |x / peak| are the values of (|x| / peak)² and |x| / peak (division
+        # and squaring are sign-symmetric), written so that the peak's |x|, the squares and
+        # the levels share no subexpression: XLA writes a shared one out as a d-long vector
+        # (|x| and x / peak were two extra passes, 34 -> 27 ms per 10M round trip), where
+        # each of the three now reads x itself.
+        squares = [jnp.sum(jnp.square(-part / safe)) for part in parts if part.size]
         scaled_norm = jnp.sqrt(functools.reduce(jnp.add, squares, jnp.float32(0.0)))
         divisor = jnp.where(scaled_norm > 0, scaled_norm, 1.0)
         key_words = _bernoulli.hash_keys(key)
         levels = []
         for offset, part in zip(layout.offsets, parts, strict=True):
-            ratio = jnp.minimum(s * (jnp.abs(part) / safe) / divisor, float(s))
+            ratio = jnp.minimum(s * jnp.abs(part / safe) / divisor, float(s))
             lower = jnp.floor(ratio)
             level = lower + _bernoulli.hashed_draws(key_words, ratio - lower, offset)
             level = jnp.where(jnp.isfinite(ratio), level, 0.0)

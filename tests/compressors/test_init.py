@@ -17,9 +17,10 @@ def test_compressor_fields_in_order():
 
 
 def test_factories_have_docstrings_citing_papers():
+    # random_bits/random_uniform are jax.random's draws, not compressor factories.
     for name in compressors.__all__:
         obj = getattr(compressors, name)
-        if callable(obj) and name[0].islower():
+        if callable(obj) and name[0].islower() and not name.startswith("random_"):
             assert obj.__doc__ and any(str(y) in obj.__doc__ for y in range(2012, 2024)), name
 
 

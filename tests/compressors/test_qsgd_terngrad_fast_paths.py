@@ -253,3 +253,16 @@ def test_qsgd_norms_equal_the_abs_formulation(bucket):
         if not np.all(np.isfinite(vector)):
             want = np.full_like(want, np.nan)
         np.testing.assert_array_equal(np.asarray(payload.norms), want)
+
+
+def test_public_random_bits_and_uniform_equal_jax_random():
+    from fedjax_lab.compressors import random_bits, random_uniform
+
+    keys = jax.random.split(jax.random.key(5), 3)
+    got = jax.jit(jax.vmap(lambda k: (random_bits(k, (6, 7)), random_uniform(k, (6, 7)))))(keys)
+    np.testing.assert_array_equal(
+        np.asarray(got[0]), np.asarray(jax.vmap(lambda k: jax.random.bits(k, (6, 7)))(keys))
+    )
+    want = jax.vmap(lambda k: jax.random.uniform(k, (6, 7)))(keys)
+    np.testing.assert_array_equal(np.asarray(got[1]).view(np.uint32),
+                                  np.asarray(want).view(np.uint32))
