@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fedjax_lab.compressors import _bernoulli, _codec, _leafwise, _once
+from fedjax_lab.compressors import _bernoulli, _codec, _leafwise, _once, _threefry
 from fedjax_lab.compressors._base import (
     Compressor,
     TreeLayout,
@@ -91,8 +91,40 @@ def terngrad(
         _layout(params, "init(params)")
         return ()
 
+    def encode_leafwise(updates, layout, key):
+        # Without clipping, every output is a per-coordinate function of x_i, max |x| (exact
+        # in any order) and the coordinate's own draw (a slice of the flat draws: threefry's
+        # partitionable counters, or the hash of the flat index), so each leaf is ternarized
+        # on its own: the same payload without writing the update out as a flat vector.
+        parts = _leafwise.leaves(layout, updates)
+        finite = _leafwise.all_finite(parts)
+        scale = _leafwise.peak(parts)
+
+        def ternarize(key, parts, scale):
+            safe = jnp.where(scale > 0, scale, 1.0)
+            key_words = _bernoulli.hash_keys(key) if rounding_bits == _bernoulli.HASH else None
+            trits = []
+            for offset, part in zip(layout.offsets, parts, strict=True):
+                probability = jnp.abs(part) / safe
+                if key_words is None:
+                    draws = _threefry.uniform_slice(key, layout.size, offset, part.size)
+                    keep = draws < probability
+                else:
+                    keep = _bernoulli.hashed_draws(key_words, probability, offset)
+                trits.append(jnp.where(keep, jnp.sign(part), 0.0).astype(jnp.int8))
+            return _leafwise.concat_into(layout, trits, jnp.int8)
+
+        if layout.size >= _once.LOOP_MIN_SIZE:
+            # Vmapped over clients, the per-leaf draws and slice updates run 2-5x slower
+            # batched than one client at a time on XLA:CPU (as TreeLayout.flatten's).
+            ternarize = _once.looped_under_vmap(ternarize)
+        trits = _once.computed_once(finite, ternarize, key, parts, scale)
+        return TernGradPayload(poison(scale, finite), trits, layout)
+
     def encode(updates, state, *, key):
         layout = _layout(updates, "encode(updates)")
+        if clip_sigmas is None and rounding_bits in (None, _bernoulli.HASH):
+            return encode_leafwise(updates, layout, key), state
         x = layout.flatten(updates)
         finite = _leafwise.all_finite([x])
         if clip_sigmas is not None and layout.size:

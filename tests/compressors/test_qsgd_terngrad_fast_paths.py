@@ -266,3 +266,58 @@ def test_public_random_bits_and_uniform_equal_jax_random():
     want = jax.vmap(lambda k: jax.random.uniform(k, (6, 7)))(keys)
     np.testing.assert_array_equal(np.asarray(got[1]).view(np.uint32),
                                   np.asarray(want).view(np.uint32))
+
+
+def _terngrad_flat_reference(tree, key, hashed):
+    """TernGrad on the concatenated float32 update, as a flat formulation (Wen et al., 2017)."""
+    from fedjax_lab.compressors import _bernoulli
+
+    x = jnp.concatenate([jnp.ravel(v).astype(jnp.float32) for v in jax.tree.leaves(tree)])
+    scale = jnp.max(jnp.abs(x), initial=0.0)
+    p = jnp.abs(x) / jnp.where(scale > 0, scale, 1.0)
+    keep = _bernoulli.hash_bernoulli(key, p) if hashed else jax.random.uniform(key, x.shape) < p
+    finite = jnp.all(jnp.isfinite(x))
+    return jnp.where(finite, scale, jnp.nan), jnp.where(keep, jnp.sign(x), 0.0).astype(jnp.int8)
+
+
+@pytest.mark.parametrize("kind", ["random", "zeros", "equal", "nan", "inf"])
+@pytest.mark.parametrize("hashed", [False, True], ids=["threefry", "hash"])
+def test_leafwise_terngrad_equals_the_flat_formulation(kind, hashed):
+    # Without clipping TernGrad ternarizes leaf by leaf (no flat vector): the scale, trits and
+    # decoded update must be the flat formulation's bit for bit, one update and vmapped.
+    compressor = terngrad(rounding_bits="hash" if hashed else None)
+    tree, key = _tree(kind), jax.random.key(9)
+    payload, decoded, _ = _run(compressor, tree, key)
+    scale, trits = jax.jit(lambda t, k: _terngrad_flat_reference(t, k, hashed))(tree, key)
+    _assert_same_bits((payload.scale, payload.trits), (scale, trits))
+    want = tree_layout(tree, what="t").unflatten(trits.astype(jnp.float32) * scale)
+    _assert_same_bits(decoded, want)
+    trees = [_tree("random"), _tree(kind)]
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *trees)
+    keys = jax.random.split(jax.random.key(1), 2)
+    batched, _, _ = _run(compressor, stacked, keys, batched=True)
+    for i, one in enumerate(trees):
+        scale, trits = _terngrad_flat_reference(one, keys[i], hashed)
+        _assert_same_bits((batched.scale[i], batched.trits[i]), (scale, trits))
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["threefry", "hash"])
+def test_leafwise_terngrad_loops_large_vmapped_updates_with_the_same_bits(hashed):
+    from fedjax_lab.compressors import _once
+
+    compressor = terngrad(rounding_bits="hash" if hashed else None)
+    rng = np.random.default_rng(3)
+    trees = [
+        {"w": rng.standard_normal((260, 255)).astype(np.float32),
+         "b": rng.standard_normal((33,)).astype(np.float32)}
+        for _ in range(2)
+    ]
+    assert sum(v.size for v in trees[0].values()) >= _once.LOOP_MIN_SIZE  # the looped path
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *trees)
+    keys = jax.random.split(jax.random.key(2), 2)
+    batched, decoded, _ = _run(compressor, stacked, keys, batched=True)
+    for i, one in enumerate(trees):
+        scale, trits = _terngrad_flat_reference(one, keys[i], hashed)
+        _assert_same_bits((batched.scale[i], batched.trits[i]), (scale, trits))
+        want = tree_layout(one, what="t").unflatten(trits.astype(jnp.float32) * scale)
+        _assert_same_bits(jax.tree.map(lambda x, i=i: x[i], decoded), want)
