@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.compressors import _threefry
+from fedjax_lab.compressors import _once, _threefry
 
 ROUNDING_BITS = (8, 16)
 """The accepted integer ``rounding_bits`` (bits of the per-coordinate threefry uniform)."""
@@ -200,14 +200,29 @@ def bernoulli(key: jax.Array, p: jax.Array, rounding_bits: int | None) -> jax.Ar
     rows = -(-max(n, 1) // GROUP)
     rows = -(-rows // lanes) * lanes
     key_u, key_w = jax.random.split(key)
-    words = _threefry.bits(key_u, (rows // lanes, GROUP))
+    narrow = jnp.uint8 if k == 8 else jnp.uint16
     mask = jnp.uint32((1 << k) - 1)
-    u = jnp.concatenate([(words >> (32 - k * (j + 1))) & mask for j in range(lanes)], axis=0)
-    w = _threefry.bits(key_w, (rows, 1))
-    flat = jnp.pad(p.reshape(-1).astype(jnp.float32), (0, rows * GROUP - n))
-    t = flat.reshape(rows, GROUP) * jnp.float32(2.0**k)
+    shifts = jnp.asarray([32 - k * (j + 1) for j in range(lanes)], jnp.uint32)[:, None, None]
+
+    def draw_words(key_u, key_w):
+        # Lane j of every word, the lanes stacked (row j * rows/lanes + w), as k-bit values.
+        words = _threefry.bits(key_u, (rows // lanes, GROUP))
+        u = ((words[None] >> shifts) & mask).astype(narrow).reshape(rows * GROUP)
+        return u, _threefry.bits(key_w, (rows,))
+
+    # The lanes and the tie breakers are written out once, as a conditional's outputs (the
+    # predicate only has to be opaque to XLA: both branches are the same), and the
+    # coordinates read them unpadded. Fused into the comparisons, XLA:CPU recomputed every
+    # word's hash once per lane (u) and once per coordinate of its row (w), 4-16x the threefry
+    # work these bits exist to save, and indexing through the padded rows cost as much again.
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    data = data.reshape(-1)
+    u, w = _once.computed_once(data[0] != data[-1], draw_words, key_u, key_w)
+    u = u[:n].astype(jnp.uint32)
+    w = jnp.broadcast_to(w[:, None], (rows, GROUP)).reshape(-1)[:n]
+    t = p.reshape(-1).astype(jnp.float32) * jnp.float32(2.0**k)
     a = jnp.floor(t)
     c = jnp.ceil((t - a) * jnp.float32(2.0**32))
     a_int, c_int = a.astype(jnp.uint32), c.astype(jnp.uint32)
     draw = (u < a_int) | ((u == a_int) & (w < c_int))
-    return draw.reshape(-1)[:n].reshape(p.shape)
+    return draw.reshape(p.shape)

@@ -123,10 +123,12 @@ def qsgd(
         ``None`` (default; the outputs of earlier versions for a given key): one float32
         uniform per coordinate, ``P(round up)`` exact to ``2**-23``. ``16`` or ``8``: a
         16/8-bit uniform plus a 32-bit tie breaker shared by 16 coordinates, 1.8x/3.2x less
-        threefry work on XLA:CPU; ``P(round up)`` is exact to ``2**-(k+32)`` (exact for every
-        ``s|x_i|/‖x‖ >= 2**-(k+9)``), so unbiasedness and the variance above hold as for
-        independent draws, while coordinates of a tie-breaker group are correlated by at most
-        ``1/(2**k - 1)`` (see ``fedjax_lab.compressors._bernoulli.bernoulli`` for the proof).
+        threefry work (not faster end to end on XLA:CPU, where the default's unrolled hash
+        fuses with the rounding: ``benchmarks/rounding_ab.py``); ``P(round up)`` is exact to
+        ``2**-(k+32)`` (exact for every ``s|x_i|/‖x‖ >= 2**-(k+9)``), so unbiasedness and
+        the variance above hold as for independent draws, while coordinates of a tie-breaker
+        group are correlated by at most ``1/(2**k - 1)`` (see
+        ``fedjax_lab.compressors._bernoulli.bernoulli`` for the proof).
         ``"hash"``: a counter-based hash (murmur3's finaliser) of the coordinate index and 64
         threefry bits per call instead of any per-coordinate threefry work; ``P(round up)``
         is exact to ``2**-64`` (exact for every ``s|x_i|/‖x‖ - l >= 2**-41``), so

@@ -60,7 +60,9 @@ def terngrad(
       rounding_bits: random bits behind each ``Bernoulli(|x_i|/s_t)``. ``None`` (default; the
         outputs of earlier versions for a given key): one float32 uniform per coordinate,
         exact to ``2**-23``. ``16`` or ``8``: a 16/8-bit uniform plus a 32-bit tie breaker
-        shared by 16 coordinates, 1.8x/3.2x less threefry work on XLA:CPU, exact to
+        shared by 16 coordinates, 1.8x/3.2x less threefry work (not faster end to end on
+        XLA:CPU, where the default's unrolled hash fuses with the rounding:
+        ``benchmarks/rounding_ab.py``), exact to
         ``2**-(k+32)`` (exact for every ``|x_i|/s_t >= 2**-(k+9)``), so unbiasedness and the
         per-coordinate variance hold as for independent draws, with coordinates of a
         tie-breaker group correlated by at most ``1/(2**k - 1)`` (proof in

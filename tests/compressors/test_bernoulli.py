@@ -123,3 +123,44 @@ def test_packed_sparse_code_length_matches_the_host_stream(d):
         _, sparse, _, _ = _host_streams(lv, d)
         # _host_streams adds the count field to the per-non-zero codes.
         assert int(compute(jnp.asarray(lv))) + d.bit_length() == sparse
+
+
+def _reduced_bits_reference(key, p, k):
+    """The documented draws of ``rounding_bits=k`` from jax.random words, in numpy.
+
+    Coordinate i sits in row r = i // GROUP, column g; rows are padded to a multiple of
+    lanes = 32 // k, lane j of word (w, g) serves row j * rows / lanes + w (bits 32 - k (j + 1)
+    and up), and row r has one 32-bit tie breaker.
+    """
+    group, lanes = _bernoulli.GROUP, 32 // k
+    p = np.asarray(p, np.float32).reshape(-1)
+    n = p.size
+    rows = -(-max(n, 1) // group)
+    rows = -(-rows // lanes) * lanes
+    key_u, key_w = jax.random.split(key)
+    words = np.asarray(jax.random.bits(key_u, (rows // lanes, group), jnp.uint32))
+    ties = np.asarray(jax.random.bits(key_w, (rows,), jnp.uint32))
+    i = np.arange(n)
+    r, g = i // group, i % group
+    lane, w = r // (rows // lanes), r % (rows // lanes)
+    u = (words[w, g].astype(np.uint64) >> (32 - k * (lane + 1)).astype(np.uint64)) & ((1 << k) - 1)
+    t = p * np.float32(2.0**k)
+    a = np.floor(t)
+    c = np.ceil((t - a) * np.float32(2.0**32))
+    a, c = a.astype(np.uint64), c.astype(np.uint64)
+    return (u < a) | ((u == a) & (ties[r].astype(np.uint64) < c))
+
+
+@pytest.mark.parametrize("k", _bernoulli.ROUNDING_BITS)
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 64, 100, 1000, 4099])
+def test_reduced_bits_draws_follow_the_documented_word_layout(k, n):
+    # Pins the k-bit draws to an independent numpy reading of the layout (the fast path
+    # writes the lanes and tie breakers out and reads them unpadded), at sizes that are not
+    # multiples of GROUP * lanes, and vmapped over keys.
+    rng = np.random.default_rng(n)
+    p = rng.random(n).astype(np.float32)
+    p[: n // 3] = np.round(p[: n // 3] * 2.0**k) / 2.0**k  # some exact k-bit probabilities
+    keys = jax.random.split(jax.random.key(7 + n), 3)
+    got = jax.jit(jax.vmap(lambda key: _bernoulli.bernoulli(key, jnp.asarray(p), k)))(keys)
+    for row, key in zip(np.asarray(got), keys, strict=True):
+        np.testing.assert_array_equal(row, _reduced_bits_reference(key, p, k))
