@@ -116,17 +116,22 @@ def terngrad(
                 trits.append(jnp.where(keep, jnp.sign(part), 0.0).astype(jnp.int8))
             return _leafwise.concat_into(layout, trits, jnp.int8)
 
-        if layout.size >= _once.LOOP_MIN_SIZE:
-            # Vmapped over clients, the per-leaf draws and slice updates run 2-5x slower
-            # batched than one client at a time on XLA:CPU (as TreeLayout.flatten's).
-            ternarize = _once.looped_under_vmap(ternarize)
         trits = _once.computed_once(finite, ternarize, key, parts, scale)
         return TernGradPayload(poison(scale, finite), trits, layout)
 
     def encode(updates, state, *, key):
         layout = _layout(updates, "encode(updates)")
         if clip_sigmas is None and rounding_bits in (None, _bernoulli.HASH):
-            return encode_leafwise(updates, layout, key), state
+            # Vmapped over a round's clients the flat formulation is the faster one on
+            # XLA:CPU (10 FEMNIST CNN updates: 72 ms flat, 80 ms leaf by leaf looped over the
+            # clients, 357 ms leaf by leaf batched); one update at a time, leaf by leaf.
+            run = _once.vmapped_as(
+                lambda u, k: encode_leafwise(u, layout, k), lambda u, k: encode_flat(u, layout, k)
+            )
+            return run(updates, key), state
+        return encode_flat(updates, layout, key), state
+
+    def encode_flat(updates, layout, key):
         x = layout.flatten(updates)
         finite = _leafwise.all_finite([x])
         if clip_sigmas is not None and layout.size:
@@ -141,7 +146,7 @@ def terngrad(
 
         # The payload and decode both read the trits: evaluate the random draws once.
         trits = _once.computed_once(finite, ternarize, key, x, scale)
-        return TernGradPayload(poison(scale, finite), trits, layout), state
+        return TernGradPayload(poison(scale, finite), trits, layout)
 
     def decode(payload: TernGradPayload):
         payload.check()

@@ -302,7 +302,9 @@ def test_leafwise_terngrad_equals_the_flat_formulation(kind, hashed):
 
 
 @pytest.mark.parametrize("hashed", [False, True], ids=["threefry", "hash"])
-def test_leafwise_terngrad_loops_large_vmapped_updates_with_the_same_bits(hashed):
+def test_terngrad_large_vmapped_updates_have_the_flat_bits(hashed):
+    # Vmapped, TernGrad dispatches to the flat formulation (_once.vmapped_as); past
+    # LOOP_MIN_SIZE its flatten loops over the batch.
     from fedjax_lab.compressors import _once
 
     compressor = terngrad(rounding_bits="hash" if hashed else None)
@@ -321,3 +323,15 @@ def test_leafwise_terngrad_loops_large_vmapped_updates_with_the_same_bits(hashed
         _assert_same_bits((batched.scale[i], batched.trits[i]), (scale, trits))
         want = tree_layout(one, what="t").unflatten(trits.astype(jnp.float32) * scale)
         _assert_same_bits(jax.tree.map(lambda x, i=i: x[i], decoded), want)
+
+
+def test_vmapped_as_dispatches_on_batching():
+    # fn unbatched, batched_fn under vmap (unbatched arguments stay unbatched; nested vmaps).
+    run = _once.vmapped_as(lambda x, y: x + y, lambda x, y: x * y)
+    x, y = jnp.arange(6.0).reshape(2, 3), jnp.float32(3.0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(run)(x, y)), np.asarray(x + y))
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(run, (0, None)))(x, y)),
+                                  np.asarray(x * y))
+    nested = jax.jit(jax.vmap(jax.vmap(run, (0, None)), (0, None)))(x, y)
+    np.testing.assert_array_equal(np.asarray(nested), np.asarray(x * y))
+
