@@ -292,13 +292,18 @@ def test_leafwise_terngrad_equals_the_flat_formulation(kind, hashed):
     _assert_same_bits((payload.scale, payload.trits), (scale, trits))
     want = tree_layout(tree, what="t").unflatten(trits.astype(jnp.float32) * scale)
     _assert_same_bits(decoded, want)
-    trees = [_tree("random"), _tree(kind)]
+    _assert_vmapped_terngrad_is_the_reference(compressor, [_tree("random"), _tree(kind)], hashed)
+
+
+def _assert_vmapped_terngrad_is_the_reference(compressor, trees, hashed):
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *trees)
-    keys = jax.random.split(jax.random.key(1), 2)
-    batched, _, _ = _run(compressor, stacked, keys, batched=True)
+    keys = jax.random.split(jax.random.key(1), len(trees))
+    batched, decoded, _ = _run(compressor, stacked, keys, batched=True)
     for i, one in enumerate(trees):
         scale, trits = _terngrad_flat_reference(one, keys[i], hashed)
         _assert_same_bits((batched.scale[i], batched.trits[i]), (scale, trits))
+        want = tree_layout(one, what="t").unflatten(trits.astype(jnp.float32) * scale)
+        _assert_same_bits(jax.tree.map(lambda x, i=i: x[i], decoded), want)
 
 
 @pytest.mark.parametrize("hashed", [False, True], ids=["threefry", "hash"])
@@ -315,14 +320,7 @@ def test_terngrad_large_vmapped_updates_have_the_flat_bits(hashed):
         for _ in range(2)
     ]
     assert sum(v.size for v in trees[0].values()) >= _once.LOOP_MIN_SIZE  # the looped path
-    stacked = jax.tree.map(lambda *v: jnp.stack(v), *trees)
-    keys = jax.random.split(jax.random.key(2), 2)
-    batched, decoded, _ = _run(compressor, stacked, keys, batched=True)
-    for i, one in enumerate(trees):
-        scale, trits = _terngrad_flat_reference(one, keys[i], hashed)
-        _assert_same_bits((batched.scale[i], batched.trits[i]), (scale, trits))
-        want = tree_layout(one, what="t").unflatten(trits.astype(jnp.float32) * scale)
-        _assert_same_bits(jax.tree.map(lambda x, i=i: x[i], decoded), want)
+    _assert_vmapped_terngrad_is_the_reference(compressor, trees, hashed)
 
 
 def test_vmapped_as_dispatches_on_batching():
