@@ -97,4 +97,3 @@ def vmapped_as(fn: Callable[..., Any], batched_fn: Callable[..., Any]) -> Callab
         return out, jax.tree.map(lambda _: True, out)
 
     return run
-
